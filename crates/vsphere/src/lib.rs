@@ -1,0 +1,1 @@
+//! vSphere client (work in progress, see issue 3).

@@ -1,0 +1,102 @@
+//! `type: exec` — run a local program with the event (structured JSON) on stdin. The
+//! program is killed when the attempt times out (the future is dropped: `kill_on_drop`).
+
+use super::{ActionError, Outcome};
+use cloudevents::{AttributesReader, Event};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use tokio::io::AsyncWriteExt;
+
+/// Configuration of `type: exec`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecConfig {
+    /// The program (absolute path or found on `PATH`).
+    pub command: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment variables. The program also gets `REFLEX_EVENT_ID`, `REFLEX_EVENT_TYPE`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub dir: Option<String>,
+}
+
+/// A compiled `exec` action.
+#[derive(Debug)]
+pub struct ExecAction {
+    command: String,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    dir: Option<String>,
+}
+
+impl ExecAction {
+    /// Checks the command is not empty.
+    pub fn build(c: &ExecConfig) -> Result<ExecAction, String> {
+        if c.command.trim().is_empty() {
+            return Err("exec: `command` is empty".into());
+        }
+        Ok(ExecAction {
+            command: c.command.clone(),
+            args: c.args.clone(),
+            env: c.env.clone(),
+            dir: c.dir.clone(),
+        })
+    }
+
+    /// Runs the program; a non-zero exit is an error carrying the end of stderr.
+    pub async fn execute(&self, event: &Event) -> Result<Outcome, ActionError> {
+        let mut cmd = tokio::process::Command::new(&self.command);
+        cmd.args(&self.args)
+            .envs(&self.env)
+            .env("REFLEX_EVENT_ID", event.id())
+            .env("REFLEX_EVENT_TYPE", event.ty())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(d) = &self.dir {
+            cmd.current_dir(d);
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            let msg = format!("cannot start `{}`: {e}", self.command);
+            if e.kind() == std::io::ErrorKind::NotFound || e.kind() == std::io::ErrorKind::PermissionDenied {
+                ActionError::permanent(msg)
+            } else {
+                ActionError::transient(msg)
+            }
+        })?;
+        let input = crate::event::to_json(event);
+        if let Some(mut stdin) = child.stdin.take() {
+            // A program that does not read stdin closes the pipe; that is not a failure.
+            let _ = stdin.write_all(input.as_bytes()).await;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| ActionError::transient(format!("waiting for `{}`: {e}", self.command)))?;
+        let tail = |b: &[u8]| {
+            let s = String::from_utf8_lossy(b);
+            let s = s.trim();
+            let start = s.len().saturating_sub(2048);
+            let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+            s[start..].to_string()
+        };
+        if out.status.success() {
+            Ok(Outcome {
+                detail: format!("exit 0: {}", tail(&out.stdout)),
+            })
+        } else {
+            Err(ActionError::transient(format!(
+                "`{}` exited with {}: {}",
+                self.command,
+                out.status,
+                tail(&out.stderr)
+            )))
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! `type: http_request` — any REST call with templated method, URL, headers and body.
+//! Templates see `event` and `secrets`; headers are never recorded (they carry tokens).
+
+use super::{describe_reqwest, status_error, ActionContext, ActionError, Outcome};
+use crate::template::Template;
+use cloudevents::Event;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::BTreeMap;
+
+/// Configuration of `type: http_request`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRequestConfig {
+    /// Method (template), `POST` by default.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// URL (template).
+    pub url: String,
+    /// Headers (templates), e.g. `Authorization: "Bearer {{ secrets.token }}"`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Body (template); none when absent.
+    pub body: Option<String>,
+}
+
+fn default_method() -> String {
+    "POST".into()
+}
+
+/// A compiled `http_request` action.
+#[derive(Debug)]
+pub struct HttpRequestAction {
+    method: Template,
+    url: Template,
+    headers: Vec<(reqwest::header::HeaderName, Template)>,
+    body: Option<Template>,
+}
+
+impl HttpRequestAction {
+    /// Compiles every template.
+    pub fn build(c: &HttpRequestConfig) -> Result<HttpRequestAction, String> {
+        let mut headers = Vec::new();
+        for (k, v) in &c.headers {
+            let name = reqwest::header::HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("invalid header name `{k}`"))?;
+            headers.push((name, Template::compile(v).map_err(|e| format!("header `{k}`: {e}"))?));
+        }
+        Ok(HttpRequestAction {
+            method: Template::compile(&c.method).map_err(|e| format!("method: {e}"))?,
+            url: Template::compile(&c.url).map_err(|e| format!("url: {e}"))?,
+            headers,
+            body: c.body.as_deref().map(Template::compile).transpose().map_err(|e| format!("body: {e}"))?,
+        })
+    }
+
+    /// Renders and sends the request.
+    pub async fn execute(&self, event: &Event, ctx: &ActionContext) -> Result<Outcome, ActionError> {
+        let view = json!({ "event": crate::event::view(event), "secrets": &*ctx.secrets });
+        let render = |t: &Template| t.render(&view).map_err(ActionError::permanent);
+        let method_s = render(&self.method)?;
+        let method = reqwest::Method::from_bytes(method_s.trim().to_uppercase().as_bytes())
+            .map_err(|_| ActionError::permanent(format!("invalid HTTP method `{method_s}`")))?;
+        let url_s = render(&self.url)?;
+        let url = super::http::parse_http_url(url_s.trim()).map_err(ActionError::permanent)?;
+        let mut req = ctx.client.request(method.clone(), url.clone());
+        for (name, t) in &self.headers {
+            let v = render(t)?;
+            let v = reqwest::header::HeaderValue::from_str(&v)
+                .map_err(|_| ActionError::permanent(format!("header `{name}` rendered to an invalid value")))?;
+            req = req.header(name, v);
+        }
+        if let Some(b) = &self.body {
+            req = req.body(render(b)?);
+        }
+        let what = format!("{method} {}", redact_url(&url));
+        let resp = req.send().await.map_err(|e| ActionError::transient(format!("{what}: {}", describe_reqwest(&e))))?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        if let Some(mut err) = status_error(status, &body) {
+            err.message = format!("{what}: {}", err.message);
+            return Err(err);
+        }
+        Ok(Outcome {
+            detail: format!("{what}: HTTP {status}"),
+        })
+    }
+}
+
+/// Drops user info and query from a URL before it is recorded (they may hold credentials).
+fn redact_url(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    if u.query().is_some() {
+        u.set_query(Some("…"));
+    }
+    u.to_string()
+}

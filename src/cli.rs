@@ -1,0 +1,397 @@
+//! The command line: `run`, `check`, `schema`, `send`, `events`, `deliveries`, `replay`.
+//! Read commands use the running server's REST API.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use reflex::config;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "reflex", version, about = "A self-healing, event-driven datacenter in one binary")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct ApiArgs {
+    /// The API of a running reflex.
+    #[arg(long, env = "REFLEX_API", default_value = "http://127.0.0.1:9090")]
+    api: String,
+    /// The API token, when the server requires one.
+    #[arg(long, env = "REFLEX_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Run {
+        /// The configuration file.
+        #[arg(short, long, default_value = "reflex.yaml")]
+        config: PathBuf,
+    },
+    /// Check a configuration file without starting anything.
+    Check {
+        /// The configuration file.
+        #[arg(short, long, default_value = "reflex.yaml")]
+        config: PathBuf,
+    },
+    /// Print the JSON Schema of the configuration file.
+    Schema,
+    /// Send a test event to a running server.
+    Send {
+        /// Event type.
+        #[arg(long = "type")]
+        ty: String,
+        /// Event subject.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Event source.
+        #[arg(long, default_value = "/reflex/cli")]
+        source: String,
+        /// Event id (a new UUID by default).
+        #[arg(long)]
+        id: Option<String>,
+        /// JSON data, or `@file` to read it from a file.
+        #[arg(long)]
+        data: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List or show events.
+    Events {
+        #[command(subcommand)]
+        cmd: Option<ListShow>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List or show deliveries.
+    Deliveries {
+        #[command(subcommand)]
+        cmd: Option<ListShow>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Replay dead deliveries: one by id, or every dead one with `--all-dead`.
+    Replay {
+        /// Delivery id.
+        id: Option<i64>,
+        /// Replay every dead delivery (of `--trigger` if given).
+        #[arg(long)]
+        all_dead: bool,
+        /// Only this trigger's deliveries (with `--all-dead`).
+        #[arg(long)]
+        trigger: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListShow {
+    /// List, newest first.
+    List {
+        /// Only this state (deliveries): pending, running, retrying, succeeded, dead, throttled.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this trigger (deliveries).
+        #[arg(long)]
+        trigger: Option<String>,
+        /// Only this type (events).
+        #[arg(long = "type")]
+        ty: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one in full (JSON).
+    Show {
+        /// Event seq or delivery id.
+        id: i64,
+    },
+}
+
+/// Runs the command line; errors are printed with their causes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Check { config } => match reflex::compile_file(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} sources, {} triggers)",
+                    config.display(),
+                    c.sources.len(),
+                    c.router.triggers.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::Schema => {
+            println!("{}", serde_json::to_string_pretty(&config::json_schema())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { config } => {
+            let compiled = match reflex::compile_file(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            reflex::telemetry::init_logging(&compiled.config.log);
+            runtime()?.block_on(async move {
+                let listeners = reflex::Listeners::bind(&compiled.config).await?;
+                let shutdown = CancellationToken::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    signal.cancel();
+                });
+                reflex::run(compiled, listeners, shutdown).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Send {
+            ty,
+            subject,
+            source,
+            id,
+            data,
+            api,
+        } => runtime()?.block_on(async move {
+            let data: Value = match data {
+                None => Value::Null,
+                Some(d) => {
+                    let text = match d.strip_prefix('@') {
+                        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading --data file {path}"))?,
+                        None => d,
+                    };
+                    serde_json::from_str(&text).context("--data is not valid JSON")?
+                }
+            };
+            let mut ev = json!({
+                "specversion": "1.0", "id": id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+                "source": source, "type": ty, "time": chrono::Utc::now().to_rfc3339(),
+            });
+            if let Some(s) = subject {
+                ev["subject"] = json!(s);
+            }
+            if !data.is_null() {
+                ev["datacontenttype"] = json!("application/json");
+                ev["data"] = data;
+            }
+            let resp = client(&api)
+                .post(format!("{}/api/v1/events", api.api))
+                .header("content-type", "application/cloudevents+json")
+                .body(ev.to_string())
+                .send()
+                .await
+                .with_context(|| format!("cannot reach reflex at {} (is it running? see --api)", api.api))?;
+            let status = resp.status();
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            if !status.is_success() {
+                bail!("reflex answered {status}: {body}");
+            }
+            println!("accepted: {}", body["ids"][0].as_str().unwrap_or("?"));
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Events { cmd, api } => runtime()?.block_on(list_show("events", cmd, api)),
+        Command::Deliveries { cmd, api } => runtime()?.block_on(list_show("deliveries", cmd, api)),
+        Command::Replay {
+            id,
+            all_dead,
+            trigger,
+            api,
+        } => runtime()?.block_on(replay(id, all_dead, trigger, api)),
+    }
+}
+
+fn client(api: &ApiArgs) -> reqwest::RequestBuilderFactory {
+    reqwest::RequestBuilderFactory {
+        client: reqwest::Client::new(),
+        token: api.token.clone(),
+    }
+}
+
+async fn get(api: &ApiArgs, path: &str) -> Result<Value> {
+    let resp = client(api)
+        .get(format!("{}{path}", api.api))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach reflex at {} (is it running? see --api)", api.api))?;
+    let status = resp.status();
+    let body: Value = resp.json().await.context("the API answered something that is not JSON")?;
+    if !status.is_success() {
+        bail!("reflex answered {status}: {}", body["error"]["message"].as_str().unwrap_or(&body.to_string()));
+    }
+    Ok(body)
+}
+
+async fn list_show(kind: &str, cmd: Option<ListShow>, api: ApiArgs) -> Result<ExitCode> {
+    let cmd = cmd.unwrap_or(ListShow::List {
+        state: None,
+        trigger: None,
+        ty: None,
+        limit: 50,
+        json: false,
+    });
+    match cmd {
+        ListShow::Show { id } => {
+            let v = get(&api, &format!("/api/v1/{kind}/{id}")).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        ListShow::List {
+            state,
+            trigger,
+            ty,
+            limit,
+            json,
+        } => {
+            let mut q = format!("?limit={limit}");
+            for (k, v) in [("state", state), ("trigger", trigger), ("type", ty)] {
+                if let Some(v) = v {
+                    q.push_str(&format!("&{k}={}", urlencode(&v)));
+                }
+            }
+            let v = get(&api, &format!("/api/v1/{kind}{q}")).await?;
+            let rows = v[kind].as_array().cloned().unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if kind == "events" {
+                println!("{:>8}  {:<25}  {:<40}  {:<20}  ID", "SEQ", "RECEIVED", "TYPE", "SUBJECT");
+                for r in rows {
+                    println!(
+                        "{:>8}  {:<25}  {:<40}  {:<20}  {}",
+                        r["seq"], s(&r["received_at"]), s(&r["type"]), s(&r["subject"]), s(&r["id"])
+                    );
+                }
+            } else {
+                println!("{:>8}  {:<20}  {:<10}  {:>8}  {:<36}  LAST ERROR", "ID", "TRIGGER", "STATE", "ATTEMPTS", "EVENT");
+                for r in rows {
+                    println!(
+                        "{:>8}  {:<20}  {:<10}  {:>8}  {:<36}  {}",
+                        r["id"], s(&r["trigger"]), s(&r["state"]), r["attempts"], s(&r["event_id"]), s(&r["last_error"])
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn s(v: &Value) -> String {
+    v.as_str().map(str::to_string).unwrap_or_default()
+}
+
+fn urlencode(v: &str) -> String {
+    url::form_urlencoded::byte_serialize(v.as_bytes()).collect()
+}
+
+async fn replay(id: Option<i64>, all_dead: bool, trigger: Option<String>, api: ApiArgs) -> Result<ExitCode> {
+    let ids: Vec<i64> = match (id, all_dead) {
+        (Some(id), false) => vec![id],
+        (None, true) => {
+            let mut ids = Vec::new();
+            let mut before = i64::MAX;
+            loop {
+                let mut q = format!("/api/v1/deliveries?state=dead&limit=1000&before={before}");
+                if let Some(t) = &trigger {
+                    q.push_str(&format!("&trigger={}", urlencode(t)));
+                }
+                let v = get(&api, &q).await?;
+                let page: Vec<i64> = v["deliveries"].as_array().into_iter().flatten().filter_map(|d| d["id"].as_i64()).collect();
+                let Some(&last) = page.last() else { break };
+                ids.extend(page);
+                before = last;
+            }
+            ids
+        }
+        _ => bail!("give a delivery id or --all-dead"),
+    };
+    let total = ids.len();
+    let mut failed = 0;
+    for (i, id) in ids.into_iter().enumerate() {
+        let resp = client(&api)
+            .post(format!("{}/api/v1/deliveries/{id}/replay", api.api))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach reflex at {}", api.api))?;
+        if resp.status().is_success() {
+            if total > 1 {
+                eprint!("\rreplayed {}/{total}", i + 1);
+            } else {
+                println!("delivery {id}: replaying");
+            }
+        } else {
+            failed += 1;
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            eprintln!("\ndelivery {id}: {}", body["error"]["message"].as_str().unwrap_or("failed"));
+        }
+    }
+    if total > 1 {
+        eprintln!();
+    }
+    if total == 0 {
+        println!("no dead deliveries");
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+mod reqwest {
+    //! A client that adds the API token to every request.
+    pub use ::reqwest::*;
+
+    pub struct RequestBuilderFactory {
+        pub client: Client,
+        pub token: Option<String>,
+    }
+
+    impl RequestBuilderFactory {
+        fn with_token(&self, b: RequestBuilder) -> RequestBuilder {
+            match &self.token {
+                Some(t) => b.bearer_auth(t),
+                None => b,
+            }
+        }
+        pub fn get(&self, url: String) -> RequestBuilder {
+            self.with_token(self.client.get(url))
+        }
+        pub fn post(&self, url: String) -> RequestBuilder {
+            self.with_token(self.client.post(url))
+        }
+    }
+}

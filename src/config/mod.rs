@@ -1,0 +1,388 @@
+//! The configuration file: typed structs read from YAML with positions kept, then validated
+//! as a whole so that `reflex check` reports every error at once with file:line:column.
+
+mod duration;
+pub mod secret;
+
+pub use duration::{ByteSize, Duration};
+pub use secret::Secret;
+
+use crate::actions::ActionConfig;
+use crate::sources::SourceConfig;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_saphyr::{Location, Spanned};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A string with the position where it was written, for precise error messages.
+pub type Text = Spanned<String>;
+
+/// The whole `reflex.yaml`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The listener for sources (webhooks, CloudEvents).
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// The management API, metrics and health endpoints.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// The embedded durable store (events, deliveries, attempts).
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Named secrets usable in action templates as `secrets.NAME`.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, Secret>,
+    /// Where events come from.
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+    /// Which events go to which action, and how they are delivered.
+    #[serde(default)]
+    pub triggers: Vec<TriggerConfig>,
+}
+
+/// The listener that sources share.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Default largest accepted request body; a source may lower or raise it.
+    pub max_body: ByteSize,
+    /// Events waiting to be made durable before new requests get `503`.
+    pub queue: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:8080".parse().expect("static address"),
+            max_body: ByteSize(1024 * 1024),
+            queue: 20_000,
+        }
+    }
+}
+
+/// The management API listener.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address to listen on; loopback by default.
+    pub listen: SocketAddr,
+    /// Bearer token required by `/api/*`; mandatory when `listen` is not a loopback address.
+    pub token: Option<Secret>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: "127.0.0.1:9090".parse().expect("static address"),
+            token: None,
+        }
+    }
+}
+
+/// The embedded store.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The SQLite database file (created with its directory).
+    pub path: PathBuf,
+    /// A repeated (source, id) within this window is accepted but not delivered again.
+    pub dedup_window: Duration,
+    /// How long and how many events to keep in history.
+    pub retention: RetentionConfig,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("reflex-data/reflex.db"),
+            dedup_window: Duration(std::time::Duration::from_secs(3600)),
+            retention: RetentionConfig::default(),
+        }
+    }
+}
+
+/// History retention; finished events older than `max_age` or beyond `max_events` are removed.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Oldest finished event kept.
+    pub max_age: Option<Duration>,
+    /// Most events kept.
+    pub max_events: Option<u64>,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            max_age: Some(Duration(std::time::Duration::from_secs(7 * 86400))),
+            max_events: Some(1_000_000),
+        }
+    }
+}
+
+/// Logging options.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `reflex=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Deserialize, JsonSchema, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A trigger: which events (filters, expression) go to which action, with its delivery policy.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerConfig {
+    /// Unique name, used in metrics, the API and the CLI.
+    #[schemars(with = "String")]
+    pub name: Text,
+    /// Attribute filters (Knative vocabulary); all must match.
+    #[serde(default)]
+    pub filters: Vec<Filter>,
+    /// Optional CEL expression over `event` that must be true, e.g. `event.data.severity == "critical"`.
+    #[schemars(with = "Option<String>")]
+    pub when: Option<Text>,
+    /// What to do with a matching event.
+    pub action: ActionConfig,
+    /// Retries, timeout, concurrency, ordering and throttling.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+}
+
+/// A Knative-style attribute filter.
+#[derive(Debug, Deserialize, JsonSchema, Clone)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Filter {
+    /// Every attribute equals its value.
+    Exact(BTreeMap<String, String>),
+    /// Every attribute starts with its value.
+    Prefix(BTreeMap<String, String>),
+    /// Every attribute ends with its value.
+    Suffix(BTreeMap<String, String>),
+    /// All nested filters match.
+    All(Vec<Filter>),
+    /// At least one nested filter matches.
+    Any(Vec<Filter>),
+    /// The nested filter does not match.
+    Not(Box<Filter>),
+}
+
+/// How deliveries of a trigger are attempted.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Attempts before the delivery is dead (dead-lettered).
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubles each time, with jitter.
+    pub backoff: Duration,
+    /// Longest delay between attempts.
+    pub max_backoff: Duration,
+    /// Time allowed for one attempt.
+    pub timeout: Duration,
+    /// Attempts of this trigger running at once.
+    pub concurrency: usize,
+    /// Template of a key; deliveries with the same key run one at a time, in order.
+    #[schemars(with = "Option<String>")]
+    pub ordering_key: Option<Text>,
+    /// Deliver at most once within a window per templated key.
+    pub throttle: Option<ThrottleConfig>,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            max_attempts: 5,
+            backoff: Duration(std::time::Duration::from_secs(1)),
+            max_backoff: Duration(std::time::Duration::from_secs(300)),
+            timeout: Duration(std::time::Duration::from_secs(30)),
+            concurrency: 16,
+            ordering_key: None,
+            throttle: None,
+        }
+    }
+}
+
+/// `once_within` a window per key: later matches are recorded as `throttled`, not run.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleConfig {
+    /// Template of the key, e.g. `{{ event.subject }}`.
+    #[schemars(with = "String")]
+    pub key: Text,
+    /// The window.
+    pub once_within: Duration,
+}
+
+/// One problem found in the configuration, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// 1-based line, 0 when unknown.
+    pub line: u64,
+    /// 1-based column, 0 when unknown.
+    pub column: u64,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The file that was read.
+    pub file: String,
+    /// All problems, in file order.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.diagnostics.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if d.line > 0 {
+                write!(f, "{}:{}:{}: {}", self.file, d.line, d.column, d.message)?;
+            } else {
+                write!(f, "{}: {}", self.file, d.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Collects diagnostics during validation.
+#[derive(Default, Debug)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl Diagnostics {
+    /// Records a problem at a position.
+    pub fn at(&mut self, loc: &Location, message: impl Into<String>) {
+        self.0.push(Diagnostic {
+            line: loc.line(),
+            column: loc.column(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Parses YAML text into a [`Config`] (no semantic checks yet).
+pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+    serde_saphyr::from_str::<Config>(text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        let message = strip_location(&e.to_string());
+        ConfigError {
+            file: file.to_string(),
+            diagnostics: vec![Diagnostic {
+                line,
+                column,
+                message,
+            }],
+        }
+    })
+}
+
+/// serde-saphyr appends its own position and a source snippet; we print ours as a prefix.
+fn strip_location(msg: &str) -> String {
+    let first = msg.lines().next().unwrap_or(msg).trim();
+    let first = match first.find(" at line ") {
+        Some(i) => &first[..i],
+        None => first,
+    };
+    first.trim_start_matches("error: ").to_string()
+}
+
+/// Reads a file and parses it.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        diagnostics: vec![Diagnostic {
+            line: 0,
+            column: 0,
+            message: format!("cannot read the configuration: {e}"),
+        }],
+    })?;
+    parse(&file, &text)
+}
+
+impl Config {
+    /// Checks what serde cannot: names, listeners and the API token rule.
+    pub fn check_common(&self, diags: &mut Diagnostics) {
+        let api_loopback = self.api.listen.ip().is_loopback();
+        if !api_loopback && self.api.token.is_none() {
+            diags.0.push(Diagnostic {
+                line: 0,
+                column: 0,
+                message: format!(
+                    "api.listen is {} (not loopback) but api.token is not set; set api.token (e.g. `${{env:REFLEX_API_TOKEN}}`) or listen on 127.0.0.1",
+                    self.api.listen
+                ),
+            });
+        }
+        if self.api.listen == self.http.listen {
+            diags.0.push(Diagnostic {
+                line: 0,
+                column: 0,
+                message: format!(
+                    "api.listen and http.listen are both {}; give the management API its own port",
+                    self.api.listen
+                ),
+            });
+        }
+        let mut names = std::collections::HashSet::new();
+        for t in &self.triggers {
+            if t.name.value.is_empty() {
+                diags.at(&t.name.referenced, "trigger name is empty");
+            } else if !names.insert(t.name.value.as_str()) {
+                diags.at(
+                    &t.name.referenced,
+                    format!("duplicate trigger name `{}`; names must be unique", t.name.value),
+                );
+            }
+            if t.delivery.max_attempts == 0 {
+                diags.at(&t.name.referenced, format!("trigger `{}`: delivery.max_attempts must be at least 1", t.name.value));
+            }
+            if t.delivery.concurrency == 0 {
+                diags.at(&t.name.referenced, format!("trigger `{}`: delivery.concurrency must be at least 1", t.name.value));
+            }
+        }
+    }
+}
+
+/// The JSON Schema of the configuration file, for editors.
+pub fn json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Config)).expect("schema serializes")
+}

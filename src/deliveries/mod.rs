@@ -1,0 +1,309 @@
+//! Deliveries: the dispatcher runs each (event, trigger) match as attempts, with the
+//! trigger's concurrency limit, ordering key, timeout and retry schedule, and records every
+//! attempt. Nothing is dropped: a delivery ends succeeded, dead (replayable) or throttled.
+
+use crate::actions::{ActionContext, ActionError};
+use crate::router::Router;
+use crate::store::{now_ms, AttemptRecord, OpenDelivery, State, Store};
+use crate::telemetry::Metrics;
+use cloudevents::Event;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// A delivery the dispatcher holds.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Delivery id.
+    pub id: i64,
+    /// Trigger index in the router.
+    pub trigger: usize,
+    /// The event.
+    pub event: Arc<Event>,
+    /// Attempts made (all time).
+    pub attempts: u32,
+    /// Attempts before the last replay.
+    pub attempt_base: u32,
+    /// Ordering key.
+    pub ordering_key: Option<String>,
+    /// When the event arrived (ms since the epoch).
+    pub received_at: i64,
+    /// Not to be attempted before this time (ms since the epoch).
+    pub not_before: Option<i64>,
+}
+
+impl Job {
+    /// A job from a stored open delivery; `None` when its trigger is gone or its event unreadable.
+    pub fn from_open(d: OpenDelivery, router: &Router) -> Result<Job, (OpenDelivery, String)> {
+        let Some(trigger) = router.position(&d.trigger) else {
+            let why = format!("trigger `{}` is no longer configured", d.trigger);
+            return Err((d, why));
+        };
+        let event = match crate::event::from_json(&d.event_body) {
+            Ok(e) => e,
+            Err(e) => {
+                let why = format!("stored event is unreadable: {e}");
+                return Err((d, why));
+            }
+        };
+        Ok(Job {
+            id: d.id,
+            trigger,
+            event: Arc::new(event),
+            attempts: d.attempts,
+            attempt_base: d.attempt_base,
+            ordering_key: d.ordering_key,
+            received_at: d.received_at,
+            not_before: d.next_at,
+        })
+    }
+}
+
+struct Timed(i64, u64, Job);
+impl PartialEq for Timed {
+    fn eq(&self, o: &Self) -> bool {
+        (self.0, self.1) == (o.0, o.1)
+    }
+}
+impl Eq for Timed {}
+impl PartialOrd for Timed {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Timed {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.0, self.1).cmp(&(o.0, o.1))
+    }
+}
+
+struct Done {
+    job: Job,
+    record: AttemptRecord,
+    error: Option<ActionError>,
+}
+
+/// The dispatcher; see the module doc.
+pub struct Dispatcher {
+    router: Arc<Router>,
+    store: Store,
+    ctx: ActionContext,
+    metrics: Arc<Metrics>,
+    rx: mpsc::UnboundedReceiver<Job>,
+    ready: Vec<VecDeque<Job>>,
+    running: Vec<usize>,
+    keys: HashMap<(usize, String), VecDeque<Job>>,
+    timers: BinaryHeap<Reverse<Timed>>,
+    timer_seq: u64,
+    tasks: JoinSet<Done>,
+    held: usize,
+}
+
+impl Dispatcher {
+    /// Creates a dispatcher fed by `rx`.
+    pub fn new(router: Arc<Router>, store: Store, ctx: ActionContext, metrics: Arc<Metrics>, rx: mpsc::UnboundedReceiver<Job>) -> Dispatcher {
+        let n = router.triggers.len();
+        Dispatcher {
+            router,
+            store,
+            ctx,
+            metrics,
+            rx,
+            ready: (0..n).map(|_| VecDeque::new()).collect(),
+            running: vec![0; n],
+            keys: HashMap::new(),
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            tasks: JoinSet::new(),
+            held: 0,
+        }
+    }
+
+    /// Admits a job (from ingest, start-up recovery or replay).
+    pub fn admit(&mut self, job: Job) {
+        self.held += 1;
+        if let Some(k) = &job.ordering_key {
+            let key = (job.trigger, k.clone());
+            if let Some(waiting) = self.keys.get_mut(&key) {
+                waiting.push_back(job);
+                return;
+            }
+            self.keys.insert(key, VecDeque::new());
+        }
+        self.schedule(job);
+    }
+
+    fn schedule(&mut self, job: Job) {
+        match job.not_before {
+            Some(t) if t > now_ms() => {
+                self.timer_seq += 1;
+                self.timers.push(Reverse(Timed(t, self.timer_seq, job)));
+            }
+            _ => self.ready[job.trigger].push_back(job),
+        }
+    }
+
+    fn release_key(&mut self, job: &Job) {
+        if let Some(k) = &job.ordering_key {
+            let key = (job.trigger, k.clone());
+            let next = self.keys.get_mut(&key).and_then(VecDeque::pop_front);
+            match next {
+                Some(next) => self.schedule(next),
+                None => {
+                    self.keys.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn start_ready(&mut self) {
+        for t in 0..self.ready.len() {
+            let limit = self.router.triggers[t].policy.concurrency;
+            while self.running[t] < limit {
+                let Some(job) = self.ready[t].pop_front() else { break };
+                self.running[t] += 1;
+                let router = self.router.clone();
+                let store = self.store.clone();
+                let ctx = self.ctx.clone();
+                self.tasks.spawn(attempt(router, store, ctx, job));
+            }
+        }
+        self.metrics.queue_depth.set(self.held as i64);
+    }
+
+    async fn complete(&mut self, done: Done) {
+        let Done { mut job, record, error } = done;
+        self.running[job.trigger] -= 1;
+        let trigger = &self.router.triggers[job.trigger];
+        job.attempts = record.n;
+        let (state, next_at) = match &error {
+            None => {
+                self.metrics.delivery_latency(&trigger.name, (now_ms() - job.received_at).max(0) as f64 / 1000.0);
+                (State::Succeeded, None)
+            }
+            Some(e) if e.permanent => (State::Dead, None),
+            Some(_) if job.attempts - job.attempt_base >= trigger.policy.max_attempts => (State::Dead, None),
+            Some(_) => {
+                let delay = trigger.policy.retry_delay(job.attempts - job.attempt_base + 1);
+                (State::Retrying, Some(now_ms() + delay.as_millis() as i64))
+            }
+        };
+        self.metrics.delivery(&trigger.name, state.as_str());
+        match (&error, state) {
+            (Some(e), State::Dead) => tracing::warn!(trigger = %trigger.name, delivery = job.id, attempts = job.attempts, error = %e.message, "delivery dead-lettered"),
+            (Some(e), _) => tracing::info!(trigger = %trigger.name, delivery = job.id, attempt = job.attempts, error = %e.message, "attempt failed; will retry"),
+            _ => tracing::debug!(trigger = %trigger.name, delivery = job.id, "delivered"),
+        }
+        self.store.finish_attempt(job.id, record, state, next_at).await;
+        if state == State::Retrying {
+            job.not_before = next_at;
+            self.schedule(job);
+        } else {
+            self.held -= 1;
+            self.release_key(&job);
+        }
+    }
+
+    /// Runs until `shutdown`, then drains: running attempts get `drain` to finish; those
+    /// still running are abandoned and stay pending in the store for the next start.
+    pub async fn run(mut self, shutdown: CancellationToken, drain: Duration) {
+        loop {
+            self.start_ready();
+            let next_timer = self.timers.peek().map(|Reverse(t)| t.0);
+            let sleep = async {
+                match next_timer {
+                    Some(t) => tokio::time::sleep(Duration::from_millis((t - now_ms()).max(0) as u64)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    match done {
+                        Ok(done) => self.complete(done).await,
+                        Err(e) => tracing::error!(error = %e, "a delivery attempt task failed"),
+                    }
+                }
+                job = self.rx.recv() => match job {
+                    Some(job) => {
+                        self.admit(job);
+                        while let Ok(job) = self.rx.try_recv() {
+                            self.admit(job);
+                        }
+                    }
+                    None => break,
+                },
+                _ = sleep => {
+                    let now = now_ms();
+                    while self.timers.peek().is_some_and(|Reverse(t)| t.0 <= now) {
+                        let Reverse(Timed(_, _, job)) = self.timers.pop().expect("peeked");
+                        self.ready[job.trigger].push_back(job);
+                    }
+                }
+            }
+        }
+        let in_flight = self.tasks.len();
+        if in_flight > 0 {
+            tracing::info!(in_flight, "draining deliveries");
+        }
+        let deadline = tokio::time::Instant::now() + drain;
+        while !self.tasks.is_empty() {
+            match tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
+                Ok(Some(Ok(done))) => {
+                    self.running[done.job.trigger] -= 1;
+                    let Done { job, record, error } = done;
+                    // Record the finished attempt; a retry is left for the next start.
+                    let state = match &error {
+                        None => State::Succeeded,
+                        Some(e) if e.permanent => State::Dead,
+                        Some(_) if record.n - job.attempt_base >= self.router.triggers[job.trigger].policy.max_attempts => State::Dead,
+                        Some(_) => State::Retrying,
+                    };
+                    self.store.finish_attempt(job.id, record, state, None).await;
+                }
+                Ok(Some(Err(_))) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(abandoned = self.tasks.len(), "drain timeout; unfinished deliveries stay pending for the next start");
+                    self.tasks.abort_all();
+                    break;
+                }
+            }
+        }
+        self.store.flush().await;
+    }
+}
+
+async fn attempt(router: Arc<Router>, store: Store, ctx: ActionContext, job: Job) -> Done {
+    let trigger = &router.triggers[job.trigger];
+    store.mark_running(job.id).await;
+    let started_at = now_ms();
+    let clock = std::time::Instant::now();
+    let n = job.attempts + 1;
+    let result = tokio::time::timeout(trigger.policy.timeout, trigger.action.execute(&job.event, &ctx)).await;
+    let duration_ms = clock.elapsed().as_millis() as i64;
+    let (outcome, detail, error) = match result {
+        Ok(Ok(o)) => ("succeeded", o.detail, None),
+        Ok(Err(e)) => ("failed", e.message.clone(), Some(e)),
+        Err(_) => {
+            let msg = format!("attempt timed out after {:?} ({} action)", trigger.policy.timeout, trigger.action.kind());
+            ("timeout", msg.clone(), Some(ActionError::transient(msg)))
+        }
+    };
+    Done {
+        record: AttemptRecord {
+            n,
+            started_at,
+            duration_ms,
+            outcome: outcome.into(),
+            detail,
+        },
+        job,
+        error,
+    }
+}

@@ -1,0 +1,141 @@
+//! The ingest path every source shares: admission (bounded), routing, one durable write of
+//! the events with their deliveries, then hand-off to the dispatcher.
+
+use crate::deliveries::Job;
+use crate::router::Router;
+use crate::store::{NewDelivery, NewEvent, State, Store, StoreError};
+use crate::telemetry::Metrics;
+use cloudevents::{AttributesReader, Event};
+use std::sync::Arc;
+use tokio::sync::{mpsc, Semaphore};
+
+/// Why an ingest was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Too many events are waiting to become durable; the sender should retry later.
+    #[error("overloaded: {0} events are waiting to be stored; retry later")]
+    Overloaded(usize),
+    /// The store failed; nothing was acknowledged.
+    #[error("the event could not be stored: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The result for one accepted event.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The event's id.
+    pub id: String,
+    /// Seen within the dedup window: acknowledged, not delivered again.
+    pub duplicate: bool,
+}
+
+struct Inner {
+    store: Store,
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    dispatch: mpsc::UnboundedSender<Job>,
+}
+
+/// Handle to the ingest path; cheap to clone.
+#[derive(Clone)]
+pub struct Ingest(Arc<Inner>);
+
+impl Ingest {
+    /// Creates the ingest path with room for `capacity` events not yet durable.
+    pub fn new(store: Store, router: Arc<Router>, metrics: Arc<Metrics>, capacity: usize, dispatch: mpsc::UnboundedSender<Job>) -> Ingest {
+        Ingest(Arc::new(Inner {
+            store,
+            router,
+            metrics,
+            permits: Arc::new(Semaphore::new(capacity)),
+            capacity,
+            dispatch,
+        }))
+    }
+
+    /// The metrics, for sources to count rejections.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// Routes and stores events; returns once they are durable.
+    pub async fn submit(&self, source_name: &str, events: Vec<Event>) -> Result<Vec<Accepted>, IngestError> {
+        let inner = &self.0;
+        let n = events.len();
+        let _permit = inner
+            .permits
+            .try_acquire_many(n.min(inner.capacity) as u32)
+            .map_err(|_| IngestError::Overloaded(inner.capacity))?;
+        inner.metrics.ingest_in_flight.inc_by(n as i64);
+        let result = self.store_and_dispatch(source_name, events).await;
+        inner.metrics.ingest_in_flight.dec_by(n as i64);
+        result
+    }
+
+    async fn store_and_dispatch(&self, source_name: &str, events: Vec<Event>) -> Result<Vec<Accepted>, IngestError> {
+        let inner = &self.0;
+        let mut new = Vec::with_capacity(events.len());
+        let mut routed = Vec::with_capacity(events.len());
+        for event in events {
+            let mut errors = Vec::new();
+            let matches = inner.router.route(&event, &mut errors);
+            for e in errors {
+                tracing::warn!(source = source_name, event_id = event.id(), "{e}");
+                if let Some(name) = e.strip_prefix("trigger `").and_then(|r| r.split('`').next()) {
+                    inner.metrics.expression_error(name);
+                }
+            }
+            new.push(NewEvent {
+                source_name: source_name.to_string(),
+                ce_source: event.source().to_string(),
+                ce_id: event.id().to_string(),
+                ty: event.ty().to_string(),
+                subject: event.subject().map(str::to_string),
+                body: crate::event::to_json(&event),
+                deliveries: matches
+                    .iter()
+                    .map(|m| NewDelivery {
+                        trigger: inner.router.triggers[m.trigger].name.clone(),
+                        ordering_key: m.ordering_key.clone(),
+                        throttle: m.throttle.clone(),
+                    })
+                    .collect(),
+            });
+            routed.push((Arc::new(event), matches));
+        }
+        let stored = inner.store.ingest(new).await?;
+        let received_at = crate::store::now_ms();
+        let mut accepted = Vec::with_capacity(stored.len());
+        for (s, (event, matches)) in stored.into_iter().zip(routed) {
+            accepted.push(Accepted {
+                id: event.id().to_string(),
+                duplicate: s.duplicate,
+            });
+            if s.duplicate {
+                inner.metrics.event_duplicate(source_name);
+                continue;
+            }
+            inner.metrics.event_received(source_name, 1);
+            for ((id, state), m) in s.deliveries.into_iter().zip(matches) {
+                let trigger = &inner.router.triggers[m.trigger].name;
+                if state == State::Throttled {
+                    inner.metrics.delivery(trigger, "throttled");
+                    continue;
+                }
+                let _ = inner.dispatch.send(Job {
+                    id,
+                    trigger: m.trigger,
+                    event: event.clone(),
+                    attempts: 0,
+                    attempt_base: 0,
+                    ordering_key: m.ordering_key,
+                    received_at,
+                    not_before: None,
+                });
+            }
+        }
+        Ok(accepted)
+    }
+}

@@ -1,0 +1,349 @@
+//! The router: triggers compiled from the configuration. Exact `type` filters are indexed so
+//! that matching an event costs a hash lookup plus the triggers that cannot be indexed.
+
+mod filter;
+
+pub use filter::CompiledFilter;
+
+use crate::actions::Action;
+use crate::config::{Config, Diagnostics, TriggerConfig};
+use crate::template::Template;
+use cloudevents::{AttributesReader, Event};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How deliveries of one trigger are attempted.
+#[derive(Debug, Clone)]
+pub struct DeliveryPolicy {
+    /// Attempts before dead-lettering.
+    pub max_attempts: u32,
+    /// First retry delay.
+    pub backoff: Duration,
+    /// Retry delay cap.
+    pub max_backoff: Duration,
+    /// Time allowed per attempt.
+    pub timeout: Duration,
+    /// Attempts running at once.
+    pub concurrency: usize,
+    /// Key template for one-at-a-time, in-order delivery.
+    pub ordering_key: Option<Template>,
+    /// Key template and window for `once_within` throttling.
+    pub throttle: Option<(Template, Duration)>,
+}
+
+impl DeliveryPolicy {
+    /// The delay before attempt `next` (2 = first retry): exponential, capped, with jitter
+    /// drawn from [delay/2, delay] so that retries of a burst spread out.
+    pub fn retry_delay(&self, next: u32) -> Duration {
+        let exp = next.saturating_sub(2).min(30);
+        let base = self.backoff.saturating_mul(1u32 << exp).min(self.max_backoff);
+        let half = base / 2;
+        half + base.mul_f64(rand::random::<f64>() * 0.5)
+    }
+}
+
+/// A compiled trigger.
+pub struct Trigger {
+    /// Its name.
+    pub name: String,
+    filters: Vec<CompiledFilter>,
+    when: Option<(String, cel::Program)>,
+    /// The action it runs.
+    pub action: Action,
+    /// Its delivery policy.
+    pub policy: DeliveryPolicy,
+}
+
+/// One (event, trigger) match, ready to become a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Match {
+    /// Index of the trigger in [`Router::triggers`].
+    pub trigger: usize,
+    /// Rendered ordering key.
+    pub ordering_key: Option<String>,
+    /// Rendered throttle key and window.
+    pub throttle: Option<(String, Duration)>,
+}
+
+/// All triggers, with the exact-type index.
+pub struct Router {
+    /// Triggers in configuration order.
+    pub triggers: Vec<Trigger>,
+    by_type: HashMap<String, Vec<usize>>,
+    unindexed: Vec<usize>,
+}
+
+impl Router {
+    /// Compiles every trigger, recording every problem in `diags`.
+    pub fn build(config: &Config, diags: &mut Diagnostics) -> Router {
+        let mut triggers = Vec::new();
+        for t in &config.triggers {
+            if let Some(trig) = compile_trigger(t, config, diags) {
+                triggers.push(trig);
+            }
+        }
+        Router::from_triggers(triggers)
+    }
+
+    fn from_triggers(triggers: Vec<Trigger>) -> Router {
+        let mut by_type: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut unindexed = Vec::new();
+        for (i, t) in triggers.iter().enumerate() {
+            match t.filters.iter().find_map(CompiledFilter::exact_type) {
+                Some(ty) => by_type.entry(ty.to_string()).or_default().push(i),
+                None => unindexed.push(i),
+            }
+        }
+        Router {
+            triggers,
+            by_type,
+            unindexed,
+        }
+    }
+
+    /// Index of a trigger by name.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.triggers.iter().position(|t| t.name == name)
+    }
+
+    /// The triggers an event matches, in configuration order. An expression that fails to
+    /// evaluate counts as no match and is reported in `errors`.
+    pub fn route(&self, event: &Event, errors: &mut Vec<String>) -> Vec<Match> {
+        let indexed = self.by_type.get(event.ty()).map(Vec::as_slice).unwrap_or(&[]);
+        let mut candidates: Vec<usize> = indexed.iter().chain(&self.unindexed).copied().collect();
+        if !indexed.is_empty() && !self.unindexed.is_empty() {
+            candidates.sort_unstable();
+        }
+        let mut view = None;
+        let mut out = Vec::new();
+        for i in candidates {
+            let t = &self.triggers[i];
+            if !t.filters.iter().all(|f| f.matches(event)) {
+                continue;
+            }
+            let needs_view = t.when.is_some() || t.policy.ordering_key.is_some() || t.policy.throttle.is_some();
+            if needs_view && view.is_none() {
+                view = Some(json!({ "event": crate::event::view(event) }));
+            }
+            let ctx = view.as_ref();
+            if let Some((src, program)) = &t.when {
+                match eval_when(program, &ctx.expect("view built")["event"]) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        errors.push(format!("trigger `{}`: expression `{src}` failed: {e}", t.name));
+                        continue;
+                    }
+                }
+            }
+            let render = |tpl: &Template| -> Result<String, String> { tpl.render(ctx.expect("view built")) };
+            let ordering_key = match t.policy.ordering_key.as_ref().map(render).transpose() {
+                Ok(k) => k,
+                Err(e) => {
+                    errors.push(format!("trigger `{}`: ordering_key: {e}", t.name));
+                    continue;
+                }
+            };
+            let throttle = match &t.policy.throttle {
+                Some((tpl, window)) => match render(tpl) {
+                    Ok(k) => Some((k, *window)),
+                    Err(e) => {
+                        errors.push(format!("trigger `{}`: throttle.key: {e}", t.name));
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            out.push(Match {
+                trigger: i,
+                ordering_key,
+                throttle,
+            });
+        }
+        out
+    }
+}
+
+fn eval_when(program: &cel::Program, event: &serde_json::Value) -> Result<bool, String> {
+    let mut ctx = cel::Context::default();
+    let value = cel::to_value(event).map_err(|e| e.to_string())?;
+    ctx.add_variable_from_value("event", value);
+    match program.execute(&ctx) {
+        Ok(cel::Value::Bool(b)) => Ok(b),
+        Ok(other) => Err(format!("expected a boolean, got {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn compile_trigger(t: &TriggerConfig, config: &Config, diags: &mut Diagnostics) -> Option<Trigger> {
+    let loc = &t.name.referenced;
+    let name = &t.name.value;
+    let mut ok = true;
+    let mut filters = Vec::new();
+    for f in &t.filters {
+        match CompiledFilter::compile(f) {
+            Ok(c) => filters.push(c),
+            Err(e) => {
+                diags.at(loc, format!("trigger `{name}`: {e}"));
+                ok = false;
+            }
+        }
+    }
+    let when = match &t.when {
+        Some(w) => match cel::Program::compile(&w.value) {
+            Ok(p) => Some((w.value.clone(), p)),
+            Err(e) => {
+                diags.at(&w.referenced, format!("trigger `{name}`: invalid CEL expression `{}`: {e}", w.value));
+                ok = false;
+                None
+            }
+        },
+        None => None,
+    };
+    let mut template = |text: &crate::config::Text, what: &str| match Template::compile(&text.value) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            diags.at(&text.referenced, format!("trigger `{name}`: {what}: {e}"));
+            ok = false;
+            None
+        }
+    };
+    let d = &t.delivery;
+    let ordering_key = d.ordering_key.as_ref().and_then(|k| template(k, "delivery.ordering_key"));
+    let throttle = d
+        .throttle
+        .as_ref()
+        .and_then(|th| template(&th.key, "delivery.throttle.key").map(|tpl| (tpl, th.once_within.0)));
+    let action = Action::build(&t.action, name, config, loc, diags);
+    let policy = DeliveryPolicy {
+        max_attempts: d.max_attempts.max(1),
+        backoff: d.backoff.0,
+        max_backoff: d.max_backoff.0,
+        timeout: d.timeout.0,
+        concurrency: d.concurrency.max(1),
+        ordering_key,
+        throttle,
+    };
+    match (ok, action) {
+        (true, Some(action)) => Some(Trigger {
+            name: name.clone(),
+            filters,
+            when,
+            action,
+            policy,
+        }),
+        _ => None,
+    }
+}
+
+/// Shared handle to the router.
+pub type SharedRouter = Arc<Router>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use cloudevents::{EventBuilder, EventBuilderV10};
+
+    fn router(yaml: &str) -> Router {
+        let cfg = config::parse("t.yaml", yaml).unwrap();
+        let mut d = Diagnostics::default();
+        let r = Router::build(&cfg, &mut d);
+        assert!(d.0.is_empty(), "{:?}", d.0);
+        r
+    }
+
+    fn ev(ty: &str, subject: &str, data: serde_json::Value) -> Event {
+        EventBuilderV10::new()
+            .id("1")
+            .source("/t")
+            .ty(ty)
+            .subject(subject)
+            .data("application/json", data)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn exact_index_and_expression() {
+        let r = router(
+            r#"
+triggers:
+  - name: a
+    filters: [{exact: {type: alarm}}]
+    when: 'event.data.status == "red"'
+    action: {type: emit, event_type: x}
+  - name: b
+    filters: [{prefix: {subject: vm-}}]
+    action: {type: emit, event_type: x}
+  - name: c
+    filters: [{exact: {type: other}}]
+    action: {type: emit, event_type: x}
+"#,
+        );
+        let mut errs = vec![];
+        let m: Vec<_> = r.route(&ev("alarm", "vm-1", json!({"status": "red"})), &mut errs).into_iter().map(|m| m.trigger).collect();
+        assert_eq!(m, vec![0, 1]);
+        let m: Vec<_> = r.route(&ev("alarm", "host-1", json!({"status": "green"})), &mut errs).into_iter().map(|m| m.trigger).collect();
+        assert!(m.is_empty());
+        let m: Vec<_> = r.route(&ev("other", "x", json!({})), &mut errs).into_iter().map(|m| m.trigger).collect();
+        assert_eq!(m, vec![2]);
+        assert!(errs.is_empty());
+    }
+
+    #[test]
+    fn expression_errors_are_reported_not_matched() {
+        let r = router(
+            r#"
+triggers:
+  - name: a
+    when: 'event.data.count > 3'
+    action: {type: emit, event_type: x}
+"#,
+        );
+        let mut errs = vec![];
+        assert!(r.route(&ev("t", "s", json!({"count": "many"})), &mut errs).is_empty());
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(r.route(&ev("t", "s", json!({"count": 4})), &mut errs).len() == 1);
+    }
+
+    #[test]
+    fn keys_are_rendered() {
+        let r = router(
+            r#"
+triggers:
+  - name: a
+    action: {type: emit, event_type: x}
+    delivery:
+      ordering_key: "{{ event.subject }}"
+      throttle: {key: "vm/{{ event.data.vm }}", once_within: 10m}
+"#,
+        );
+        let m = r.route(&ev("t", "s1", json!({"vm": "web"})), &mut vec![]);
+        assert_eq!(m[0].ordering_key.as_deref(), Some("s1"));
+        assert_eq!(m[0].throttle, Some(("vm/web".to_string(), Duration::from_secs(600))));
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_cap() {
+        let p = DeliveryPolicy {
+            max_attempts: 10,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(8),
+            timeout: Duration::from_secs(1),
+            concurrency: 1,
+            ordering_key: None,
+            throttle: None,
+        };
+        for _ in 0..100 {
+            let d2 = p.retry_delay(2);
+            assert!(d2 >= Duration::from_millis(500) && d2 <= Duration::from_secs(1));
+            let d4 = p.retry_delay(4);
+            assert!(d4 >= Duration::from_secs(2) && d4 <= Duration::from_secs(4));
+            let d9 = p.retry_delay(9);
+            assert!(d9 >= Duration::from_secs(4) && d9 <= Duration::from_secs(8));
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! `type: cloudevents` — CloudEvents 1.0 over HTTP in binary, structured and batch modes.
+
+use super::auth::AuthConfig;
+use super::util::{read_body, reject, submit, Rejection};
+use crate::config::{ByteSize, Config, Diagnostics, Text};
+use crate::ingest::Ingest;
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use cloudevents::Event;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// Configuration of `type: cloudevents`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudEventsConfig {
+    /// Unique source name.
+    #[schemars(with = "String")]
+    pub name: Text,
+    /// URL path on the sources listener, e.g. `/events`.
+    #[schemars(with = "String")]
+    pub path: Text,
+    /// Request authentication.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Largest accepted body (default: `http.max_body`).
+    pub max_body: Option<ByteSize>,
+    /// Most events in one batch request.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+}
+
+fn default_max_batch() -> usize {
+    1000
+}
+
+/// A compiled CloudEvents source.
+pub struct CloudEvents {
+    name: String,
+    path: String,
+    auth: AuthConfig,
+    limit: usize,
+    max_batch: usize,
+}
+
+impl CloudEvents {
+    /// Nothing to compile beyond the common checks.
+    pub fn build(c: &CloudEventsConfig, config: &Config, diags: &mut Diagnostics) -> Option<CloudEvents> {
+        if c.max_batch == 0 {
+            diags.at(&c.name.referenced, format!("source `{}`: max_batch must be at least 1", c.name.value));
+            return None;
+        }
+        Some(CloudEvents {
+            name: c.name.value.clone(),
+            path: c.path.value.clone(),
+            auth: c.auth.clone(),
+            limit: c.max_body.unwrap_or(config.http.max_body).0,
+            max_batch: c.max_batch,
+        })
+    }
+
+    /// Adds the POST route.
+    pub fn route(self, router: axum::Router, ingest: Ingest) -> axum::Router {
+        let path = self.path.clone();
+        let this = Arc::new(self);
+        router.route(
+            &path,
+            post(move |headers: HeaderMap, body: Body| {
+                let this = this.clone();
+                let ingest = ingest.clone();
+                async move {
+                    match this.parse(&headers, body).await {
+                        Ok(events) => submit(&ingest, &this.name, events).await,
+                        Err(r) => reject(&ingest, &this.name, r),
+                    }
+                }
+            }),
+        )
+    }
+
+    async fn parse(&self, headers: &HeaderMap, body: Body) -> Result<Vec<Event>, Rejection> {
+        parse_request(headers, body, self.limit, self.max_batch, &self.auth).await
+    }
+}
+
+/// Parses a CloudEvents HTTP request in any mode (shared with the API's `POST /api/v1/events`).
+pub async fn parse_request(headers: &HeaderMap, body: Body, limit: usize, max_batch: usize, auth: &AuthConfig) -> Result<Vec<Event>, Rejection> {
+    let ct = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let binary = headers.contains_key("ce-specversion");
+    let batch = ct == "application/cloudevents-batch+json";
+    if !binary && !batch && ct != "application/cloudevents+json" {
+        return Err(Rejection::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "expected a binary-mode CloudEvent (ce-* headers), application/cloudevents+json or application/cloudevents-batch+json; got content-type `{ct}`"
+            ),
+        ));
+    }
+    let bytes = read_body(body, limit).await?;
+    auth.verify(headers, &bytes)?;
+    let invalid = |e: String| Rejection::new(StatusCode::BAD_REQUEST, "invalid_cloudevent", e);
+    if batch {
+        let raw: Vec<serde_json::Value> = serde_json::from_slice(&bytes).map_err(|e| invalid(format!("the batch is not a JSON array of events: {e}")))?;
+        if raw.len() > max_batch {
+            return Err(Rejection::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch_too_large",
+                format!("the batch has {} events; the limit is {max_batch}", raw.len()),
+            ));
+        }
+        return raw
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| serde_json::from_value::<Event>(v).map_err(|e| invalid(format!("event [{i}] of the batch is invalid: {e}"))))
+            .collect();
+    }
+    let event = cloudevents::binding::http::to_event(headers, bytes.to_vec()).map_err(|e| invalid(format!("invalid CloudEvent: {e}")))?;
+    Ok(vec![event])
+}

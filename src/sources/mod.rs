@@ -1,0 +1,91 @@
+//! Sources: where events come from. One file per kind, chosen by `type:` through
+//! [`SourceConfig`]; shared request plumbing (auth, body limits, replies) lives in `util`.
+
+pub mod auth;
+pub mod cloudevents;
+pub mod util;
+pub mod webhook;
+
+use crate::config::{Config, Diagnostics};
+use crate::ingest::Ingest;
+use axum::Router;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use std::collections::HashMap;
+
+/// A source in the configuration, chosen by `type:`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SourceConfig {
+    /// JSON from any system (logging, monitoring), mapped to an event.
+    Webhook(webhook::WebhookConfig),
+    /// CloudEvents over HTTP: binary, structured and batch.
+    Cloudevents(cloudevents::CloudEventsConfig),
+}
+
+impl SourceConfig {
+    fn name(&self) -> &crate::config::Text {
+        match self {
+            SourceConfig::Webhook(c) => &c.name,
+            SourceConfig::Cloudevents(c) => &c.name,
+        }
+    }
+    fn path(&self) -> &crate::config::Text {
+        match self {
+            SourceConfig::Webhook(c) => &c.path,
+            SourceConfig::Cloudevents(c) => &c.path,
+        }
+    }
+}
+
+/// A compiled source: its route on the sources listener.
+pub enum Source {
+    /// See [`webhook::Webhook`].
+    Webhook(webhook::Webhook),
+    /// See [`cloudevents::CloudEvents`].
+    CloudEvents(cloudevents::CloudEvents),
+}
+
+/// Paths that the sources listener answers itself.
+const RESERVED: &[&str] = &["/healthz", "/readyz"];
+
+/// Compiles every source, recording every problem in `diags`.
+pub fn build(config: &Config, diags: &mut Diagnostics) -> Vec<Source> {
+    let mut names: HashMap<&str, ()> = HashMap::new();
+    let mut paths: HashMap<&str, &str> = HashMap::new();
+    let mut out = Vec::new();
+    for s in &config.sources {
+        let name = s.name();
+        let path = s.path();
+        if name.value.is_empty() || !name.value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            diags.at(&name.referenced, format!("source name `{}` must be non-empty letters, digits, `-` or `_`", name.value));
+        } else if names.insert(&name.value, ()).is_some() {
+            diags.at(&name.referenced, format!("duplicate source name `{}`", name.value));
+        }
+        if !path.value.starts_with('/') || path.value.contains(['{', '}', '*']) {
+            diags.at(&path.referenced, format!("source `{}`: path `{}` must start with `/` and be literal", name.value, path.value));
+        } else if RESERVED.contains(&path.value.as_str()) {
+            diags.at(&path.referenced, format!("source `{}`: path `{}` is reserved", name.value, path.value));
+        } else if let Some(other) = paths.insert(&path.value, &name.value) {
+            diags.at(&path.referenced, format!("source `{}`: path `{}` is already used by source `{other}`", name.value, path.value));
+        }
+        let built = match s {
+            SourceConfig::Webhook(c) => webhook::Webhook::build(c, config, diags).map(Source::Webhook),
+            SourceConfig::Cloudevents(c) => cloudevents::CloudEvents::build(c, config, diags).map(Source::CloudEvents),
+        };
+        out.extend(built);
+    }
+    out
+}
+
+/// The sources listener's routes.
+pub fn routes(sources: Vec<Source>, ingest: Ingest) -> Router {
+    let mut router = Router::new();
+    for s in sources {
+        router = match s {
+            Source::Webhook(w) => w.route(router, ingest.clone()),
+            Source::CloudEvents(c) => c.route(router, ingest.clone()),
+        };
+    }
+    router
+}

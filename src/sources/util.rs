@@ -1,0 +1,92 @@
+//! Request plumbing shared by HTTP sources: JSON error replies, body limits, ingest replies.
+
+use crate::ingest::{Accepted, Ingest, IngestError};
+use axum::body::Body;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cloudevents::Event;
+use serde_json::json;
+
+/// A refused request: status, machine-readable reason, message and optional detail.
+#[derive(Debug)]
+pub struct Rejection {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Machine-readable reason (`unauthorized`, `schema`, `too_large`…).
+    pub reason: &'static str,
+    /// What is wrong, for a human.
+    pub message: String,
+    /// Extra fields (e.g. the failing schema path).
+    pub detail: Option<serde_json::Value>,
+}
+
+impl Rejection {
+    /// A rejection without detail.
+    pub fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        Rejection {
+            status,
+            reason,
+            message: message.into(),
+            detail: None,
+        }
+    }
+}
+
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": { "reason": self.reason, "message": self.message } });
+        if let Some(d) = self.detail {
+            body["error"]["detail"] = d;
+        }
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE || self.status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// Reads the body up to `limit` bytes; larger bodies get `413`.
+pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Rejection> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // axum wraps http-body-util's LengthLimitError; its message is the stable signal.
+        let too_large = format!("{e:?}").contains("LengthLimitError");
+        if too_large {
+            Rejection::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is larger than the limit of {limit} bytes"))
+        } else {
+            Rejection::new(StatusCode::BAD_REQUEST, "bad_body", format!("cannot read the body: {e}"))
+        }
+    })
+}
+
+/// Submits events and turns the result into `202` with ids, `503` or `500`.
+pub async fn submit(ingest: &Ingest, source: &str, events: Vec<Event>) -> Response {
+    match ingest.submit(source, events).await {
+        Ok(accepted) => accepted_response(&accepted),
+        Err(IngestError::Overloaded(n)) => {
+            ingest.metrics().event_rejected(source, "overloaded");
+            Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", format!("{n} events are waiting to be stored; retry later")).into_response()
+        }
+        Err(IngestError::Store(e)) => {
+            ingest.metrics().event_rejected(source, "store");
+            tracing::error!(source, error = %e, "cannot store events");
+            Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "store", format!("the event could not be stored ({e}); it was not accepted, retry later")).into_response()
+        }
+    }
+}
+
+fn accepted_response(accepted: &[Accepted]) -> Response {
+    let ids: Vec<&str> = accepted.iter().map(|a| a.id.as_str()).collect();
+    let duplicates: Vec<&str> = accepted.iter().filter(|a| a.duplicate).map(|a| a.id.as_str()).collect();
+    (StatusCode::ACCEPTED, Json(json!({ "ids": ids, "duplicates": duplicates }))).into_response()
+}
+
+/// Counts and returns a rejection.
+pub fn reject(ingest: &Ingest, source: &str, r: Rejection) -> Response {
+    ingest.metrics().event_rejected(source, r.reason);
+    r.into_response()
+}

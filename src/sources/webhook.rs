@@ -1,0 +1,221 @@
+//! `type: webhook` — JSON from any system (Graylog, Splunk, Loki, Log Insight…), checked
+//! (auth, size, JSON Schema) and mapped to a CloudEvent with templates over `body`.
+
+use super::auth::AuthConfig;
+use super::util::{read_body, reject, submit, Rejection};
+use crate::config::{ByteSize, Config, Diagnostics, Text};
+use crate::event::ROUTING_KEY_EXT;
+use crate::ingest::Ingest;
+use crate::template::Template;
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::post;
+use cloudevents::{EventBuilder, EventBuilderV10};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Configuration of `type: webhook`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Unique source name.
+    #[schemars(with = "String")]
+    pub name: Text,
+    /// URL path on the sources listener, e.g. `/hooks/graylog`.
+    #[schemars(with = "String")]
+    pub path: Text,
+    /// Request authentication.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// A JSON Schema the body must satisfy.
+    pub schema: Option<Value>,
+    /// How the body becomes an event.
+    #[serde(default)]
+    pub mapping: MappingConfig,
+    /// Largest accepted body (default: `http.max_body`).
+    pub max_body: Option<ByteSize>,
+}
+
+/// Templates over `body` (the parsed JSON) that fill the event.
+#[derive(Debug, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MappingConfig {
+    /// The event type; `reflex.webhook.<source name>` by default.
+    #[serde(rename = "type")]
+    pub ty: Option<String>,
+    /// The subject, e.g. `{{ body.vm }}`.
+    pub subject: Option<String>,
+    /// The id; give one from the body to make retries of the sender deduplicate. A new
+    /// UUIDv7 by default.
+    pub id: Option<String>,
+    /// The data as JSON, e.g. `{{ body.fields | tojson }}`; the whole body by default.
+    pub data: Option<String>,
+    /// The routing key (extension `routingkey`).
+    pub routing_key: Option<String>,
+}
+
+struct Mapping {
+    ty: Template,
+    subject: Option<Template>,
+    id: Option<Template>,
+    data: Option<Template>,
+    routing_key: Option<Template>,
+}
+
+/// A compiled webhook source.
+pub struct Webhook {
+    name: String,
+    path: String,
+    auth: AuthConfig,
+    schema: Option<jsonschema::Validator>,
+    mapping: Mapping,
+    limit: usize,
+}
+
+impl Webhook {
+    /// Compiles templates and the schema.
+    pub fn build(c: &WebhookConfig, config: &Config, diags: &mut Diagnostics) -> Option<Webhook> {
+        let name = &c.name.value;
+        let mut ok = true;
+        let mut tpl = |field: &str, src: Option<&str>| -> Option<Template> {
+            let src = src?;
+            match Template::compile(src) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    diags.at(&c.name.referenced, format!("source `{name}`: mapping.{field}: {e}"));
+                    ok = false;
+                    None
+                }
+            }
+        };
+        let default_ty = format!("reflex.webhook.{name}");
+        let ty = tpl("type", Some(c.mapping.ty.as_deref().unwrap_or(&default_ty)));
+        let subject = tpl("subject", c.mapping.subject.as_deref());
+        let id = tpl("id", c.mapping.id.as_deref());
+        let data = tpl("data", c.mapping.data.as_deref());
+        let routing_key = tpl("routing_key", c.mapping.routing_key.as_deref());
+        let schema = match &c.schema {
+            Some(s) => match jsonschema::validator_for(s) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    diags.at(&c.name.referenced, format!("source `{name}`: schema is not a valid JSON Schema: {e}"));
+                    ok = false;
+                    None
+                }
+            },
+            None => None,
+        };
+        if !ok {
+            return None;
+        }
+        Some(Webhook {
+            name: name.clone(),
+            path: c.path.value.clone(),
+            auth: c.auth.clone(),
+            schema,
+            mapping: Mapping {
+                ty: ty?,
+                subject,
+                id,
+                data,
+                routing_key,
+            },
+            limit: c.max_body.unwrap_or(config.http.max_body).0,
+        })
+    }
+
+    /// Adds the POST route.
+    pub fn route(self, router: axum::Router, ingest: Ingest) -> axum::Router {
+        let path = self.path.clone();
+        let this = Arc::new(self);
+        router.route(
+            &path,
+            post(move |headers: HeaderMap, body: Body| {
+                let this = this.clone();
+                let ingest = ingest.clone();
+                async move { this.handle(&ingest, headers, body).await }
+            }),
+        )
+    }
+
+    async fn handle(&self, ingest: &Ingest, headers: HeaderMap, body: Body) -> Response {
+        match self.to_event(&headers, body).await {
+            Ok(event) => submit(ingest, &self.name, vec![event]).await,
+            Err(r) => reject(ingest, &self.name, r),
+        }
+    }
+
+    async fn to_event(&self, headers: &HeaderMap, body: Body) -> Result<cloudevents::Event, Rejection> {
+        let ct = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Err(Rejection::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("content-type must be application/json, got `{ct}`"),
+            ));
+        }
+        let bytes = read_body(body, self.limit).await?;
+        self.auth.verify(headers, &bytes)?;
+        let body: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, "invalid_json", format!("the body is not valid JSON: {e}")))?;
+        if let Some(schema) = &self.schema {
+            if let Some(err) = schema.iter_errors(&body).next() {
+                let mut r = Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    "schema",
+                    format!("the body does not match the schema at `{}`: {err}", err.instance_path()),
+                );
+                r.detail = Some(json!({
+                    "instance_path": err.instance_path().to_string(),
+                    "schema_path": err.schema_path().to_string(),
+                }));
+                return Err(r);
+            }
+        }
+        let ctx = json!({ "body": &body });
+        let render = |field: &str, t: &Template| -> Result<String, Rejection> {
+            t.render(&ctx)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, "mapping", format!("mapping.{field}: {e}")))
+        };
+        let ty = render("type", &self.mapping.ty)?;
+        if ty.is_empty() {
+            return Err(Rejection::new(StatusCode::BAD_REQUEST, "mapping", "mapping.type rendered empty for this body"));
+        }
+        let id = match &self.mapping.id {
+            Some(t) => render("id", t)?,
+            None => uuid::Uuid::now_v7().to_string(),
+        };
+        if id.is_empty() {
+            return Err(Rejection::new(StatusCode::BAD_REQUEST, "mapping", "mapping.id rendered empty for this body"));
+        }
+        let data = match &self.mapping.data {
+            Some(t) => {
+                let s = render("data", t)?;
+                serde_json::from_str(&s).unwrap_or(Value::String(s))
+            }
+            None => body.clone(),
+        };
+        let mut b = EventBuilderV10::new()
+            .id(id)
+            .source(format!("/reflex/sources/{}", self.name))
+            .ty(ty)
+            .time(chrono::Utc::now())
+            .data("application/json", data);
+        if let Some(t) = &self.mapping.subject {
+            let s = render("subject", t)?;
+            if !s.is_empty() {
+                b = b.subject(s);
+            }
+        }
+        if let Some(t) = &self.mapping.routing_key {
+            b = b.extension(ROUTING_KEY_EXT, render("routing_key", t)?);
+        }
+        b.build()
+            .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, "mapping", format!("the mapped event is invalid: {e}")))
+    }
+}

@@ -1,0 +1,586 @@
+//! The embedded store: events, deliveries (the embedded bus's queue), attempts, dedup and
+//! throttle windows in one SQLite database (WAL, `synchronous=FULL`). One writer thread
+//! applies every write in batches: one fsync commits many events (group commit).
+
+mod schema;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most operations applied in one transaction.
+const MAX_BATCH: usize = 2048;
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite reported an error.
+    #[error("store {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: String,
+        /// The cause.
+        source: rusqlite::Error,
+    },
+    /// The directory or file could not be created.
+    #[error("cannot create the store at {path}: {source}")]
+    Io {
+        /// The database file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The writer thread stopped (the server is shutting down).
+    #[error("the store is shut down")]
+    Closed,
+    /// No such object.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The request does not apply to the object's state.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// A delivery's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Waiting for its first attempt.
+    Pending,
+    /// An attempt is running.
+    Running,
+    /// Failed; another attempt is scheduled.
+    Retrying,
+    /// An attempt succeeded.
+    Succeeded,
+    /// Out of attempts or failed permanently (dead letter).
+    Dead,
+    /// Suppressed by the trigger's `once_within` throttle.
+    Throttled,
+}
+
+impl State {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Running => "running",
+            State::Retrying => "retrying",
+            State::Succeeded => "succeeded",
+            State::Dead => "dead",
+            State::Throttled => "throttled",
+        }
+    }
+    /// Parses a state name.
+    pub fn parse(s: &str) -> Option<State> {
+        Some(match s {
+            "pending" => State::Pending,
+            "running" => State::Running,
+            "retrying" => State::Retrying,
+            "succeeded" => State::Succeeded,
+            "dead" => State::Dead,
+            "throttled" => State::Throttled,
+            _ => return None,
+        })
+    }
+}
+
+/// An event to persist with the deliveries its matches create.
+#[derive(Debug)]
+pub struct NewEvent {
+    /// The reflex source that received it.
+    pub source_name: String,
+    /// CloudEvents `source` attribute.
+    pub ce_source: String,
+    /// CloudEvents `id`.
+    pub ce_id: String,
+    /// CloudEvents `type`.
+    pub ty: String,
+    /// CloudEvents `subject`.
+    pub subject: Option<String>,
+    /// The event in structured JSON.
+    pub body: String,
+    /// The deliveries to create.
+    pub deliveries: Vec<NewDelivery>,
+}
+
+/// A delivery to create.
+#[derive(Debug)]
+pub struct NewDelivery {
+    /// Trigger name.
+    pub trigger: String,
+    /// Ordering key, if the trigger has one.
+    pub ordering_key: Option<String>,
+    /// Throttle key and window, if the trigger has one.
+    pub throttle: Option<(String, Duration)>,
+}
+
+/// What the store did with a [`NewEvent`].
+#[derive(Debug)]
+pub struct Stored {
+    /// The event's number in this store (0 for a duplicate).
+    pub seq: i64,
+    /// The (source, id) pair was seen within the dedup window: nothing was stored.
+    pub duplicate: bool,
+    /// Created deliveries, in the order of `NewEvent::deliveries`.
+    pub deliveries: Vec<(i64, State)>,
+}
+
+/// An open delivery read back at start-up or on replay.
+#[derive(Debug, Clone)]
+pub struct OpenDelivery {
+    /// Delivery id.
+    pub id: i64,
+    /// Trigger name.
+    pub trigger: String,
+    /// Ordering key.
+    pub ordering_key: Option<String>,
+    /// Attempts made so far (all time).
+    pub attempts: u32,
+    /// Attempts made before the last replay (the budget restarts there).
+    pub attempt_base: u32,
+    /// When the next attempt is due (ms since the epoch), if scheduled.
+    pub next_at: Option<i64>,
+    /// The event, structured JSON.
+    pub event_body: String,
+    /// When the event was received (ms since the epoch).
+    pub received_at: i64,
+}
+
+/// One attempt's record.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRecord {
+    /// 1-based attempt number.
+    pub n: u32,
+    /// Start (ms since the epoch).
+    pub started_at: i64,
+    /// How long it ran.
+    pub duration_ms: i64,
+    /// `succeeded`, `failed` or `timeout`.
+    pub outcome: String,
+    /// What happened, verbatim.
+    pub detail: String,
+}
+
+enum Op {
+    Ingest(Vec<NewEvent>, oneshot::Sender<Result<Vec<Stored>, StoreError>>),
+    Running(i64),
+    Finish {
+        id: i64,
+        attempt: AttemptRecord,
+        state: State,
+        next_at: Option<i64>,
+    },
+    Replay(i64, oneshot::Sender<Result<OpenDelivery, StoreError>>),
+    Prune(Retention, oneshot::Sender<Result<u64, StoreError>>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Retention limits applied by [`Store::prune`].
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Oldest finished event kept.
+    pub max_age: Option<Duration>,
+    /// Most events kept.
+    pub max_events: Option<u64>,
+    /// Dedup window to keep.
+    pub dedup_window: Duration,
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    tx: mpsc::Sender<Op>,
+    reader: Arc<Mutex<Connection>>,
+    path: Arc<PathBuf>,
+    dedup_window_ms: i64,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn open(path: &Path) -> Result<Connection, StoreError> {
+    let err = |source| StoreError::Sqlite {
+        path: path.display().to_string(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(err)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+    Ok(conn)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store and starts its writer thread. Deliveries left
+    /// `running` by a crash return to `pending`.
+    pub fn open(path: &Path, dedup_window: Duration) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+        let conn = open(path)?;
+        let err = |source| StoreError::Sqlite {
+            path: path.display().to_string(),
+            source,
+        };
+        conn.execute_batch(schema::SCHEMA).map_err(err)?;
+        conn.execute("UPDATE deliveries SET state='pending' WHERE state='running'", [])
+            .map_err(err)?;
+        let reader = open(path)?;
+        let (tx, rx) = mpsc::channel(65_536);
+        let writer_path = path.to_path_buf();
+        let window_ms = dedup_window.as_millis() as i64;
+        std::thread::Builder::new()
+            .name("reflex-store-writer".into())
+            .spawn(move || writer(conn, rx, writer_path, window_ms))
+            .map_err(|source| StoreError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(Store {
+            tx,
+            reader: Arc::new(Mutex::new(reader)),
+            path: Arc::new(path.to_path_buf()),
+            dedup_window_ms: window_ms,
+        })
+    }
+
+    /// Persists events and their deliveries; returns once they are durable (fsynced).
+    pub async fn ingest(&self, events: Vec<NewEvent>) -> Result<Vec<Stored>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Op::Ingest(events, tx)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Marks a delivery running (not awaited: a crash leaves it pending, which is correct).
+    pub async fn mark_running(&self, id: i64) {
+        let _ = self.tx.send(Op::Running(id)).await;
+    }
+
+    /// Records an attempt and the delivery's new state.
+    pub async fn finish_attempt(&self, id: i64, attempt: AttemptRecord, state: State, next_at: Option<i64>) {
+        let _ = self
+            .tx
+            .send(Op::Finish {
+                id,
+                attempt,
+                state,
+                next_at,
+            })
+            .await;
+    }
+
+    /// Returns a dead delivery to `pending` with a fresh attempt budget.
+    pub async fn replay(&self, id: i64) -> Result<OpenDelivery, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Op::Replay(id, tx)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Applies retention; returns the number of events removed.
+    pub async fn prune(&self, r: Retention) -> Result<u64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Op::Prune(r, tx)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Waits until every write sent before is committed.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Op::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// The dedup window in milliseconds.
+    pub fn dedup_window_ms(&self) -> i64 {
+        self.dedup_window_ms
+    }
+
+    /// Runs a read on the reader connection off the async threads.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            f(&conn).map_err(|source| StoreError::Sqlite {
+                path: path.display().to_string(),
+                source,
+            })
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Deliveries still to do (pending or retrying), oldest first.
+    pub async fn open_deliveries(&self) -> Result<Vec<OpenDelivery>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
+                 FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                 WHERE d.state IN ('pending','retrying','running') ORDER BY d.id",
+            )?;
+            let rows = st.query_map([], open_delivery_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Size of the database files in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        let base = self.path.display().to_string();
+        [base.clone(), format!("{base}-wal")]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+}
+
+fn open_delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpenDelivery> {
+    Ok(OpenDelivery {
+        id: r.get(0)?,
+        trigger: r.get(1)?,
+        ordering_key: r.get(2)?,
+        attempts: r.get(3)?,
+        attempt_base: r.get(4)?,
+        next_at: r.get(5)?,
+        event_body: r.get(6)?,
+        received_at: r.get(7)?,
+    })
+}
+
+enum Reply {
+    Ingest(oneshot::Sender<Result<Vec<Stored>, StoreError>>, Result<Vec<Stored>, rusqlite::Error>),
+    Replay(oneshot::Sender<Result<OpenDelivery, StoreError>>, Result<OpenDelivery, StoreError>),
+    Prune(oneshot::Sender<Result<u64, StoreError>>, Result<u64, rusqlite::Error>),
+    Flush(oneshot::Sender<()>),
+}
+
+fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, window_ms: i64) {
+    let p = path.display().to_string();
+    let sqlite_err = |source| StoreError::Sqlite {
+        path: p.clone(),
+        source,
+    };
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut replies = Vec::with_capacity(batch.len());
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            let now = now_ms();
+            for op in batch {
+                match op {
+                    Op::Ingest(events, reply) => {
+                        let r = ingest(&tx, events, now, window_ms);
+                        replies.push(Reply::Ingest(reply, r));
+                    }
+                    Op::Running(id) => {
+                        tx.execute(
+                            "UPDATE deliveries SET state='running', updated_at=?2 WHERE id=?1 AND state IN ('pending','retrying')",
+                            params![id, now],
+                        )?;
+                    }
+                    Op::Finish {
+                        id,
+                        attempt,
+                        state,
+                        next_at,
+                    } => {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO attempts(delivery_id, n, started_at, duration_ms, outcome, detail) VALUES (?1,?2,?3,?4,?5,?6)",
+                            params![id, attempt.n, attempt.started_at, attempt.duration_ms, attempt.outcome, attempt.detail],
+                        )?;
+                        let last_error = (attempt.outcome != "succeeded").then_some(attempt.detail.as_str());
+                        tx.execute(
+                            "UPDATE deliveries SET state=?2, attempts=?3, next_at=?4, updated_at=?5, last_error=?6 WHERE id=?1",
+                            params![id, state.as_str(), attempt.n, next_at, now, last_error],
+                        )?;
+                    }
+                    Op::Replay(id, reply) => {
+                        let r = replay(&tx, id, now);
+                        replies.push(Reply::Replay(reply, r));
+                    }
+                    Op::Prune(r, reply) => {
+                        let res = prune(&tx, r, now);
+                        replies.push(Reply::Prune(reply, res));
+                    }
+                    Op::Flush(reply) => replies.push(Reply::Flush(reply)),
+                }
+            }
+            tx.commit()
+        })();
+        for reply in replies {
+            match reply {
+                Reply::Ingest(tx, r) => {
+                    let r = match (&result, r) {
+                        (Ok(()), Ok(v)) => Ok(v),
+                        (Err(e), _) => Err(sqlite_err(clone_err(e))),
+                        (_, Err(e)) => Err(sqlite_err(e)),
+                    };
+                    let _ = tx.send(r);
+                }
+                Reply::Replay(tx, r) => {
+                    let r = match &result {
+                        Ok(()) => r,
+                        Err(e) => Err(sqlite_err(clone_err(e))),
+                    };
+                    let _ = tx.send(r);
+                }
+                Reply::Prune(tx, r) => {
+                    let r = match (&result, r) {
+                        (Ok(()), Ok(v)) => Ok(v),
+                        (Err(e), _) => Err(sqlite_err(clone_err(e))),
+                        (_, Err(e)) => Err(sqlite_err(e)),
+                    };
+                    let _ = tx.send(r);
+                }
+                Reply::Flush(tx) => {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        if let Err(e) = result {
+            tracing::error!(store = %p, error = %e, "store commit failed; the writes of this batch were not acknowledged");
+        }
+    }
+}
+
+fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
+}
+
+fn ingest(tx: &rusqlite::Transaction<'_>, events: Vec<NewEvent>, now: i64, window_ms: i64) -> rusqlite::Result<Vec<Stored>> {
+    let mut out = Vec::with_capacity(events.len());
+    let mut dedup = tx.prepare_cached(
+        "INSERT INTO dedup(source, id, seen_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT(source, id) DO UPDATE SET seen_at = excluded.seen_at WHERE dedup.seen_at < ?4",
+    )?;
+    let mut ins_event = tx.prepare_cached(
+        "INSERT INTO events(source_name, ce_source, ce_id, type, subject, received_at, body) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+    )?;
+    let mut throttle = tx.prepare_cached(
+        "INSERT INTO throttles(trigger, key, until) VALUES (?1, ?2, ?3)
+         ON CONFLICT(trigger, key) DO UPDATE SET until = excluded.until WHERE throttles.until <= ?4",
+    )?;
+    let mut ins_delivery = tx.prepare_cached(
+        "INSERT INTO deliveries(event_seq, trigger, state, attempts, attempt_base, ordering_key, created_at, updated_at)
+         VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?5)",
+    )?;
+    for e in events {
+        if dedup.execute(params![e.ce_source, e.ce_id, now, now - window_ms])? == 0 {
+            out.push(Stored {
+                seq: 0,
+                duplicate: true,
+                deliveries: vec![],
+            });
+            continue;
+        }
+        ins_event.execute(params![e.source_name, e.ce_source, e.ce_id, e.ty, e.subject, now, e.body])?;
+        let seq = tx.last_insert_rowid();
+        let mut deliveries = Vec::with_capacity(e.deliveries.len());
+        for d in e.deliveries {
+            let state = match &d.throttle {
+                Some((key, window)) => {
+                    let until = now + window.as_millis() as i64;
+                    if throttle.execute(params![d.trigger, key, until, now])? == 0 {
+                        State::Throttled
+                    } else {
+                        State::Pending
+                    }
+                }
+                None => State::Pending,
+            };
+            ins_delivery.execute(params![seq, d.trigger, state.as_str(), d.ordering_key, now])?;
+            deliveries.push((tx.last_insert_rowid(), state));
+        }
+        out.push(Stored {
+            seq,
+            duplicate: false,
+            deliveries,
+        });
+    }
+    Ok(out)
+}
+
+fn replay(tx: &rusqlite::Transaction<'_>, id: i64, now: i64) -> Result<OpenDelivery, StoreError> {
+    let q = |source| StoreError::Sqlite {
+        path: "replay".into(),
+        source,
+    };
+    let state: Option<String> = tx
+        .query_row("SELECT state FROM deliveries WHERE id=?1", [id], |r| r.get(0))
+        .optional()
+        .map_err(q)?;
+    match state.as_deref() {
+        None => return Err(StoreError::NotFound(format!("delivery {id}"))),
+        Some("dead") | Some("throttled") => {}
+        Some(s) => {
+            return Err(StoreError::Conflict(format!(
+                "delivery {id} is {s}; only dead or throttled deliveries can be replayed"
+            )))
+        }
+    }
+    tx.execute(
+        "UPDATE deliveries SET state='pending', attempt_base=attempts, next_at=NULL, updated_at=?2 WHERE id=?1",
+        params![id, now],
+    )
+    .map_err(q)?;
+    tx.query_row(
+        "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
+         FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id=?1",
+        [id],
+        open_delivery_row,
+    )
+    .map_err(q)
+}
+
+fn prune(tx: &rusqlite::Transaction<'_>, r: Retention, now: i64) -> rusqlite::Result<u64> {
+    let mut cutoff_seq: i64 = 0;
+    if let Some(age) = r.max_age {
+        let before = now - age.as_millis() as i64;
+        let s: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events WHERE received_at < ?1", [before], |r| r.get(0))?;
+        cutoff_seq = cutoff_seq.max(s.unwrap_or(0));
+    }
+    if let Some(max) = r.max_events {
+        let s: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
+        cutoff_seq = cutoff_seq.max(s.unwrap_or(0) - max as i64);
+    }
+    let mut removed = 0;
+    if cutoff_seq > 0 {
+        // Events with unfinished deliveries are kept whatever their age.
+        const KEEP: &str = "SELECT event_seq FROM deliveries WHERE state IN ('pending','running','retrying')";
+        tx.execute(
+            &format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_seq <= ?1 AND event_seq NOT IN ({KEEP}))"),
+            [cutoff_seq],
+        )?;
+        tx.execute(
+            &format!("DELETE FROM deliveries WHERE event_seq <= ?1 AND event_seq NOT IN ({KEEP})"),
+            [cutoff_seq],
+        )?;
+        removed = tx.execute(
+            &format!("DELETE FROM events WHERE seq <= ?1 AND seq NOT IN ({KEEP})"),
+            [cutoff_seq],
+        )? as u64;
+    }
+    tx.execute("DELETE FROM dedup WHERE seen_at < ?1", [now - r.dedup_window.as_millis() as i64])?;
+    tx.execute("DELETE FROM throttles WHERE until < ?1", [now])?;
+    Ok(removed)
+}

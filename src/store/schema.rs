@@ -1,0 +1,52 @@
+//! The store's tables.
+
+/// Created on open; every statement is idempotent.
+pub const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    source_name TEXT NOT NULL,
+    ce_source TEXT NOT NULL,
+    ce_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    subject TEXT,
+    received_at INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_received ON events(received_at);
+CREATE TABLE IF NOT EXISTS dedup (
+    source TEXT NOT NULL,
+    id TEXT NOT NULL,
+    seen_at INTEGER NOT NULL,
+    PRIMARY KEY (source, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    event_seq INTEGER NOT NULL,
+    trigger TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    attempt_base INTEGER NOT NULL,
+    ordering_key TEXT,
+    next_at INTEGER,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries(event_seq);
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, id);
+CREATE TABLE IF NOT EXISTS attempts (
+    delivery_id INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    started_at INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    PRIMARY KEY (delivery_id, n)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS throttles (
+    trigger TEXT NOT NULL,
+    key TEXT NOT NULL,
+    until INTEGER NOT NULL,
+    PRIMARY KEY (trigger, key)
+) WITHOUT ROWID;
+"#;

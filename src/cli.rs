@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "reflex", version, about = "A self-healing, event-driven datacenter in one binary")]
+#[command(
+    name = "reflex",
+    version,
+    about = "A self-healing, event-driven datacenter in one binary"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -131,7 +135,10 @@ pub fn main() -> ExitCode {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
@@ -188,7 +195,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 None => Value::Null,
                 Some(d) => {
                     let text = match d.strip_prefix('@') {
-                        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading --data file {path}"))?,
+                        Some(path) => std::fs::read_to_string(path)
+                            .with_context(|| format!("reading --data file {path}"))?,
                         None => d,
                     };
                     serde_json::from_str(&text).context("--data is not valid JSON")?
@@ -211,7 +219,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 .body(ev.to_string())
                 .send()
                 .await
-                .with_context(|| format!("cannot reach reflex at {} (is it running? see --api)", api.api))?;
+                .with_context(|| {
+                    format!(
+                        "cannot reach reflex at {} (is it running? see --api)",
+                        api.api
+                    )
+                })?;
             let status = resp.status();
             let body: Value = resp.json().await.unwrap_or(Value::Null);
             if !status.is_success() {
@@ -243,11 +256,24 @@ async fn get(api: &ApiArgs, path: &str) -> Result<Value> {
         .get(format!("{}{path}", api.api))
         .send()
         .await
-        .with_context(|| format!("cannot reach reflex at {} (is it running? see --api)", api.api))?;
+        .with_context(|| {
+            format!(
+                "cannot reach reflex at {} (is it running? see --api)",
+                api.api
+            )
+        })?;
     let status = resp.status();
-    let body: Value = resp.json().await.context("the API answered something that is not JSON")?;
+    let body: Value = resp
+        .json()
+        .await
+        .context("the API answered something that is not JSON")?;
     if !status.is_success() {
-        bail!("reflex answered {status}: {}", body["error"]["message"].as_str().unwrap_or(&body.to_string()));
+        bail!(
+            "reflex answered {status}: {}",
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or(&body.to_string())
+        );
     }
     Ok(body)
 }
@@ -283,19 +309,34 @@ async fn list_show(kind: &str, cmd: Option<ListShow>, api: ApiArgs) -> Result<Ex
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else if kind == "events" {
-                println!("{:>8}  {:<25}  {:<40}  {:<20}  ID", "SEQ", "RECEIVED", "TYPE", "SUBJECT");
+                println!(
+                    "{:>8}  {:<25}  {:<40}  {:<20}  ID",
+                    "SEQ", "RECEIVED", "TYPE", "SUBJECT"
+                );
                 for r in rows {
                     println!(
                         "{:>8}  {:<25}  {:<40}  {:<20}  {}",
-                        r["seq"], s(&r["received_at"]), s(&r["type"]), s(&r["subject"]), s(&r["id"])
+                        r["seq"],
+                        s(&r["received_at"]),
+                        s(&r["type"]),
+                        s(&r["subject"]),
+                        s(&r["id"])
                     );
                 }
             } else {
-                println!("{:>8}  {:<20}  {:<10}  {:>8}  {:<36}  LAST ERROR", "ID", "TRIGGER", "STATE", "ATTEMPTS", "EVENT");
+                println!(
+                    "{:>8}  {:<20}  {:<10}  {:>8}  {:<36}  LAST ERROR",
+                    "ID", "TRIGGER", "STATE", "ATTEMPTS", "EVENT"
+                );
                 for r in rows {
                     println!(
                         "{:>8}  {:<20}  {:<10}  {:>8}  {:<36}  {}",
-                        r["id"], s(&r["trigger"]), s(&r["state"]), r["attempts"], s(&r["event_id"]), s(&r["last_error"])
+                        r["id"],
+                        s(&r["trigger"]),
+                        s(&r["state"]),
+                        r["attempts"],
+                        s(&r["event_id"]),
+                        s(&r["last_error"])
                     );
                 }
             }
@@ -312,7 +353,12 @@ fn urlencode(v: &str) -> String {
     url::form_urlencoded::byte_serialize(v.as_bytes()).collect()
 }
 
-async fn replay(id: Option<i64>, all_dead: bool, trigger: Option<String>, api: ApiArgs) -> Result<ExitCode> {
+async fn replay(
+    id: Option<i64>,
+    all_dead: bool,
+    trigger: Option<String>,
+    api: ApiArgs,
+) -> Result<ExitCode> {
     let ids: Vec<i64> = match (id, all_dead) {
         (Some(id), false) => vec![id],
         (None, true) => {
@@ -324,7 +370,12 @@ async fn replay(id: Option<i64>, all_dead: bool, trigger: Option<String>, api: A
                     q.push_str(&format!("&trigger={}", urlencode(t)));
                 }
                 let v = get(&api, &q).await?;
-                let page: Vec<i64> = v["deliveries"].as_array().into_iter().flatten().filter_map(|d| d["id"].as_i64()).collect();
+                let page: Vec<i64> = v["deliveries"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|d| d["id"].as_i64())
+                    .collect();
                 let Some(&last) = page.last() else { break };
                 ids.extend(page);
                 before = last;
@@ -350,7 +401,10 @@ async fn replay(id: Option<i64>, all_dead: bool, trigger: Option<String>, api: A
         } else {
             failed += 1;
             let body: Value = resp.json().await.unwrap_or(Value::Null);
-            eprintln!("\ndelivery {id}: {}", body["error"]["message"].as_str().unwrap_or("failed"));
+            eprintln!(
+                "\ndelivery {id}: {}",
+                body["error"]["message"].as_str().unwrap_or("failed")
+            );
         }
     }
     if total > 1 {
@@ -359,7 +413,11 @@ async fn replay(id: Option<i64>, all_dead: bool, trigger: Option<String>, api: A
     if total == 0 {
         println!("no dead deliveries");
     }
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn wait_for_signal() {

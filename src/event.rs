@@ -37,7 +37,9 @@ pub fn data_json(event: &Event) -> Value {
     match event.data() {
         None => Value::Null,
         Some(Data::Json(v)) => v.clone(),
-        Some(Data::String(s)) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())),
+        Some(Data::String(s)) => {
+            serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone()))
+        }
         Some(Data::Binary(b)) => match serde_json::from_slice(b) {
             Ok(v) => v,
             Err(_) => Value::String(String::from_utf8_lossy(b).into_owned()),
@@ -58,6 +60,29 @@ pub fn view(event: &Event) -> Value {
     }
     m.insert("data".into(), data_json(event));
     Value::Object(m)
+}
+
+/// Stores JSON data as JSON (not base64) when the content type says it is JSON, so that the
+/// API, templates and structured deliveries show it as sent.
+pub fn normalize(event: &mut Event) {
+    let is_json = event
+        .datacontenttype()
+        .map(|ct| {
+            let ct = ct.split(';').next().unwrap_or("").trim();
+            ct == "application/json" || ct.ends_with("+json") || ct == "text/json"
+        })
+        .unwrap_or(false);
+    if !is_json {
+        return;
+    }
+    let parsed = match event.data() {
+        Some(Data::Binary(b)) => serde_json::from_slice::<Value>(b).ok(),
+        Some(Data::String(s)) => serde_json::from_str::<Value>(s).ok(),
+        _ => None,
+    };
+    if let Some(v) = parsed {
+        event.set_data_unchecked(v);
+    }
 }
 
 /// Serializes an event in the structured JSON format (the store's format).

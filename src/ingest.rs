@@ -44,7 +44,13 @@ pub struct Ingest(Arc<Inner>);
 
 impl Ingest {
     /// Creates the ingest path with room for `capacity` events not yet durable.
-    pub fn new(store: Store, router: Arc<Router>, metrics: Arc<Metrics>, capacity: usize, dispatch: mpsc::UnboundedSender<Job>) -> Ingest {
+    pub fn new(
+        store: Store,
+        router: Arc<Router>,
+        metrics: Arc<Metrics>,
+        capacity: usize,
+        dispatch: mpsc::UnboundedSender<Job>,
+    ) -> Ingest {
         Ingest(Arc::new(Inner {
             store,
             router,
@@ -61,7 +67,11 @@ impl Ingest {
     }
 
     /// Routes and stores events; returns once they are durable.
-    pub async fn submit(&self, source_name: &str, events: Vec<Event>) -> Result<Vec<Accepted>, IngestError> {
+    pub async fn submit(
+        &self,
+        source_name: &str,
+        events: Vec<Event>,
+    ) -> Result<Vec<Accepted>, IngestError> {
         let inner = &self.0;
         let n = events.len();
         let _permit = inner
@@ -74,16 +84,24 @@ impl Ingest {
         result
     }
 
-    async fn store_and_dispatch(&self, source_name: &str, events: Vec<Event>) -> Result<Vec<Accepted>, IngestError> {
+    async fn store_and_dispatch(
+        &self,
+        source_name: &str,
+        events: Vec<Event>,
+    ) -> Result<Vec<Accepted>, IngestError> {
         let inner = &self.0;
         let mut new = Vec::with_capacity(events.len());
         let mut routed = Vec::with_capacity(events.len());
-        for event in events {
+        for mut event in events {
+            crate::event::normalize(&mut event);
             let mut errors = Vec::new();
             let matches = inner.router.route(&event, &mut errors);
             for e in errors {
                 tracing::warn!(source = source_name, event_id = event.id(), "{e}");
-                if let Some(name) = e.strip_prefix("trigger `").and_then(|r| r.split('`').next()) {
+                if let Some(name) = e
+                    .strip_prefix("trigger `")
+                    .and_then(|r| r.split('`').next())
+                {
                     inner.metrics.expression_error(name);
                 }
             }

@@ -48,7 +48,10 @@ pub fn compile(file: String, config: Config) -> Result<Compiled, ConfigError> {
     if !diags.0.is_empty() {
         let mut d = diags.0;
         d.sort_by_key(|d| (d.line, d.column));
-        return Err(ConfigError { file, diagnostics: d });
+        return Err(ConfigError {
+            file,
+            diagnostics: d,
+        });
     }
     Ok(Compiled {
         config,
@@ -70,10 +73,20 @@ impl Listeners {
     pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
         let http = TcpListener::bind(config.http.listen)
             .await
-            .with_context(|| format!("cannot listen on http.listen {} (is another process using it?)", config.http.listen))?;
+            .with_context(|| {
+                format!(
+                    "cannot listen on http.listen {} (is another process using it?)",
+                    config.http.listen
+                )
+            })?;
         let api = TcpListener::bind(config.api.listen)
             .await
-            .with_context(|| format!("cannot listen on api.listen {} (is another process using it?)", config.api.listen))?;
+            .with_context(|| {
+                format!(
+                    "cannot listen on api.listen {} (is another process using it?)",
+                    config.api.listen
+                )
+            })?;
         Ok(Listeners { http, api })
     }
 }
@@ -82,42 +95,71 @@ impl Listeners {
 pub const DRAIN: Duration = Duration::from_secs(20);
 
 /// Runs reflex until `shutdown` is cancelled, then drains deliveries and returns.
-pub async fn run(compiled: Compiled, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let Compiled { config, router, sources } = compiled;
+pub async fn run(
+    compiled: Compiled,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Compiled {
+        config,
+        router,
+        sources,
+    } = compiled;
     let store = store::Store::open(&config.store.path, config.store.dedup_window.0)
         .with_context(|| format!("opening the store at {}", config.store.path.display()))?;
     let metrics = Arc::new(telemetry::Metrics::new());
     let (dispatch_tx, dispatch_rx) = tokio::sync::mpsc::unbounded_channel();
-    let ingest = ingest::Ingest::new(store.clone(), router.clone(), metrics.clone(), config.http.queue, dispatch_tx.clone());
+    let ingest = ingest::Ingest::new(
+        store.clone(),
+        router.clone(),
+        metrics.clone(),
+        config.http.queue,
+        dispatch_tx.clone(),
+    );
     let client = reqwest::Client::builder()
         .user_agent(concat!("reflex/", env!("CARGO_PKG_VERSION")))
         .build()
         .context("building the HTTP client")?;
-    let secrets: serde_json::Map<String, serde_json::Value> =
-        config.secrets.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.expose().to_string()))).collect();
+    let secrets: serde_json::Map<String, serde_json::Value> = config
+        .secrets
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.expose().to_string())))
+        .collect();
     let ctx = actions::ActionContext {
         client,
         ingest: ingest.clone(),
         secrets: Arc::new(serde_json::Value::Object(secrets)),
     };
-    let mut dispatcher = deliveries::Dispatcher::new(router.clone(), store.clone(), ctx, metrics.clone(), dispatch_rx);
+    let mut dispatcher = deliveries::Dispatcher::new(
+        router.clone(),
+        store.clone(),
+        ctx,
+        metrics.clone(),
+        dispatch_rx,
+    );
 
     // Recover what a previous run left: pending, retrying and interrupted deliveries.
-    let open = store.open_deliveries().await.context("reading open deliveries")?;
+    let open = store
+        .open_deliveries()
+        .await
+        .context("reading open deliveries")?;
     let recovered = open.len();
     for d in open {
+        let (id, attempts) = (d.id, d.attempts);
         match deliveries::Job::from_open(d, &router) {
             Ok(job) => dispatcher.admit(job),
-            Err((d, why)) => {
-                tracing::warn!(delivery = d.id, "{why}; dead-lettered");
+            Err(why) => {
+                tracing::warn!(delivery = id, "{why}; dead-lettered");
                 let rec = store::AttemptRecord {
-                    n: d.attempts + 1,
+                    n: attempts + 1,
                     started_at: store::now_ms(),
                     duration_ms: 0,
                     outcome: "failed".into(),
                     detail: why,
                 };
-                store.finish_attempt(d.id, rec, store::State::Dead, None).await;
+                store
+                    .finish_attempt(id, rec, store::State::Dead, None)
+                    .await;
             }
         }
     }
@@ -135,7 +177,8 @@ pub async fn run(compiled: Compiled, listeners: Listeners, shutdown: Cancellatio
         ready: Default::default(),
         max_body: config.http.max_body.0,
     });
-    let http_routes = sources::routes(sources, ingest.clone()).route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    let http_routes = sources::routes(sources, ingest.clone())
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
     let api_routes = api::routes(state.clone());
 
     let stop_http = CancellationToken::new();

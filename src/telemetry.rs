@@ -54,49 +54,95 @@ impl Metrics {
             store_bytes: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("events_received", "Events accepted and made durable, by source", m.events_received.clone());
-        registry.register("events_rejected", "Requests or events refused, by source and reason", m.events_rejected.clone());
-        registry.register("events_duplicate", "Events absorbed by dedup, by source", m.events_duplicate.clone());
-        registry.register("deliveries", "Delivery attempts' outcomes by trigger (succeeded, retrying, dead, throttled)", m.deliveries.clone());
+        registry.register(
+            "events_received",
+            "Events accepted and made durable, by source",
+            m.events_received.clone(),
+        );
+        registry.register(
+            "events_rejected",
+            "Requests or events refused, by source and reason",
+            m.events_rejected.clone(),
+        );
+        registry.register(
+            "events_duplicate",
+            "Events absorbed by dedup, by source",
+            m.events_duplicate.clone(),
+        );
+        registry.register(
+            "deliveries",
+            "Delivery attempts' outcomes by trigger (succeeded, retrying, dead, throttled)",
+            m.deliveries.clone(),
+        );
         registry.register(
             "delivery_latency_seconds",
             "From the event's receipt to its delivery's success, by trigger",
             m.delivery_latency.clone(),
         );
-        registry.register("expression_errors", "Trigger expressions or key templates that failed on an event", m.expression_errors.clone());
-        registry.register("queue_depth", "Deliveries waiting or running", m.queue_depth.clone());
-        registry.register("ingest_in_flight", "Events received and not yet durable", m.ingest_in_flight.clone());
-        registry.register("store_size_bytes", "Size of the embedded store's files", m.store_bytes.clone());
+        registry.register(
+            "expression_errors",
+            "Trigger expressions or key templates that failed on an event",
+            m.expression_errors.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Deliveries waiting or running",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "ingest_in_flight",
+            "Events received and not yet durable",
+            m.ingest_in_flight.clone(),
+        );
+        registry.register(
+            "store_size_bytes",
+            "Size of the embedded store's files",
+            m.store_bytes.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// An event was accepted.
     pub fn event_received(&self, source: &str, n: u64) {
-        self.events_received.get_or_create(&vec![("source", source.to_string())]).inc_by(n);
+        self.events_received
+            .get_or_create(&vec![("source", source.to_string())])
+            .inc_by(n);
     }
     /// A request or event was refused.
     pub fn event_rejected(&self, source: &str, reason: &str) {
         self.events_rejected
-            .get_or_create(&vec![("source", source.to_string()), ("reason", reason.to_string())])
+            .get_or_create(&vec![
+                ("source", source.to_string()),
+                ("reason", reason.to_string()),
+            ])
             .inc();
     }
     /// A duplicate was absorbed.
     pub fn event_duplicate(&self, source: &str) {
-        self.events_duplicate.get_or_create(&vec![("source", source.to_string())]).inc();
+        self.events_duplicate
+            .get_or_create(&vec![("source", source.to_string())])
+            .inc();
     }
     /// A delivery reached `outcome`.
     pub fn delivery(&self, trigger: &str, outcome: &str) {
         self.deliveries
-            .get_or_create(&vec![("trigger", trigger.to_string()), ("outcome", outcome.to_string())])
+            .get_or_create(&vec![
+                ("trigger", trigger.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
             .inc();
     }
     /// A delivery succeeded `secs` after its event arrived.
     pub fn delivery_latency(&self, trigger: &str, secs: f64) {
-        self.delivery_latency.get_or_create(&vec![("trigger", trigger.to_string())]).observe(secs);
+        self.delivery_latency
+            .get_or_create(&vec![("trigger", trigger.to_string())])
+            .observe(secs);
     }
     /// An expression failed.
     pub fn expression_error(&self, trigger: &str) {
-        self.expression_errors.get_or_create(&vec![("trigger", trigger.to_string())]).inc();
+        self.expression_errors
+            .get_or_create(&vec![("trigger", trigger.to_string())])
+            .inc();
     }
 
     /// The Prometheus text exposition.
@@ -111,7 +157,11 @@ impl Metrics {
 pub fn init_logging(cfg: &LogConfig) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     let _ = match cfg.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),

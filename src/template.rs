@@ -66,8 +66,11 @@ mod tests {
 
     #[test]
     fn renders_event_fields() {
-        let t = Template::compile("vm={{ event.data.vm }} sev={{ event.data.sev | upper }}").unwrap();
-        let out = t.render(&json!({"event": {"data": {"vm": "web-1", "sev": "red"}}})).unwrap();
+        let t =
+            Template::compile("vm={{ event.data.vm }} sev={{ event.data.sev | upper }}").unwrap();
+        let out = t
+            .render(&json!({"event": {"data": {"vm": "web-1", "sev": "red"}}}))
+            .unwrap();
         assert_eq!(out, "vm=web-1 sev=RED");
     }
 
@@ -95,7 +98,10 @@ mod tests {
 
     #[test]
     fn runaway_loops_run_out_of_fuel() {
-        let t = Template::compile("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}").unwrap();
+        let t = Template::compile(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        )
+        .unwrap();
         let e = t.render(&json!({})).unwrap_err();
         assert!(e.contains("fuel"), "{e}");
     }

@@ -34,16 +34,33 @@ impl EmitAction {
         Ok(EmitAction {
             source: format!("/reflex/triggers/{trigger}"),
             event_type: Template::compile(&c.event_type).map_err(|e| format!("event_type: {e}"))?,
-            subject: c.subject.as_deref().map(Template::compile).transpose().map_err(|e| format!("subject: {e}"))?,
-            data: c.data.as_deref().map(Template::compile).transpose().map_err(|e| format!("data: {e}"))?,
+            subject: c
+                .subject
+                .as_deref()
+                .map(Template::compile)
+                .transpose()
+                .map_err(|e| format!("subject: {e}"))?,
+            data: c
+                .data
+                .as_deref()
+                .map(Template::compile)
+                .transpose()
+                .map_err(|e| format!("data: {e}"))?,
         })
     }
 
     /// Builds and ingests the new event. Its id derives from the triggering event's, so a
     /// retried attempt is absorbed by dedup instead of emitting twice.
-    pub async fn execute(&self, event: &Event, ctx: &ActionContext) -> Result<Outcome, ActionError> {
+    pub async fn execute(
+        &self,
+        event: &Event,
+        ctx: &ActionContext,
+    ) -> Result<Outcome, ActionError> {
         let view = json!({ "event": crate::event::view(event) });
-        let ty = self.event_type.render(&view).map_err(ActionError::permanent)?;
+        let ty = self
+            .event_type
+            .render(&view)
+            .map_err(ActionError::permanent)?;
         if ty.trim().is_empty() {
             return Err(ActionError::permanent("emit: event_type rendered empty"));
         }
@@ -64,7 +81,9 @@ impl EmitAction {
         if let Some(s) = &self.subject {
             b = b.subject(s.render(&view).map_err(ActionError::permanent)?);
         }
-        let new = b.build().map_err(|e| ActionError::permanent(format!("emit: {e}")))?;
+        let new = b
+            .build()
+            .map_err(|e| ActionError::permanent(format!("emit: {e}")))?;
         ctx.ingest
             .submit(&self.source, vec![new])
             .await

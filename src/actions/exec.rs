@@ -64,7 +64,9 @@ impl ExecAction {
         }
         let mut child = cmd.spawn().map_err(|e| {
             let msg = format!("cannot start `{}`: {e}", self.command);
-            if e.kind() == std::io::ErrorKind::NotFound || e.kind() == std::io::ErrorKind::PermissionDenied {
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.kind() == std::io::ErrorKind::PermissionDenied
+            {
                 ActionError::permanent(msg)
             } else {
                 ActionError::transient(msg)
@@ -83,7 +85,9 @@ impl ExecAction {
             let s = String::from_utf8_lossy(b);
             let s = s.trim();
             let start = s.len().saturating_sub(2048);
-            let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+            let start = (start..s.len())
+                .find(|i| s.is_char_boundary(*i))
+                .unwrap_or(s.len());
             s[start..].to_string()
         };
         if out.status.success() {

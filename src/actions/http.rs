@@ -45,7 +45,11 @@ impl HttpAction {
     }
 
     /// POSTs the event and ingests a CloudEvent reply.
-    pub async fn execute(&self, event: &Event, ctx: &ActionContext) -> Result<Outcome, ActionError> {
+    pub async fn execute(
+        &self,
+        event: &Event,
+        ctx: &ActionContext,
+    ) -> Result<Outcome, ActionError> {
         let req = ctx.client.post(self.url.clone());
         let req = match self.mode {
             Mode::Structured => req
@@ -60,13 +64,18 @@ impl HttpAction {
                 req.body(body)
             }
         };
-        let resp = req.send().await.map_err(|e| ActionError::transient(format!("POST {}: {}", self.url, describe_reqwest(&e))))?;
+        let resp = req.send().await.map_err(|e| {
+            ActionError::transient(format!("POST {}: {}", self.url, describe_reqwest(&e)))
+        })?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| ActionError::transient(format!("reading the reply of {}: {}", self.url, describe_reqwest(&e))))?;
+        let body = resp.bytes().await.map_err(|e| {
+            ActionError::transient(format!(
+                "reading the reply of {}: {}",
+                self.url,
+                describe_reqwest(&e)
+            ))
+        })?;
         if let Some(err) = status_error(status, &String::from_utf8_lossy(&body)) {
             return Err(err);
         }
@@ -80,8 +89,12 @@ impl HttpAction {
                 detail: format!("HTTP {status}"),
             });
         }
-        let reply = to_event(&headers, body.to_vec())
-            .map_err(|e| ActionError::permanent(format!("the reply of {} is not a valid CloudEvent: {e}", self.url)))?;
+        let reply = to_event(&headers, body.to_vec()).map_err(|e| {
+            ActionError::permanent(format!(
+                "the reply of {} is not a valid CloudEvent: {e}",
+                self.url
+            ))
+        })?;
         let id = reply.id().to_string();
         let source = format!("reply:{}", self.url.host_str().unwrap_or("http"));
         ctx.ingest

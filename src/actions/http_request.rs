@@ -43,19 +43,32 @@ impl HttpRequestAction {
     pub fn build(c: &HttpRequestConfig) -> Result<HttpRequestAction, String> {
         let mut headers = Vec::new();
         for (k, v) in &c.headers {
-            let name = reqwest::header::HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("invalid header name `{k}`"))?;
-            headers.push((name, Template::compile(v).map_err(|e| format!("header `{k}`: {e}"))?));
+            let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| format!("invalid header name `{k}`"))?;
+            headers.push((
+                name,
+                Template::compile(v).map_err(|e| format!("header `{k}`: {e}"))?,
+            ));
         }
         Ok(HttpRequestAction {
             method: Template::compile(&c.method).map_err(|e| format!("method: {e}"))?,
             url: Template::compile(&c.url).map_err(|e| format!("url: {e}"))?,
             headers,
-            body: c.body.as_deref().map(Template::compile).transpose().map_err(|e| format!("body: {e}"))?,
+            body: c
+                .body
+                .as_deref()
+                .map(Template::compile)
+                .transpose()
+                .map_err(|e| format!("body: {e}"))?,
         })
     }
 
     /// Renders and sends the request.
-    pub async fn execute(&self, event: &Event, ctx: &ActionContext) -> Result<Outcome, ActionError> {
+    pub async fn execute(
+        &self,
+        event: &Event,
+        ctx: &ActionContext,
+    ) -> Result<Outcome, ActionError> {
         let view = json!({ "event": crate::event::view(event), "secrets": &*ctx.secrets });
         let render = |t: &Template| t.render(&view).map_err(ActionError::permanent);
         let method_s = render(&self.method)?;
@@ -66,15 +79,19 @@ impl HttpRequestAction {
         let mut req = ctx.client.request(method.clone(), url.clone());
         for (name, t) in &self.headers {
             let v = render(t)?;
-            let v = reqwest::header::HeaderValue::from_str(&v)
-                .map_err(|_| ActionError::permanent(format!("header `{name}` rendered to an invalid value")))?;
+            let v = reqwest::header::HeaderValue::from_str(&v).map_err(|_| {
+                ActionError::permanent(format!("header `{name}` rendered to an invalid value"))
+            })?;
             req = req.header(name, v);
         }
         if let Some(b) = &self.body {
             req = req.body(render(b)?);
         }
         let what = format!("{method} {}", redact_url(&url));
-        let resp = req.send().await.map_err(|e| ActionError::transient(format!("{what}: {}", describe_reqwest(&e))))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ActionError::transient(format!("{what}: {}", describe_reqwest(&e))))?;
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
         if let Some(mut err) = status_error(status, &body) {

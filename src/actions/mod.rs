@@ -86,10 +86,18 @@ impl ActionError {
 
 impl Action {
     /// Compiles the action of trigger `trigger`, recording problems in `diags`.
-    pub fn build(cfg: &ActionConfig, trigger: &str, config: &Config, loc: &Location, diags: &mut Diagnostics) -> Option<Action> {
+    pub fn build(
+        cfg: &ActionConfig,
+        trigger: &str,
+        config: &Config,
+        loc: &Location,
+        diags: &mut Diagnostics,
+    ) -> Option<Action> {
         let r = match cfg {
             ActionConfig::Http(c) => http::HttpAction::build(c).map(Action::Http),
-            ActionConfig::HttpRequest(c) => http_request::HttpRequestAction::build(c).map(Action::HttpRequest),
+            ActionConfig::HttpRequest(c) => {
+                http_request::HttpRequestAction::build(c).map(Action::HttpRequest)
+            }
             ActionConfig::Exec(c) => exec::ExecAction::build(c).map(Action::Exec),
             ActionConfig::Emit(c) => emit::EmitAction::build(c, trigger).map(Action::Emit),
         };
@@ -114,7 +122,11 @@ impl Action {
     }
 
     /// Runs one attempt.
-    pub async fn execute(&self, event: &Event, ctx: &ActionContext) -> Result<Outcome, ActionError> {
+    pub async fn execute(
+        &self,
+        event: &Event,
+        ctx: &ActionContext,
+    ) -> Result<Outcome, ActionError> {
         match self {
             Action::Http(a) => a.execute(event, ctx).await,
             Action::HttpRequest(a) => a.execute(event, ctx).await,

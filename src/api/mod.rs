@@ -54,7 +54,10 @@ pub fn routes(state: Shared) -> Router {
         .route("/deliveries/{id}", get(show_delivery))
         .route("/deliveries/{id}/replay", post(replay))
         .route("/triggers", get(list_triggers))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
     Router::new()
         .nest("/api/v1", api)
         .route("/metrics", get(metrics))
@@ -65,7 +68,9 @@ pub fn routes(state: Shared) -> Router {
 
 async fn require_token(AxState(s): AxState<Shared>, req: Request, next: Next) -> Response {
     if let Some(token) = &s.token {
-        let auth = AuthConfig::Bearer { token: token.clone() };
+        let auth = AuthConfig::Bearer {
+            token: token.clone(),
+        };
         if let Err(r) = auth.verify(req.headers(), b"") {
             return r.into_response();
         }
@@ -83,14 +88,29 @@ async fn readyz(AxState(s): AxState<Shared>) -> Response {
 
 async fn metrics(AxState(s): AxState<Shared>) -> Response {
     s.metrics.store_bytes.set(s.store.size_bytes());
-    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.render()).into_response()
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
 }
 
 fn store_error(e: StoreError) -> Response {
     match e {
-        StoreError::NotFound(what) => Rejection::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found")).into_response(),
-        StoreError::Conflict(msg) => Rejection::new(StatusCode::CONFLICT, "conflict", msg).into_response(),
-        e => Rejection::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()).into_response(),
+        StoreError::NotFound(what) => Rejection::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
+        .into_response(),
+        StoreError::Conflict(msg) => {
+            Rejection::new(StatusCode::CONFLICT, "conflict", msg).into_response()
+        }
+        e => Rejection::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+            .into_response(),
     }
 }
 
@@ -99,7 +119,9 @@ fn bad_request(msg: impl Into<String>) -> Response {
 }
 
 fn ms_to_rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339()).unwrap_or_default()
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default()
 }
 
 #[derive(Deserialize)]
@@ -198,7 +220,10 @@ async fn list_deliveries(AxState(s): AxState<Shared>, Query(q): Query<ListQuery>
                  WHERE d.id < ?1 AND (?2 IS NULL OR d.state = ?2) AND (?3 IS NULL OR d.trigger = ?3)
                  ORDER BY d.id DESC LIMIT ?4"
             ))?;
-            let rows = st.query_map(rusqlite::params![before, state, trigger, limit], delivery_json)?;
+            let rows = st.query_map(
+                rusqlite::params![before, state, trigger, limit],
+                delivery_json,
+            )?;
             rows.collect::<rusqlite::Result<Vec<Value>>>()
         })
         .await;
@@ -243,9 +268,18 @@ async fn replay(AxState(s): AxState<Shared>, Path(id): Path<i64>) -> Response {
         Ok(open) => match Job::from_open(open, &s.router) {
             Ok(job) => {
                 let _ = s.dispatch.send(job);
-                (StatusCode::ACCEPTED, Json(json!({"id": id, "state": "pending"}))).into_response()
+                (
+                    StatusCode::ACCEPTED,
+                    Json(json!({"id": id, "state": "pending"})),
+                )
+                    .into_response()
             }
-            Err((_, why)) => Rejection::new(StatusCode::CONFLICT, "conflict", format!("delivery {id} cannot be replayed: {why}")).into_response(),
+            Err(why) => Rejection::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("delivery {id} cannot be replayed: {why}"),
+            )
+            .into_response(),
         },
         Err(e) => store_error(e),
     }
@@ -265,7 +299,15 @@ async fn list_triggers(AxState(s): AxState<Shared>) -> Response {
 }
 
 async fn post_events(AxState(s): AxState<Shared>, headers: HeaderMap, body: Body) -> Response {
-    match crate::sources::cloudevents::parse_request(&headers, body, s.max_body, 1000, &AuthConfig::None).await {
+    match crate::sources::cloudevents::parse_request(
+        &headers,
+        body,
+        s.max_body,
+        1000,
+        &AuthConfig::None,
+    )
+    .await
+    {
         Ok(events) => submit(&s.ingest, "api", events).await,
         Err(r) => reject(&s.ingest, "api", r),
     }

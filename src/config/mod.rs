@@ -39,9 +39,10 @@ pub struct Config {
     /// Named secrets usable in action templates as `secrets.NAME`.
     #[serde(default)]
     pub secrets: BTreeMap<String, Secret>,
-    /// Where events come from.
+    /// Where events come from (each with the position where it was written).
     #[serde(default)]
-    pub sources: Vec<SourceConfig>,
+    #[schemars(with = "Vec<SourceConfig>")]
+    pub sources: Vec<Spanned<SourceConfig>>,
     /// Which events go to which action, and how they are delivered.
     #[serde(default)]
     pub triggers: Vec<TriggerConfig>,
@@ -321,7 +322,12 @@ fn strip_location(msg: &str) -> String {
         Some(i) => &first[..i],
         None => first,
     };
-    first.trim_start_matches("error: ").to_string()
+    let first = first.trim_start_matches("error: ");
+    // Drop a leading "line N column M: " (we print the position ourselves).
+    match first.strip_prefix("line ").and_then(|r| r.split_once(": ")) {
+        Some((pos, rest)) if pos.contains(" column ") => rest.to_string(),
+        _ => first.to_string(),
+    }
 }
 
 /// Reads a file and parses it.
@@ -352,7 +358,7 @@ impl Config {
                 ),
             });
         }
-        if self.api.listen == self.http.listen {
+        if self.api.listen == self.http.listen && self.api.listen.port() != 0 {
             diags.0.push(Diagnostic {
                 line: 0,
                 column: 0,
@@ -369,14 +375,29 @@ impl Config {
             } else if !names.insert(t.name.value.as_str()) {
                 diags.at(
                     &t.name.referenced,
-                    format!("duplicate trigger name `{}`; names must be unique", t.name.value),
+                    format!(
+                        "duplicate trigger name `{}`; names must be unique",
+                        t.name.value
+                    ),
                 );
             }
             if t.delivery.max_attempts == 0 {
-                diags.at(&t.name.referenced, format!("trigger `{}`: delivery.max_attempts must be at least 1", t.name.value));
+                diags.at(
+                    &t.name.referenced,
+                    format!(
+                        "trigger `{}`: delivery.max_attempts must be at least 1",
+                        t.name.value
+                    ),
+                );
             }
             if t.delivery.concurrency == 0 {
-                diags.at(&t.name.referenced, format!("trigger `{}`: delivery.concurrency must be at least 1", t.name.value));
+                diags.at(
+                    &t.name.referenced,
+                    format!(
+                        "trigger `{}`: delivery.concurrency must be at least 1",
+                        t.name.value
+                    ),
+                );
             }
         }
     }

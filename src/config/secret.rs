@@ -80,11 +80,16 @@ mod tests {
     fn resolves_env_and_file_and_redacts() {
         std::env::set_var("REFLEX_TEST_SECRET_X", "s3cret");
         assert_eq!(resolve("${env:REFLEX_TEST_SECRET_X}").unwrap(), "s3cret");
-        assert!(resolve("${env:REFLEX_NOT_SET_123}").unwrap_err().contains("not set"));
+        assert!(resolve("${env:REFLEX_NOT_SET_123}")
+            .unwrap_err()
+            .contains("not set"));
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k");
         std::fs::write(&p, "abc\n").unwrap();
-        assert_eq!(resolve(&format!("${{file:{}}}", p.display())).unwrap(), "abc");
+        assert_eq!(
+            resolve(&format!("${{file:{}}}", p.display())).unwrap(),
+            "abc"
+        );
         assert!(resolve("${vault:x}").is_err());
         assert_eq!(format!("{:?}", Secret::new("x")), "<redacted>");
     }

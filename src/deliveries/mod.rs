@@ -37,19 +37,14 @@ pub struct Job {
 }
 
 impl Job {
-    /// A job from a stored open delivery; `None` when its trigger is gone or its event unreadable.
-    pub fn from_open(d: OpenDelivery, router: &Router) -> Result<Job, (OpenDelivery, String)> {
+    /// A job from a stored open delivery; an error (why it cannot run) when its trigger is
+    /// gone or its event unreadable.
+    pub fn from_open(d: OpenDelivery, router: &Router) -> Result<Job, String> {
         let Some(trigger) = router.position(&d.trigger) else {
-            let why = format!("trigger `{}` is no longer configured", d.trigger);
-            return Err((d, why));
+            return Err(format!("trigger `{}` is no longer configured", d.trigger));
         };
-        let event = match crate::event::from_json(&d.event_body) {
-            Ok(e) => e,
-            Err(e) => {
-                let why = format!("stored event is unreadable: {e}");
-                return Err((d, why));
-            }
-        };
+        let event = crate::event::from_json(&d.event_body)
+            .map_err(|e| format!("stored event is unreadable: {e}"))?;
         Ok(Job {
             id: d.id,
             trigger,
@@ -105,7 +100,13 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// Creates a dispatcher fed by `rx`.
-    pub fn new(router: Arc<Router>, store: Store, ctx: ActionContext, metrics: Arc<Metrics>, rx: mpsc::UnboundedReceiver<Job>) -> Dispatcher {
+    pub fn new(
+        router: Arc<Router>,
+        store: Store,
+        ctx: ActionContext,
+        metrics: Arc<Metrics>,
+        rx: mpsc::UnboundedReceiver<Job>,
+    ) -> Dispatcher {
         let n = router.triggers.len();
         Dispatcher {
             router,
@@ -164,7 +165,9 @@ impl Dispatcher {
         for t in 0..self.ready.len() {
             let limit = self.router.triggers[t].policy.concurrency;
             while self.running[t] < limit {
-                let Some(job) = self.ready[t].pop_front() else { break };
+                let Some(job) = self.ready[t].pop_front() else {
+                    break;
+                };
                 self.running[t] += 1;
                 let router = self.router.clone();
                 let store = self.store.clone();
@@ -176,29 +179,46 @@ impl Dispatcher {
     }
 
     async fn complete(&mut self, done: Done) {
-        let Done { mut job, record, error } = done;
+        let Done {
+            mut job,
+            record,
+            error,
+        } = done;
         self.running[job.trigger] -= 1;
         let trigger = &self.router.triggers[job.trigger];
         job.attempts = record.n;
         let (state, next_at) = match &error {
             None => {
-                self.metrics.delivery_latency(&trigger.name, (now_ms() - job.received_at).max(0) as f64 / 1000.0);
+                self.metrics.delivery_latency(
+                    &trigger.name,
+                    (now_ms() - job.received_at).max(0) as f64 / 1000.0,
+                );
                 (State::Succeeded, None)
             }
             Some(e) if e.permanent => (State::Dead, None),
-            Some(_) if job.attempts - job.attempt_base >= trigger.policy.max_attempts => (State::Dead, None),
+            Some(_) if job.attempts - job.attempt_base >= trigger.policy.max_attempts => {
+                (State::Dead, None)
+            }
             Some(_) => {
-                let delay = trigger.policy.retry_delay(job.attempts - job.attempt_base + 1);
+                let delay = trigger
+                    .policy
+                    .retry_delay(job.attempts - job.attempt_base + 1);
                 (State::Retrying, Some(now_ms() + delay.as_millis() as i64))
             }
         };
         self.metrics.delivery(&trigger.name, state.as_str());
         match (&error, state) {
-            (Some(e), State::Dead) => tracing::warn!(trigger = %trigger.name, delivery = job.id, attempts = job.attempts, error = %e.message, "delivery dead-lettered"),
-            (Some(e), _) => tracing::info!(trigger = %trigger.name, delivery = job.id, attempt = job.attempts, error = %e.message, "attempt failed; will retry"),
+            (Some(e), State::Dead) => {
+                tracing::warn!(trigger = %trigger.name, delivery = job.id, attempts = job.attempts, error = %e.message, "delivery dead-lettered")
+            }
+            (Some(e), _) => {
+                tracing::info!(trigger = %trigger.name, delivery = job.id, attempt = job.attempts, error = %e.message, "attempt failed; will retry")
+            }
             _ => tracing::debug!(trigger = %trigger.name, delivery = job.id, "delivered"),
         }
-        self.store.finish_attempt(job.id, record, state, next_at).await;
+        self.store
+            .finish_attempt(job.id, record, state, next_at)
+            .await;
         if state == State::Retrying {
             job.not_before = next_at;
             self.schedule(job);
@@ -216,7 +236,10 @@ impl Dispatcher {
             let next_timer = self.timers.peek().map(|Reverse(t)| t.0);
             let sleep = async {
                 match next_timer {
-                    Some(t) => tokio::time::sleep(Duration::from_millis((t - now_ms()).max(0) as u64)).await,
+                    Some(t) => {
+                        tokio::time::sleep(Duration::from_millis((t - now_ms()).max(0) as u64))
+                            .await
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -261,7 +284,12 @@ impl Dispatcher {
                     let state = match &error {
                         None => State::Succeeded,
                         Some(e) if e.permanent => State::Dead,
-                        Some(_) if record.n - job.attempt_base >= self.router.triggers[job.trigger].policy.max_attempts => State::Dead,
+                        Some(_)
+                            if record.n - job.attempt_base
+                                >= self.router.triggers[job.trigger].policy.max_attempts =>
+                        {
+                            State::Dead
+                        }
                         Some(_) => State::Retrying,
                     };
                     self.store.finish_attempt(job.id, record, state, None).await;
@@ -269,7 +297,10 @@ impl Dispatcher {
                 Ok(Some(Err(_))) => {}
                 Ok(None) => break,
                 Err(_) => {
-                    tracing::warn!(abandoned = self.tasks.len(), "drain timeout; unfinished deliveries stay pending for the next start");
+                    tracing::warn!(
+                        abandoned = self.tasks.len(),
+                        "drain timeout; unfinished deliveries stay pending for the next start"
+                    );
                     self.tasks.abort_all();
                     break;
                 }
@@ -285,13 +316,21 @@ async fn attempt(router: Arc<Router>, store: Store, ctx: ActionContext, job: Job
     let started_at = now_ms();
     let clock = std::time::Instant::now();
     let n = job.attempts + 1;
-    let result = tokio::time::timeout(trigger.policy.timeout, trigger.action.execute(&job.event, &ctx)).await;
+    let result = tokio::time::timeout(
+        trigger.policy.timeout,
+        trigger.action.execute(&job.event, &ctx),
+    )
+    .await;
     let duration_ms = clock.elapsed().as_millis() as i64;
     let (outcome, detail, error) = match result {
         Ok(Ok(o)) => ("succeeded", o.detail, None),
         Ok(Err(e)) => ("failed", e.message.clone(), Some(e)),
         Err(_) => {
-            let msg = format!("attempt timed out after {:?} ({} action)", trigger.policy.timeout, trigger.action.kind());
+            let msg = format!(
+                "attempt timed out after {:?} ({} action)",
+                trigger.policy.timeout,
+                trigger.action.kind()
+            );
             ("timeout", msg.clone(), Some(ActionError::transient(msg)))
         }
     };

@@ -24,12 +24,19 @@ pub enum CompiledFilter {
 impl CompiledFilter {
     /// Checks the filter's shape (non-empty attribute maps, valid attribute names).
     pub fn compile(f: &Filter) -> Result<CompiledFilter, String> {
-        fn pairs(kind: &str, m: &std::collections::BTreeMap<String, String>) -> Result<Vec<(String, String)>, String> {
+        fn pairs(
+            kind: &str,
+            m: &std::collections::BTreeMap<String, String>,
+        ) -> Result<Vec<(String, String)>, String> {
             if m.is_empty() {
                 return Err(format!("`{kind}` filter needs at least one attribute, e.g. `{kind}: {{type: com.example.alert}}`"));
             }
             for k in m.keys() {
-                if k.is_empty() || !k.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+                if k.is_empty()
+                    || !k
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+                {
                     return Err(format!(
                         "`{kind}` filter: `{k}` is not a CloudEvents attribute name (lowercase letters and digits)"
                     ));
@@ -37,7 +44,11 @@ impl CompiledFilter {
             }
             Ok(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
         }
-        let list = |fs: &Vec<Filter>| fs.iter().map(CompiledFilter::compile).collect::<Result<Vec<_>, _>>();
+        let list = |fs: &Vec<Filter>| {
+            fs.iter()
+                .map(CompiledFilter::compile)
+                .collect::<Result<Vec<_>, _>>()
+        };
         Ok(match f {
             Filter::Exact(m) => CompiledFilter::Exact(pairs("exact", m)?),
             Filter::Prefix(m) => CompiledFilter::Prefix(pairs("prefix", m)?),
@@ -51,7 +62,9 @@ impl CompiledFilter {
     /// The `type` an exact filter requires, for the router's index.
     pub fn exact_type(&self) -> Option<&str> {
         match self {
-            CompiledFilter::Exact(p) => p.iter().find(|(k, _)| k == "type").map(|(_, v)| v.as_str()),
+            CompiledFilter::Exact(p) => {
+                p.iter().find(|(k, _)| k == "type").map(|(_, v)| v.as_str())
+            }
             _ => None,
         }
     }
@@ -59,7 +72,8 @@ impl CompiledFilter {
     /// Whether the event passes.
     pub fn matches(&self, e: &Event) -> bool {
         let each = |p: &[(String, String)], f: &dyn Fn(&str, &str) -> bool| {
-            p.iter().all(|(k, v)| attribute(e, k).is_some_and(|a| f(&a, v)))
+            p.iter()
+                .all(|(k, v)| attribute(e, k).is_some_and(|a| f(&a, v)))
         };
         match self {
             CompiledFilter::Exact(p) => each(p, &|a, v| a == v),
@@ -112,7 +126,9 @@ mod tests {
     #[test]
     fn bad_shapes_are_errors() {
         let raw: Filter = serde_saphyr::from_str("exact: {}").unwrap();
-        assert!(CompiledFilter::compile(&raw).unwrap_err().contains("at least one"));
+        assert!(CompiledFilter::compile(&raw)
+            .unwrap_err()
+            .contains("at least one"));
         let raw: Filter = serde_saphyr::from_str("exact: {Type: x}").unwrap();
         assert!(CompiledFilter::compile(&raw).is_err());
     }

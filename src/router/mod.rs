@@ -38,7 +38,10 @@ impl DeliveryPolicy {
     /// drawn from [delay/2, delay] so that retries of a burst spread out.
     pub fn retry_delay(&self, next: u32) -> Duration {
         let exp = next.saturating_sub(2).min(30);
-        let base = self.backoff.saturating_mul(1u32 << exp).min(self.max_backoff);
+        let base = self
+            .backoff
+            .saturating_mul(1u32 << exp)
+            .min(self.max_backoff);
         let half = base / 2;
         half + base.mul_f64(rand::random::<f64>() * 0.5)
     }
@@ -111,7 +114,11 @@ impl Router {
     /// The triggers an event matches, in configuration order. An expression that fails to
     /// evaluate counts as no match and is reported in `errors`.
     pub fn route(&self, event: &Event, errors: &mut Vec<String>) -> Vec<Match> {
-        let indexed = self.by_type.get(event.ty()).map(Vec::as_slice).unwrap_or(&[]);
+        let indexed = self
+            .by_type
+            .get(event.ty())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         let mut candidates: Vec<usize> = indexed.iter().chain(&self.unindexed).copied().collect();
         if !indexed.is_empty() && !self.unindexed.is_empty() {
             candidates.sort_unstable();
@@ -123,7 +130,8 @@ impl Router {
             if !t.filters.iter().all(|f| f.matches(event)) {
                 continue;
             }
-            let needs_view = t.when.is_some() || t.policy.ordering_key.is_some() || t.policy.throttle.is_some();
+            let needs_view =
+                t.when.is_some() || t.policy.ordering_key.is_some() || t.policy.throttle.is_some();
             if needs_view && view.is_none() {
                 view = Some(json!({ "event": crate::event::view(event) }));
             }
@@ -133,12 +141,16 @@ impl Router {
                     Ok(true) => {}
                     Ok(false) => continue,
                     Err(e) => {
-                        errors.push(format!("trigger `{}`: expression `{src}` failed: {e}", t.name));
+                        errors.push(format!(
+                            "trigger `{}`: expression `{src}` failed: {e}",
+                            t.name
+                        ));
                         continue;
                     }
                 }
             }
-            let render = |tpl: &Template| -> Result<String, String> { tpl.render(ctx.expect("view built")) };
+            let render =
+                |tpl: &Template| -> Result<String, String> { tpl.render(ctx.expect("view built")) };
             let ordering_key = match t.policy.ordering_key.as_ref().map(render).transpose() {
                 Ok(k) => k,
                 Err(e) => {
@@ -195,14 +207,21 @@ fn compile_trigger(t: &TriggerConfig, config: &Config, diags: &mut Diagnostics) 
         Some(w) => match cel::Program::compile(&w.value) {
             Ok(p) => Some((w.value.clone(), p)),
             Err(e) => {
-                diags.at(&w.referenced, format!("trigger `{name}`: invalid CEL expression `{}`: {e}", w.value));
+                diags.at(
+                    &w.referenced,
+                    format!(
+                        "trigger `{name}`: invalid CEL expression `{}`: {e}",
+                        w.value
+                    ),
+                );
                 ok = false;
                 None
             }
         },
         None => None,
     };
-    let mut template = |text: &crate::config::Text, what: &str| match Template::compile(&text.value) {
+    let mut template = |text: &crate::config::Text, what: &str| match Template::compile(&text.value)
+    {
         Ok(t) => Some(t),
         Err(e) => {
             diags.at(&text.referenced, format!("trigger `{name}`: {what}: {e}"));
@@ -211,11 +230,13 @@ fn compile_trigger(t: &TriggerConfig, config: &Config, diags: &mut Diagnostics) 
         }
     };
     let d = &t.delivery;
-    let ordering_key = d.ordering_key.as_ref().and_then(|k| template(k, "delivery.ordering_key"));
-    let throttle = d
-        .throttle
+    let ordering_key = d
+        .ordering_key
         .as_ref()
-        .and_then(|th| template(&th.key, "delivery.throttle.key").map(|tpl| (tpl, th.once_within.0)));
+        .and_then(|k| template(k, "delivery.ordering_key"));
+    let throttle = d.throttle.as_ref().and_then(|th| {
+        template(&th.key, "delivery.throttle.key").map(|tpl| (tpl, th.once_within.0))
+    });
     let action = Action::build(&t.action, name, config, loc, diags);
     let policy = DeliveryPolicy {
         max_attempts: d.max_attempts.max(1),
@@ -284,11 +305,26 @@ triggers:
 "#,
         );
         let mut errs = vec![];
-        let m: Vec<_> = r.route(&ev("alarm", "vm-1", json!({"status": "red"})), &mut errs).into_iter().map(|m| m.trigger).collect();
+        let m: Vec<_> = r
+            .route(&ev("alarm", "vm-1", json!({"status": "red"})), &mut errs)
+            .into_iter()
+            .map(|m| m.trigger)
+            .collect();
         assert_eq!(m, vec![0, 1]);
-        let m: Vec<_> = r.route(&ev("alarm", "host-1", json!({"status": "green"})), &mut errs).into_iter().map(|m| m.trigger).collect();
+        let m: Vec<_> = r
+            .route(
+                &ev("alarm", "host-1", json!({"status": "green"})),
+                &mut errs,
+            )
+            .into_iter()
+            .map(|m| m.trigger)
+            .collect();
         assert!(m.is_empty());
-        let m: Vec<_> = r.route(&ev("other", "x", json!({})), &mut errs).into_iter().map(|m| m.trigger).collect();
+        let m: Vec<_> = r
+            .route(&ev("other", "x", json!({})), &mut errs)
+            .into_iter()
+            .map(|m| m.trigger)
+            .collect();
         assert_eq!(m, vec![2]);
         assert!(errs.is_empty());
     }
@@ -304,7 +340,9 @@ triggers:
 "#,
         );
         let mut errs = vec![];
-        assert!(r.route(&ev("t", "s", json!({"count": "many"})), &mut errs).is_empty());
+        assert!(r
+            .route(&ev("t", "s", json!({"count": "many"})), &mut errs)
+            .is_empty());
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(r.route(&ev("t", "s", json!({"count": 4})), &mut errs).len() == 1);
     }
@@ -323,7 +361,10 @@ triggers:
         );
         let m = r.route(&ev("t", "s1", json!({"vm": "web"})), &mut vec![]);
         assert_eq!(m[0].ordering_key.as_deref(), Some("s1"));
-        assert_eq!(m[0].throttle, Some(("vm/web".to_string(), Duration::from_secs(600))));
+        assert_eq!(
+            m[0].throttle,
+            Some(("vm/web".to_string(), Duration::from_secs(600)))
+        );
     }
 
     #[test]

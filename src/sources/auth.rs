@@ -72,7 +72,9 @@ fn hmac(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
 /// The key bytes of a Standard Webhooks secret.
 pub fn standard_webhooks_key(secret: &str) -> Vec<u8> {
     match secret.strip_prefix("whsec_") {
-        Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64).unwrap_or_else(|_| secret.as_bytes().to_vec()),
+        Some(b64) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap_or_else(|_| secret.as_bytes().to_vec()),
         None => secret.as_bytes().to_vec(),
     }
 }
@@ -85,8 +87,13 @@ impl AuthConfig {
             AuthConfig::None => Ok(()),
             AuthConfig::Bearer { token } => {
                 let got = header("authorization")
-                    .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-                    .ok_or_else(|| unauthorized("missing `Authorization: Bearer <token>` header"))?;
+                    .and_then(|v| {
+                        v.strip_prefix("Bearer ")
+                            .or_else(|| v.strip_prefix("bearer "))
+                    })
+                    .ok_or_else(|| {
+                        unauthorized("missing `Authorization: Bearer <token>` header")
+                    })?;
                 if bool::from(got.as_bytes().ct_eq(token.expose().as_bytes())) {
                     Ok(())
                 } else {
@@ -99,33 +106,57 @@ impl AuthConfig {
                 prefix,
                 encoding,
             } => {
-                let raw = header(name).ok_or_else(|| unauthorized(format!("missing signature header `{name}`")))?;
-                let sig = raw
-                    .strip_prefix(prefix.as_str())
-                    .ok_or_else(|| unauthorized(format!("signature header `{name}` must start with `{prefix}`")))?;
+                let raw = header(name)
+                    .ok_or_else(|| unauthorized(format!("missing signature header `{name}`")))?;
+                let sig = raw.strip_prefix(prefix.as_str()).ok_or_else(|| {
+                    unauthorized(format!(
+                        "signature header `{name}` must start with `{prefix}`"
+                    ))
+                })?;
                 let got = match encoding {
                     Encoding::Hex => decode_hex(sig.trim()),
-                    Encoding::Base64 => base64::engine::general_purpose::STANDARD.decode(sig.trim()).ok(),
+                    Encoding::Base64 => base64::engine::general_purpose::STANDARD
+                        .decode(sig.trim())
+                        .ok(),
                 }
-                .ok_or_else(|| unauthorized(format!("signature header `{name}` is not valid {encoding:?}")))?;
+                .ok_or_else(|| {
+                    unauthorized(format!(
+                        "signature header `{name}` is not valid {encoding:?}"
+                    ))
+                })?;
                 let want = hmac(secret.expose().as_bytes(), &[body]);
                 if bool::from(got.ct_eq(&want)) {
                     Ok(())
                 } else {
-                    Err(unauthorized(format!("signature in `{name}` does not match the body")))
+                    Err(unauthorized(format!(
+                        "signature in `{name}` does not match the body"
+                    )))
                 }
             }
             AuthConfig::StandardWebhooks { secret, tolerance } => {
-                let id = header("webhook-id").ok_or_else(|| unauthorized("missing `webhook-id` header"))?;
-                let ts = header("webhook-timestamp").ok_or_else(|| unauthorized("missing `webhook-timestamp` header"))?;
-                let sigs = header("webhook-signature").ok_or_else(|| unauthorized("missing `webhook-signature` header"))?;
-                let t: i64 = ts.parse().map_err(|_| unauthorized("`webhook-timestamp` is not a Unix timestamp"))?;
-                let tol = tolerance.map(|d| d.0).unwrap_or(std::time::Duration::from_secs(300)).as_secs() as i64;
+                let id = header("webhook-id")
+                    .ok_or_else(|| unauthorized("missing `webhook-id` header"))?;
+                let ts = header("webhook-timestamp")
+                    .ok_or_else(|| unauthorized("missing `webhook-timestamp` header"))?;
+                let sigs = header("webhook-signature")
+                    .ok_or_else(|| unauthorized("missing `webhook-signature` header"))?;
+                let t: i64 = ts
+                    .parse()
+                    .map_err(|_| unauthorized("`webhook-timestamp` is not a Unix timestamp"))?;
+                let tol = tolerance
+                    .map(|d| d.0)
+                    .unwrap_or(std::time::Duration::from_secs(300))
+                    .as_secs() as i64;
                 let now = chrono::Utc::now().timestamp();
                 if (now - t).abs() > tol {
-                    return Err(unauthorized(format!("`webhook-timestamp` is more than {tol}s away from now")));
+                    return Err(unauthorized(format!(
+                        "`webhook-timestamp` is more than {tol}s away from now"
+                    )));
                 }
-                let want = hmac(&standard_webhooks_key(secret.expose()), &[id.as_bytes(), b".", ts.as_bytes(), b".", body]);
+                let want = hmac(
+                    &standard_webhooks_key(secret.expose()),
+                    &[id.as_bytes(), b".", ts.as_bytes(), b".", body],
+                );
                 let ok = sigs
                     .split(' ')
                     .filter_map(|s| s.strip_prefix("v1,"))
@@ -134,7 +165,9 @@ impl AuthConfig {
                 if ok {
                     Ok(())
                 } else {
-                    Err(unauthorized("no `v1` signature in `webhook-signature` matches"))
+                    Err(unauthorized(
+                        "no `v1` signature in `webhook-signature` matches",
+                    ))
                 }
             }
         }
@@ -142,10 +175,13 @@ impl AuthConfig {
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Hex-encodes bytes (for signing in tests and the CLI).
@@ -160,8 +196,14 @@ pub fn sign_hex(key: &[u8], body: &[u8]) -> String {
 
 /// A Standard Webhooks `v1,` signature (for clients and tests).
 pub fn sign_standard(secret: &str, id: &str, ts: i64, body: &[u8]) -> String {
-    let sig = hmac(&standard_webhooks_key(secret), &[id.as_bytes(), b".", ts.to_string().as_bytes(), b".", body]);
-    format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(sig))
+    let sig = hmac(
+        &standard_webhooks_key(secret),
+        &[id.as_bytes(), b".", ts.to_string().as_bytes(), b".", body],
+    );
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(sig)
+    )
 }
 
 #[cfg(test)]
@@ -178,9 +220,15 @@ mod tests {
 
     #[test]
     fn bearer() {
-        let a = AuthConfig::Bearer { token: Secret::new("t0k") };
-        assert!(a.verify(&headers(&[("authorization", "Bearer t0k".into())]), b"").is_ok());
-        assert!(a.verify(&headers(&[("authorization", "Bearer nope".into())]), b"").is_err());
+        let a = AuthConfig::Bearer {
+            token: Secret::new("t0k"),
+        };
+        assert!(a
+            .verify(&headers(&[("authorization", "Bearer t0k".into())]), b"")
+            .is_ok());
+        assert!(a
+            .verify(&headers(&[("authorization", "Bearer nope".into())]), b"")
+            .is_err());
         assert!(a.verify(&HeaderMap::new(), b"").is_err());
     }
 
@@ -193,8 +241,18 @@ mod tests {
             encoding: Encoding::Hex,
         };
         let sig = sign_hex(b"k", b"{\"a\":1}");
-        assert!(a.verify(&headers(&[("x-sig", format!("sha256={sig}"))]), b"{\"a\":1}").is_ok());
-        assert!(a.verify(&headers(&[("x-sig", format!("sha256={sig}"))]), b"{\"a\":2}").is_err());
+        assert!(a
+            .verify(
+                &headers(&[("x-sig", format!("sha256={sig}"))]),
+                b"{\"a\":1}"
+            )
+            .is_ok());
+        assert!(a
+            .verify(
+                &headers(&[("x-sig", format!("sha256={sig}"))]),
+                b"{\"a\":2}"
+            )
+            .is_err());
         assert!(a.verify(&headers(&[("x-sig", sig)]), b"{\"a\":1}").is_err());
     }
 
@@ -217,9 +275,16 @@ mod tests {
         let h = headers(&[
             ("webhook-id", "msg_1".into()),
             ("webhook-timestamp", old.to_string()),
-            ("webhook-signature", sign_standard(secret, "msg_1", old, b"{}")),
+            (
+                "webhook-signature",
+                sign_standard(secret, "msg_1", old, b"{}"),
+            ),
         ]);
-        assert!(a.verify(&h, b"{}").unwrap_err().message.contains("away from now"));
+        assert!(a
+            .verify(&h, b"{}")
+            .unwrap_err()
+            .message
+            .contains("away from now"));
     }
 
     #[test]

@@ -47,9 +47,17 @@ pub struct CloudEvents {
 
 impl CloudEvents {
     /// Nothing to compile beyond the common checks.
-    pub fn build(c: &CloudEventsConfig, config: &Config, diags: &mut Diagnostics) -> Option<CloudEvents> {
+    pub fn build(
+        c: &CloudEventsConfig,
+        loc: &serde_saphyr::Location,
+        config: &Config,
+        diags: &mut Diagnostics,
+    ) -> Option<CloudEvents> {
         if c.max_batch == 0 {
-            diags.at(&c.name.referenced, format!("source `{}`: max_batch must be at least 1", c.name.value));
+            diags.at(
+                loc,
+                format!("source `{}`: max_batch must be at least 1", c.name.value),
+            );
             return None;
         }
         Some(CloudEvents {
@@ -86,7 +94,13 @@ impl CloudEvents {
 }
 
 /// Parses a CloudEvents HTTP request in any mode (shared with the API's `POST /api/v1/events`).
-pub async fn parse_request(headers: &HeaderMap, body: Body, limit: usize, max_batch: usize, auth: &AuthConfig) -> Result<Vec<Event>, Rejection> {
+pub async fn parse_request(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    max_batch: usize,
+    auth: &AuthConfig,
+) -> Result<Vec<Event>, Rejection> {
     let ct = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -111,20 +125,28 @@ pub async fn parse_request(headers: &HeaderMap, body: Body, limit: usize, max_ba
     auth.verify(headers, &bytes)?;
     let invalid = |e: String| Rejection::new(StatusCode::BAD_REQUEST, "invalid_cloudevent", e);
     if batch {
-        let raw: Vec<serde_json::Value> = serde_json::from_slice(&bytes).map_err(|e| invalid(format!("the batch is not a JSON array of events: {e}")))?;
+        let raw: Vec<serde_json::Value> = serde_json::from_slice(&bytes)
+            .map_err(|e| invalid(format!("the batch is not a JSON array of events: {e}")))?;
         if raw.len() > max_batch {
             return Err(Rejection::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "batch_too_large",
-                format!("the batch has {} events; the limit is {max_batch}", raw.len()),
+                format!(
+                    "the batch has {} events; the limit is {max_batch}",
+                    raw.len()
+                ),
             ));
         }
         return raw
             .into_iter()
             .enumerate()
-            .map(|(i, v)| serde_json::from_value::<Event>(v).map_err(|e| invalid(format!("event [{i}] of the batch is invalid: {e}"))))
+            .map(|(i, v)| {
+                serde_json::from_value::<Event>(v)
+                    .map_err(|e| invalid(format!("event [{i}] of the batch is invalid: {e}")))
+            })
             .collect();
     }
-    let event = cloudevents::binding::http::to_event(headers, bytes.to_vec()).map_err(|e| invalid(format!("invalid CloudEvent: {e}")))?;
+    let event = cloudevents::binding::http::to_event(headers, bytes.to_vec())
+        .map_err(|e| invalid(format!("invalid CloudEvent: {e}")))?;
     Ok(vec![event])
 }

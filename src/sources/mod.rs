@@ -54,24 +54,64 @@ pub fn build(config: &Config, diags: &mut Diagnostics) -> Vec<Source> {
     let mut names: HashMap<&str, ()> = HashMap::new();
     let mut paths: HashMap<&str, &str> = HashMap::new();
     let mut out = Vec::new();
-    for s in &config.sources {
+    for spanned in &config.sources {
+        let s = &spanned.value;
+        // Positions inside a `type:`-tagged item are not kept by serde; the item's is.
+        let at = |t: &crate::config::Text| {
+            if t.referenced.line() > 0 {
+                t.referenced
+            } else {
+                spanned.referenced
+            }
+        };
         let name = s.name();
         let path = s.path();
-        if name.value.is_empty() || !name.value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            diags.at(&name.referenced, format!("source name `{}` must be non-empty letters, digits, `-` or `_`", name.value));
+        if name.value.is_empty()
+            || !name
+                .value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            diags.at(
+                &at(name),
+                format!(
+                    "source name `{}` must be non-empty letters, digits, `-` or `_`",
+                    name.value
+                ),
+            );
         } else if names.insert(&name.value, ()).is_some() {
-            diags.at(&name.referenced, format!("duplicate source name `{}`", name.value));
+            diags.at(&at(name), format!("duplicate source name `{}`", name.value));
         }
         if !path.value.starts_with('/') || path.value.contains(['{', '}', '*']) {
-            diags.at(&path.referenced, format!("source `{}`: path `{}` must start with `/` and be literal", name.value, path.value));
+            diags.at(
+                &at(path),
+                format!(
+                    "source `{}`: path `{}` must start with `/` and be literal",
+                    name.value, path.value
+                ),
+            );
         } else if RESERVED.contains(&path.value.as_str()) {
-            diags.at(&path.referenced, format!("source `{}`: path `{}` is reserved", name.value, path.value));
+            diags.at(
+                &at(path),
+                format!("source `{}`: path `{}` is reserved", name.value, path.value),
+            );
         } else if let Some(other) = paths.insert(&path.value, &name.value) {
-            diags.at(&path.referenced, format!("source `{}`: path `{}` is already used by source `{other}`", name.value, path.value));
+            diags.at(
+                &at(path),
+                format!(
+                    "source `{}`: path `{}` is already used by source `{other}`",
+                    name.value, path.value
+                ),
+            );
         }
         let built = match s {
-            SourceConfig::Webhook(c) => webhook::Webhook::build(c, config, diags).map(Source::Webhook),
-            SourceConfig::Cloudevents(c) => cloudevents::CloudEvents::build(c, config, diags).map(Source::CloudEvents),
+            SourceConfig::Webhook(c) => {
+                webhook::Webhook::build(c, &at(&c.name), config, diags).map(Source::Webhook)
+            }
+            SourceConfig::Cloudevents(c) => {
+                cloudevents::CloudEvents::build(c, &at(&c.name), config, diags)
+                    .map(Source::CloudEvents)
+            }
         };
         out.extend(built);
     }

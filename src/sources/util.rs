@@ -40,11 +40,17 @@ impl IntoResponse for Rejection {
             body["error"]["detail"] = d;
         }
         let mut resp = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE || self.status == StatusCode::TOO_MANY_REQUESTS {
-            resp.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        if self.status == StatusCode::SERVICE_UNAVAILABLE
+            || self.status == StatusCode::TOO_MANY_REQUESTS
+        {
+            resp.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
+            resp.headers_mut().insert(
+                "www-authenticate",
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
         }
         resp
     }
@@ -56,9 +62,17 @@ pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Rejecti
         // axum wraps http-body-util's LengthLimitError; its message is the stable signal.
         let too_large = format!("{e:?}").contains("LengthLimitError");
         if too_large {
-            Rejection::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is larger than the limit of {limit} bytes"))
+            Rejection::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the body is larger than the limit of {limit} bytes"),
+            )
         } else {
-            Rejection::new(StatusCode::BAD_REQUEST, "bad_body", format!("cannot read the body: {e}"))
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("cannot read the body: {e}"),
+            )
         }
     })
 }
@@ -69,20 +83,38 @@ pub async fn submit(ingest: &Ingest, source: &str, events: Vec<Event>) -> Respon
         Ok(accepted) => accepted_response(&accepted),
         Err(IngestError::Overloaded(n)) => {
             ingest.metrics().event_rejected(source, "overloaded");
-            Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", format!("{n} events are waiting to be stored; retry later")).into_response()
+            Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                format!("{n} events are waiting to be stored; retry later"),
+            )
+            .into_response()
         }
         Err(IngestError::Store(e)) => {
             ingest.metrics().event_rejected(source, "store");
             tracing::error!(source, error = %e, "cannot store events");
-            Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "store", format!("the event could not be stored ({e}); it was not accepted, retry later")).into_response()
+            Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store",
+                format!("the event could not be stored ({e}); it was not accepted, retry later"),
+            )
+            .into_response()
         }
     }
 }
 
 fn accepted_response(accepted: &[Accepted]) -> Response {
     let ids: Vec<&str> = accepted.iter().map(|a| a.id.as_str()).collect();
-    let duplicates: Vec<&str> = accepted.iter().filter(|a| a.duplicate).map(|a| a.id.as_str()).collect();
-    (StatusCode::ACCEPTED, Json(json!({ "ids": ids, "duplicates": duplicates }))).into_response()
+    let duplicates: Vec<&str> = accepted
+        .iter()
+        .filter(|a| a.duplicate)
+        .map(|a| a.id.as_str())
+        .collect();
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({ "ids": ids, "duplicates": duplicates })),
+    )
+        .into_response()
 }
 
 /// Counts and returns a rejection.

@@ -77,7 +77,12 @@ pub struct Webhook {
 
 impl Webhook {
     /// Compiles templates and the schema.
-    pub fn build(c: &WebhookConfig, config: &Config, diags: &mut Diagnostics) -> Option<Webhook> {
+    pub fn build(
+        c: &WebhookConfig,
+        loc: &serde_saphyr::Location,
+        config: &Config,
+        diags: &mut Diagnostics,
+    ) -> Option<Webhook> {
         let name = &c.name.value;
         let mut ok = true;
         let mut tpl = |field: &str, src: Option<&str>| -> Option<Template> {
@@ -85,7 +90,7 @@ impl Webhook {
             match Template::compile(src) {
                 Ok(t) => Some(t),
                 Err(e) => {
-                    diags.at(&c.name.referenced, format!("source `{name}`: mapping.{field}: {e}"));
+                    diags.at(loc, format!("source `{name}`: mapping.{field}: {e}"));
                     ok = false;
                     None
                 }
@@ -101,7 +106,10 @@ impl Webhook {
             Some(s) => match jsonschema::validator_for(s) {
                 Ok(v) => Some(v),
                 Err(e) => {
-                    diags.at(&c.name.referenced, format!("source `{name}`: schema is not a valid JSON Schema: {e}"));
+                    diags.at(
+                        loc,
+                        format!("source `{name}`: schema is not a valid JSON Schema: {e}"),
+                    );
                     ok = false;
                     None
                 }
@@ -148,9 +156,21 @@ impl Webhook {
         }
     }
 
-    async fn to_event(&self, headers: &HeaderMap, body: Body) -> Result<cloudevents::Event, Rejection> {
-        let ct = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
-        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    async fn to_event(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<cloudevents::Event, Rejection> {
+        let ct = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         if essence != "application/json" && !essence.ends_with("+json") {
             return Err(Rejection::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -160,14 +180,22 @@ impl Webhook {
         }
         let bytes = read_body(body, self.limit).await?;
         self.auth.verify(headers, &bytes)?;
-        let body: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, "invalid_json", format!("the body is not valid JSON: {e}")))?;
+        let body: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the body is not valid JSON: {e}"),
+            )
+        })?;
         if let Some(schema) = &self.schema {
             if let Some(err) = schema.iter_errors(&body).next() {
                 let mut r = Rejection::new(
                     StatusCode::BAD_REQUEST,
                     "schema",
-                    format!("the body does not match the schema at `{}`: {err}", err.instance_path()),
+                    format!(
+                        "the body does not match the schema at `{}`: {err}",
+                        err.instance_path()
+                    ),
                 );
                 r.detail = Some(json!({
                     "instance_path": err.instance_path().to_string(),
@@ -178,20 +206,32 @@ impl Webhook {
         }
         let ctx = json!({ "body": &body });
         let render = |field: &str, t: &Template| -> Result<String, Rejection> {
-            t.render(&ctx)
-                .map(|s| s.trim().to_string())
-                .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, "mapping", format!("mapping.{field}: {e}")))
+            t.render(&ctx).map(|s| s.trim().to_string()).map_err(|e| {
+                Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    "mapping",
+                    format!("mapping.{field}: {e}"),
+                )
+            })
         };
         let ty = render("type", &self.mapping.ty)?;
         if ty.is_empty() {
-            return Err(Rejection::new(StatusCode::BAD_REQUEST, "mapping", "mapping.type rendered empty for this body"));
+            return Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "mapping",
+                "mapping.type rendered empty for this body",
+            ));
         }
         let id = match &self.mapping.id {
             Some(t) => render("id", t)?,
             None => uuid::Uuid::now_v7().to_string(),
         };
         if id.is_empty() {
-            return Err(Rejection::new(StatusCode::BAD_REQUEST, "mapping", "mapping.id rendered empty for this body"));
+            return Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "mapping",
+                "mapping.id rendered empty for this body",
+            ));
         }
         let data = match &self.mapping.data {
             Some(t) => {
@@ -215,7 +255,12 @@ impl Webhook {
         if let Some(t) = &self.mapping.routing_key {
             b = b.extension(ROUTING_KEY_EXT, render("routing_key", t)?);
         }
-        b.build()
-            .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, "mapping", format!("the mapped event is invalid: {e}")))
+        b.build().map_err(|e| {
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "mapping",
+                format!("the mapped event is invalid: {e}"),
+            )
+        })
     }
 }

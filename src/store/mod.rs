@@ -166,7 +166,10 @@ pub struct AttemptRecord {
 }
 
 enum Op {
-    Ingest(Vec<NewEvent>, oneshot::Sender<Result<Vec<Stored>, StoreError>>),
+    Ingest(
+        Vec<NewEvent>,
+        oneshot::Sender<Result<Vec<Stored>, StoreError>>,
+    ),
     Running(i64),
     Finish {
         id: i64,
@@ -210,8 +213,10 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
         source,
     };
     let conn = Connection::open(path).map_err(err)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-    conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(err)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(err)?;
     conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
     Ok(conn)
 }
@@ -232,8 +237,11 @@ impl Store {
             source,
         };
         conn.execute_batch(schema::SCHEMA).map_err(err)?;
-        conn.execute("UPDATE deliveries SET state='pending' WHERE state='running'", [])
-            .map_err(err)?;
+        conn.execute(
+            "UPDATE deliveries SET state='pending' WHERE state='running'",
+            [],
+        )
+        .map_err(err)?;
         let reader = open(path)?;
         let (tx, rx) = mpsc::channel(65_536);
         let writer_path = path.to_path_buf();
@@ -256,7 +264,10 @@ impl Store {
     /// Persists events and their deliveries; returns once they are durable (fsynced).
     pub async fn ingest(&self, events: Vec<NewEvent>) -> Result<Vec<Stored>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Op::Ingest(events, tx)).await.map_err(|_| StoreError::Closed)?;
+        self.tx
+            .send(Op::Ingest(events, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -266,7 +277,13 @@ impl Store {
     }
 
     /// Records an attempt and the delivery's new state.
-    pub async fn finish_attempt(&self, id: i64, attempt: AttemptRecord, state: State, next_at: Option<i64>) {
+    pub async fn finish_attempt(
+        &self,
+        id: i64,
+        attempt: AttemptRecord,
+        state: State,
+        next_at: Option<i64>,
+    ) {
         let _ = self
             .tx
             .send(Op::Finish {
@@ -281,14 +298,20 @@ impl Store {
     /// Returns a dead delivery to `pending` with a fresh attempt budget.
     pub async fn replay(&self, id: i64) -> Result<OpenDelivery, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Op::Replay(id, tx)).await.map_err(|_| StoreError::Closed)?;
+        self.tx
+            .send(Op::Replay(id, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Applies retention; returns the number of events removed.
     pub async fn prune(&self, r: Retention) -> Result<u64, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Op::Prune(r, tx)).await.map_err(|_| StoreError::Closed)?;
+        self.tx
+            .send(Op::Prune(r, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -362,9 +385,18 @@ fn open_delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpenDelivery> {
 }
 
 enum Reply {
-    Ingest(oneshot::Sender<Result<Vec<Stored>, StoreError>>, Result<Vec<Stored>, rusqlite::Error>),
-    Replay(oneshot::Sender<Result<OpenDelivery, StoreError>>, Result<OpenDelivery, StoreError>),
-    Prune(oneshot::Sender<Result<u64, StoreError>>, Result<u64, rusqlite::Error>),
+    Ingest(
+        oneshot::Sender<Result<Vec<Stored>, StoreError>>,
+        Result<Vec<Stored>, rusqlite::Error>,
+    ),
+    Replay(
+        oneshot::Sender<Result<OpenDelivery, StoreError>>,
+        Result<OpenDelivery, StoreError>,
+    ),
+    Prune(
+        oneshot::Sender<Result<u64, StoreError>>,
+        Result<u64, rusqlite::Error>,
+    ),
     Flush(oneshot::Sender<()>),
 }
 
@@ -408,7 +440,8 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, windo
                             "INSERT OR REPLACE INTO attempts(delivery_id, n, started_at, duration_ms, outcome, detail) VALUES (?1,?2,?3,?4,?5,?6)",
                             params![id, attempt.n, attempt.started_at, attempt.duration_ms, attempt.outcome, attempt.detail],
                         )?;
-                        let last_error = (attempt.outcome != "succeeded").then_some(attempt.detail.as_str());
+                        let last_error =
+                            (attempt.outcome != "succeeded").then_some(attempt.detail.as_str());
                         tx.execute(
                             "UPDATE deliveries SET state=?2, attempts=?3, next_at=?4, updated_at=?5, last_error=?6 WHERE id=?1",
                             params![id, state.as_str(), attempt.n, next_at, now, last_error],
@@ -467,7 +500,12 @@ fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
 }
 
-fn ingest(tx: &rusqlite::Transaction<'_>, events: Vec<NewEvent>, now: i64, window_ms: i64) -> rusqlite::Result<Vec<Stored>> {
+fn ingest(
+    tx: &rusqlite::Transaction<'_>,
+    events: Vec<NewEvent>,
+    now: i64,
+    window_ms: i64,
+) -> rusqlite::Result<Vec<Stored>> {
     let mut out = Vec::with_capacity(events.len());
     let mut dedup = tx.prepare_cached(
         "INSERT INTO dedup(source, id, seen_at) VALUES (?1, ?2, ?3)
@@ -493,7 +531,15 @@ fn ingest(tx: &rusqlite::Transaction<'_>, events: Vec<NewEvent>, now: i64, windo
             });
             continue;
         }
-        ins_event.execute(params![e.source_name, e.ce_source, e.ce_id, e.ty, e.subject, now, e.body])?;
+        ins_event.execute(params![
+            e.source_name,
+            e.ce_source,
+            e.ce_id,
+            e.ty,
+            e.subject,
+            now,
+            e.body
+        ])?;
         let seq = tx.last_insert_rowid();
         let mut deliveries = Vec::with_capacity(e.deliveries.len());
         for d in e.deliveries {
@@ -526,7 +572,9 @@ fn replay(tx: &rusqlite::Transaction<'_>, id: i64, now: i64) -> Result<OpenDeliv
         source,
     };
     let state: Option<String> = tx
-        .query_row("SELECT state FROM deliveries WHERE id=?1", [id], |r| r.get(0))
+        .query_row("SELECT state FROM deliveries WHERE id=?1", [id], |r| {
+            r.get(0)
+        })
         .optional()
         .map_err(q)?;
     match state.as_deref() {
@@ -556,7 +604,11 @@ fn prune(tx: &rusqlite::Transaction<'_>, r: Retention, now: i64) -> rusqlite::Re
     let mut cutoff_seq: i64 = 0;
     if let Some(age) = r.max_age {
         let before = now - age.as_millis() as i64;
-        let s: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events WHERE received_at < ?1", [before], |r| r.get(0))?;
+        let s: Option<i64> = tx.query_row(
+            "SELECT MAX(seq) FROM events WHERE received_at < ?1",
+            [before],
+            |r| r.get(0),
+        )?;
         cutoff_seq = cutoff_seq.max(s.unwrap_or(0));
     }
     if let Some(max) = r.max_events {
@@ -566,7 +618,8 @@ fn prune(tx: &rusqlite::Transaction<'_>, r: Retention, now: i64) -> rusqlite::Re
     let mut removed = 0;
     if cutoff_seq > 0 {
         // Events with unfinished deliveries are kept whatever their age.
-        const KEEP: &str = "SELECT event_seq FROM deliveries WHERE state IN ('pending','running','retrying')";
+        const KEEP: &str =
+            "SELECT event_seq FROM deliveries WHERE state IN ('pending','running','retrying')";
         tx.execute(
             &format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_seq <= ?1 AND event_seq NOT IN ({KEEP}))"),
             [cutoff_seq],
@@ -580,7 +633,10 @@ fn prune(tx: &rusqlite::Transaction<'_>, r: Retention, now: i64) -> rusqlite::Re
             [cutoff_seq],
         )? as u64;
     }
-    tx.execute("DELETE FROM dedup WHERE seen_at < ?1", [now - r.dedup_window.as_millis() as i64])?;
+    tx.execute(
+        "DELETE FROM dedup WHERE seen_at < ?1",
+        [now - r.dedup_window.as_millis() as i64],
+    )?;
     tx.execute("DELETE FROM throttles WHERE until < ?1", [now])?;
     Ok(removed)
 }

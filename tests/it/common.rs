@@ -1,0 +1,232 @@
+//! Test harness: an in-process reflex on port-0 listeners and a real HTTP receiver.
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::any;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A port-0 HTTP server that records requests and answers with a switchable status.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    pub rx: mpsc::UnboundedReceiver<Received>,
+    pub status: Arc<AtomicU16>,
+    pub delay_ms: Arc<AtomicU64>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        Self::start_with_reply(None).await
+    }
+
+    /// `reply`: a (headers, body) answer for every request.
+    pub async fn start_with_reply(
+        reply: Option<(Vec<(&'static str, String)>, String)>,
+    ) -> Receiver {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let status = Arc::new(AtomicU16::new(200));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (s, d) = (status.clone(), delay_ms.clone());
+        let reply = Arc::new(reply);
+        let app = axum::Router::new().fallback(any(move |headers: HeaderMap, body: Bytes| {
+            let tx = tx.clone();
+            let s = s.clone();
+            let d = d.clone();
+            let reply = reply.clone();
+            async move {
+                let delay = d.load(Ordering::SeqCst);
+                if delay > 0 {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
+                let _ = tx.send(Received { headers, body });
+                let code = StatusCode::from_u16(s.load(Ordering::SeqCst)).unwrap();
+                let mut resp = axum::response::Response::builder().status(code);
+                let mut body = String::new();
+                if let Some((h, b)) = reply.as_ref() {
+                    for (k, v) in h {
+                        resp = resp.header(*k, v);
+                    }
+                    body = b.clone();
+                }
+                resp.body(axum::body::Body::from(body)).unwrap()
+            }
+        }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver {
+            addr,
+            rx,
+            status,
+            delay_ms,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/fn", self.addr)
+    }
+
+    /// Waits for the next request, failing the test after `secs`.
+    pub async fn next(&mut self, secs: u64) -> Received {
+        tokio::time::timeout(Duration::from_secs(secs), self.rx.recv())
+            .await
+            .expect("the receiver got no request in time")
+            .expect("receiver closed")
+    }
+
+    /// Asserts nothing arrives within `ms`.
+    pub async fn nothing_for(&mut self, ms: u64) {
+        if let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(ms), self.rx.recv()).await {
+            panic!("unexpected request: {:?}", String::from_utf8_lossy(&r.body));
+        }
+    }
+}
+
+/// A reflex running in this process.
+pub struct Reflex {
+    pub http: String,
+    pub api: String,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub client: reqwest::Client,
+    pub dir: Arc<tempfile::TempDir>,
+}
+
+impl Reflex {
+    /// Starts reflex with `yaml` (the store goes to a fresh temp dir unless `store.path` is set).
+    pub async fn start(yaml: &str) -> Reflex {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        Self::start_in(yaml, dir).await
+    }
+
+    pub async fn start_in(yaml: &str, dir: Arc<tempfile::TempDir>) -> Reflex {
+        let yaml = yaml.replace("$DIR", dir.path().to_str().unwrap());
+        let yaml = if yaml.contains("store:") {
+            yaml
+        } else {
+            format!("store:\n  path: {}/reflex.db\n{yaml}", dir.path().display())
+        };
+        let cfg = reflex::config::parse("test.yaml", &yaml).unwrap_or_else(|e| panic!("{e}"));
+        let compiled = reflex::compile("test.yaml".into(), cfg).unwrap_or_else(|e| panic!("{e}"));
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (ha, aa) = (http.local_addr().unwrap(), api.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(reflex::run(
+            compiled,
+            reflex::Listeners { http, api },
+            shutdown.clone(),
+        ));
+        let r = Reflex {
+            http: format!("http://{ha}"),
+            api: format!("http://{aa}"),
+            shutdown,
+            task,
+            client: reqwest::Client::new(),
+            dir,
+        };
+        r.wait_ready().await;
+        r
+    }
+
+    pub async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if let Ok(r) = self.client.get(format!("{}/readyz", self.api)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("reflex did not become ready");
+    }
+
+    pub async fn stop(self) -> Arc<tempfile::TempDir> {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+        self.dir
+    }
+
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.http))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn api_get(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(format!("{}{path}", self.api))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Polls the deliveries API until `pred` holds for the list, or fails after `secs`.
+    pub async fn wait_deliveries(
+        &self,
+        query: &str,
+        secs: u64,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = self
+                .api_get(&format!("/api/v1/deliveries?limit=1000&{query}"))
+                .await;
+            let list = v["deliveries"].as_array().cloned().unwrap_or_default();
+            if pred(&list) {
+                return list;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("condition not reached; deliveries: {list:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.api))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// A structured CloudEvent as JSON text.
+pub fn cloudevent(id: &str, ty: &str, data: serde_json::Value) -> String {
+    serde_json::json!({"specversion": "1.0", "id": id, "source": "/test", "type": ty, "datacontenttype": "application/json", "data": data}).to_string()
+}
+
+/// POSTs a structured CloudEvent.
+pub async fn post_ce(r: &Reflex, path: &str, body: String) -> reqwest::Response {
+    r.client
+        .post(format!("{}{path}", r.http))
+        .header("content-type", "application/cloudevents+json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}

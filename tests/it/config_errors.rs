@@ -1,0 +1,113 @@
+//! Configuration errors name file:line:column and what was expected (snapshots).
+
+fn check(yaml: &str) -> String {
+    std::env::remove_var("REFLEX_IT_UNSET");
+    match reflex::config::parse("reflex.yaml", yaml)
+        .map_err(|e| e.to_string())
+        .and_then(|c| {
+            reflex::compile("reflex.yaml".into(), c)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }) {
+        Ok(()) => "ok".into(),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn unknown_key() {
+    insta::assert_snapshot!(check("http:\n  listen: 127.0.0.1:8080\n  lisen: 1\n"));
+}
+
+#[test]
+fn unknown_source_type() {
+    insta::assert_snapshot!(check(
+        "sources:\n  - name: a\n    type: webhok\n    path: /a\n"
+    ));
+}
+
+#[test]
+fn bad_duration() {
+    insta::assert_snapshot!(check(
+        "triggers:\n  - name: t\n    action: {type: emit, event_type: x}\n    delivery:\n      timeout: 5 parsecs\n"
+    ));
+}
+
+#[test]
+fn missing_env_secret() {
+    insta::assert_snapshot!(check(
+        "sources:\n  - name: a\n    type: webhook\n    path: /a\n    auth:\n      type: bearer\n      token: ${env:REFLEX_IT_UNSET}\n"
+    ));
+}
+
+#[test]
+fn wrong_value_type() {
+    insta::assert_snapshot!(check("http:\n  queue: lots\n"));
+}
+
+#[test]
+fn every_semantic_error_at_once() {
+    insta::assert_snapshot!(check(
+        r#"api:
+  listen: 0.0.0.0:9999
+sources:
+  - {name: a, type: webhook, path: /a}
+  - {name: a, type: webhook, path: /a, mapping: {type: "{{ body.x "}}
+  - {name: "b c", type: cloudevents, path: nope}
+triggers:
+  - name: t
+    when: "event.data.x >"
+    action: {type: http, url: "ftp://x"}
+  - name: t
+    filters: [{exact: {}}]
+    action: {type: emit, event_type: x}
+    delivery:
+      ordering_key: "{{ event.subject"
+      max_attempts: 0
+"#
+    ));
+}
+
+#[test]
+fn examples_check_clean() {
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            if let Err(e) = reflex::compile_file(&path) {
+                panic!("{e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn json_schema_describes_the_config() {
+    let schema = reflex::config::json_schema();
+    let text = schema.to_string();
+    for word in [
+        "sources",
+        "triggers",
+        "webhook",
+        "cloudevents",
+        "http_request",
+        "exec",
+        "emit",
+        "ordering_key",
+        "once_within",
+    ] {
+        assert!(text.contains(word), "schema lacks `{word}`");
+    }
+    // The published schema validates the quickstart.
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/quickstart.yaml"
+    ))
+    .unwrap();
+    let value: serde_json::Value = serde_saphyr::from_str(&yaml).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+}

@@ -1,0 +1,533 @@
+//! Deliveries against a real HTTP receiver: modes, retries, dead letters and replay,
+//! timeouts, ordering, throttling, chains, exec, and recovery after a restart.
+
+use crate::common::{cloudevent, post_ce, Receiver, Reflex};
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn config(triggers: &str) -> String {
+    format!(
+        r#"
+sources:
+  - {{name: ce, type: cloudevents, path: /events}}
+triggers:
+{triggers}
+"#
+    )
+}
+
+#[tokio::test]
+async fn http_binary_and_structured() {
+    let mut bin = Receiver::start().await;
+    let mut st = Receiver::start().await;
+    let r = Reflex::start(&config(&format!(
+        r#"
+  - name: bin
+    filters: [{{exact: {{type: t.a}}}}]
+    action: {{type: http, url: "{}"}}
+  - name: st
+    filters: [{{exact: {{type: t.a}}}}]
+    action: {{type: http, url: "{}", mode: structured}}
+"#,
+        bin.url(),
+        st.url()
+    )))
+    .await;
+    assert_eq!(
+        post_ce(
+            &r,
+            "/events",
+            cloudevent("e-1", "t.a", json!({"vm": "web-1"}))
+        )
+        .await
+        .status(),
+        202
+    );
+    let got = bin.next(5).await;
+    assert_eq!(got.headers["ce-id"], "e-1");
+    assert_eq!(got.headers["ce-type"], "t.a");
+    assert_eq!(got.headers["ce-source"], "/test");
+    assert_eq!(got.headers["content-type"], "application/json");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&got.body).unwrap(),
+        json!({"vm": "web-1"})
+    );
+    let got = st.next(5).await;
+    assert_eq!(got.headers["content-type"], "application/cloudevents+json");
+    let ev: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(
+        (ev["id"].as_str(), ev["data"]["vm"].as_str()),
+        (Some("e-1"), Some("web-1"))
+    );
+    // No other trigger matched: nothing more arrives.
+    post_ce(&r, "/events", cloudevent("e-2", "t.other", json!({}))).await;
+    bin.nothing_for(300).await;
+    r.wait_deliveries("state=succeeded", 5, |l| l.len() == 2)
+        .await;
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn retries_then_dead_then_replay() {
+    let mut rcv = Receiver::start().await;
+    rcv.status.store(500, Ordering::SeqCst);
+    let r = Reflex::start(&config(&format!(
+        r#"
+  - name: fn
+    action: {{type: http, url: "{}"}}
+    delivery: {{max_attempts: 3, backoff: 50ms, max_backoff: 100ms}}
+"#,
+        rcv.url()
+    )))
+    .await;
+    post_ce(&r, "/events", cloudevent("r-1", "t", json!({}))).await;
+    for _ in 0..3 {
+        assert_eq!(rcv.next(5).await.headers["ce-id"], "r-1");
+    }
+    let dead = r.wait_deliveries("state=dead", 5, |l| l.len() == 1).await;
+    let id = dead[0]["id"].as_i64().unwrap();
+    assert_eq!(dead[0]["attempts"], 3);
+    assert!(
+        dead[0]["last_error"].as_str().unwrap().contains("HTTP 500"),
+        "{:?}",
+        dead[0]
+    );
+    rcv.nothing_for(300).await;
+
+    let d = r.api_get(&format!("/api/v1/deliveries/{id}")).await;
+    let log = d["attempt_log"].as_array().unwrap();
+    assert_eq!(log.len(), 3);
+    assert!(log.iter().all(|a| a["outcome"] == "failed"));
+
+    // Replay once the function is fixed.
+    rcv.status.store(200, Ordering::SeqCst);
+    let resp = r
+        .client
+        .post(format!("{}/api/v1/deliveries/{id}/replay", r.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(rcv.next(5).await.headers["ce-id"], "r-1");
+    let ok = r
+        .wait_deliveries("state=succeeded", 5, |l| l.len() == 1)
+        .await;
+    assert_eq!(ok[0]["attempts"], 4);
+    // A succeeded delivery cannot be replayed.
+    let resp = r
+        .client
+        .post(format!("{}/api/v1/deliveries/{id}/replay", r.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    let m = r.metrics().await;
+    assert!(
+        m.contains(r#"reflex_deliveries_total{trigger="fn",outcome="retrying"} 2"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"reflex_deliveries_total{trigger="fn",outcome="dead"} 1"#),
+        "{m}"
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn permanent_errors_dead_letter_at_once() {
+    let mut rcv = Receiver::start().await;
+    rcv.status.store(400, Ordering::SeqCst);
+    let r = Reflex::start(&config(&format!(
+        "  - name: fn\n    action: {{type: http, url: \"{}\"}}\n    delivery: {{max_attempts: 5, backoff: 10ms}}\n",
+        rcv.url()
+    )))
+    .await;
+    post_ce(&r, "/events", cloudevent("p-1", "t", json!({}))).await;
+    rcv.next(5).await;
+    let dead = r.wait_deliveries("state=dead", 5, |l| l.len() == 1).await;
+    assert_eq!(dead[0]["attempts"], 1);
+    rcv.nothing_for(300).await;
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn attempts_time_out() {
+    let rcv = Receiver::start().await;
+    rcv.delay_ms.store(2000, Ordering::SeqCst);
+    let r = Reflex::start(&config(&format!(
+        "  - name: fn\n    action: {{type: http, url: \"{}\"}}\n    delivery: {{max_attempts: 1, timeout: 200ms}}\n",
+        rcv.url()
+    )))
+    .await;
+    post_ce(&r, "/events", cloudevent("to-1", "t", json!({}))).await;
+    let dead = r.wait_deliveries("state=dead", 5, |l| l.len() == 1).await;
+    let d = r
+        .api_get(&format!("/api/v1/deliveries/{}", dead[0]["id"]))
+        .await;
+    assert_eq!(d["attempt_log"][0]["outcome"], "timeout");
+    assert!(d["attempt_log"][0]["duration_ms"].as_i64().unwrap() < 1500);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn ordering_key_runs_one_at_a_time_in_order() {
+    let mut rcv = Receiver::start().await;
+    rcv.delay_ms.store(30, Ordering::SeqCst);
+    let r = Reflex::start(&config(&format!(
+        r#"
+  - name: fn
+    action: {{type: http, url: "{}"}}
+    delivery: {{concurrency: 16, ordering_key: "{{{{ event.data.vm }}}}"}}
+"#,
+        rcv.url()
+    )))
+    .await;
+    for i in 0..10 {
+        post_ce(
+            &r,
+            "/events",
+            cloudevent(&format!("o-{i}"), "t", json!({"vm": "web-1", "i": i})),
+        )
+        .await;
+    }
+    let mut order = Vec::new();
+    for _ in 0..10 {
+        order.push(
+            rcv.next(5).await.headers["ce-id"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let want: Vec<String> = (0..10).map(|i| format!("o-{i}")).collect();
+    assert_eq!(order, want);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn ordering_key_holds_later_events_while_one_retries() {
+    let mut rcv = Receiver::start().await;
+    rcv.status.store(503, Ordering::SeqCst);
+    let r = Reflex::start(&config(&format!(
+        r#"
+  - name: fn
+    action: {{type: http, url: "{}"}}
+    delivery: {{concurrency: 4, backoff: 200ms, ordering_key: "{{{{ event.subject }}}}"}}
+"#,
+        rcv.url()
+    )))
+    .await;
+    let ev = |id: &str| {
+        json!({"specversion": "1.0", "id": id, "source": "/t", "type": "t", "subject": "vm-1"})
+            .to_string()
+    };
+    post_ce(&r, "/events", ev("first")).await;
+    assert_eq!(rcv.next(5).await.headers["ce-id"], "first");
+    post_ce(&r, "/events", ev("second")).await;
+    rcv.status.store(200, Ordering::SeqCst);
+    // The retry of `first` must come before `second`.
+    assert_eq!(rcv.next(5).await.headers["ce-id"], "first");
+    assert_eq!(rcv.next(5).await.headers["ce-id"], "second");
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn throttle_once_within_per_key() {
+    let mut rcv = Receiver::start().await;
+    let r = Reflex::start(&config(&format!(
+        r#"
+  - name: fn
+    action: {{type: http, url: "{}"}}
+    delivery:
+      throttle: {{key: "{{{{ event.data.vm }}}}", once_within: 10m}}
+"#,
+        rcv.url()
+    )))
+    .await;
+    for i in 0..3 {
+        post_ce(
+            &r,
+            "/events",
+            cloudevent(&format!("a-{i}"), "t", json!({"vm": "web-1"})),
+        )
+        .await;
+    }
+    post_ce(
+        &r,
+        "/events",
+        cloudevent("b-0", "t", json!({"vm": "web-2"})),
+    )
+    .await;
+    let mut got = vec![rcv.next(5).await.headers["ce-id"]
+        .to_str()
+        .unwrap()
+        .to_string()];
+    got.push(
+        rcv.next(5).await.headers["ce-id"]
+            .to_str()
+            .unwrap()
+            .to_string(),
+    );
+    got.sort();
+    assert_eq!(got, vec!["a-0", "b-0"]);
+    rcv.nothing_for(300).await;
+    r.wait_deliveries("state=throttled", 5, |l| l.len() == 2)
+        .await;
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn emit_chain_and_http_reply_events() {
+    let mut end = Receiver::start().await;
+    let replier = Receiver::start_with_reply(Some((
+        vec![
+            ("ce-specversion", "1.0".into()),
+            ("ce-id", "reply-1".into()),
+            ("ce-source", "/fn".into()),
+            ("ce-type", "t.replied".into()),
+            ("content-type", "application/json".into()),
+        ],
+        r#"{"ok":true}"#.into(),
+    )))
+    .await;
+    let r = Reflex::start(&config(&format!(
+        r#"
+  - name: chain
+    filters: [{{exact: {{type: t.start}}}}]
+    action: {{type: emit, event_type: t.next, subject: "{{{{ event.data.vm }}}}", data: '{{"vm": "{{{{ event.data.vm }}}}", "step": 2}}'}}
+  - name: to-replier
+    filters: [{{exact: {{type: t.next}}}}]
+    action: {{type: http, url: "{}"}}
+  - name: end
+    filters: [{{any: [{{exact: {{type: t.next}}}}, {{exact: {{type: t.replied}}}}]}}]
+    action: {{type: http, url: "{}"}}
+"#,
+        replier.url(),
+        end.url()
+    )))
+    .await;
+    post_ce(
+        &r,
+        "/events",
+        cloudevent("c-1", "t.start", json!({"vm": "web-7"})),
+    )
+    .await;
+    let mut types = Vec::new();
+    for _ in 0..2 {
+        let got = end.next(5).await;
+        types.push(got.headers["ce-type"].to_str().unwrap().to_string());
+        if got.headers["ce-type"] == "t.next" {
+            assert_eq!(got.headers["ce-subject"], "web-7");
+            assert_eq!(
+                serde_json::from_slice::<serde_json::Value>(&got.body).unwrap(),
+                json!({"vm": "web-7", "step": 2})
+            );
+        }
+    }
+    types.sort();
+    assert_eq!(types, vec!["t.next", "t.replied"]);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn http_request_with_templates_and_secrets() {
+    let mut rcv = Receiver::start().await;
+    let r = Reflex::start(&format!(
+        r#"
+secrets:
+  vrops: "s3cret-token"
+sources:
+  - {{name: ce, type: cloudevents, path: /events}}
+triggers:
+  - name: mark
+    action:
+      type: http_request
+      method: PUT
+      url: "http://{}/hosts/{{{{ event.data.host }}}}/maintained"
+      headers:
+        Authorization: "vRealizeOpsToken {{{{ secrets.vrops }}}}"
+        Content-Type: application/json
+      body: '{{"host": "{{{{ event.data.host }}}}", "on": true}}'
+"#,
+        rcv.addr
+    ))
+    .await;
+    post_ce(
+        &r,
+        "/events",
+        cloudevent(
+            "h-1",
+            "EnteredMaintenanceModeEvent",
+            json!({"host": "esx-01"}),
+        ),
+    )
+    .await;
+    let got = rcv.next(5).await;
+    assert_eq!(
+        got.headers["authorization"],
+        "vRealizeOpsToken s3cret-token"
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&got.body).unwrap(),
+        json!({"host": "esx-01", "on": true})
+    );
+    let ok = r
+        .wait_deliveries("state=succeeded", 5, |l| l.len() == 1)
+        .await;
+    let d = r
+        .api_get(&format!("/api/v1/deliveries/{}", ok[0]["id"]))
+        .await;
+    let detail = d["attempt_log"][0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("PUT") && detail.contains("/hosts/esx-01/maintained"),
+        "{detail}"
+    );
+    assert!(
+        !d.to_string().contains("s3cret-token"),
+        "the secret leaked into the API: {d}"
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn exec_gets_the_event_on_stdin_and_failures_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.json");
+    let r = Reflex::start(&format!(
+        r#"
+sources:
+  - {{name: ce, type: cloudevents, path: /events}}
+triggers:
+  - name: ok
+    filters: [{{exact: {{type: t.ok}}}}]
+    action: {{type: exec, command: /bin/sh, args: ["-c", "cat > {}"]}}
+  - name: fail
+    filters: [{{exact: {{type: t.fail}}}}]
+    action: {{type: exec, command: /bin/sh, args: ["-c", "echo boom >&2; exit 3"]}}
+    delivery: {{max_attempts: 1}}
+  - name: missing
+    filters: [{{exact: {{type: t.fail}}}}]
+    action: {{type: exec, command: /nonexistent/program}}
+"#,
+        out.display()
+    ))
+    .await;
+    post_ce(&r, "/events", cloudevent("x-1", "t.ok", json!({"vm": "v"}))).await;
+    post_ce(&r, "/events", cloudevent("x-2", "t.fail", json!({}))).await;
+    r.wait_deliveries("state=succeeded", 5, |l| l.len() == 1)
+        .await;
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(written["id"], "x-1");
+    assert_eq!(written["data"]["vm"], "v");
+    let dead = r.wait_deliveries("state=dead", 5, |l| l.len() == 2).await;
+    let fail = dead.iter().find(|d| d["trigger"] == "fail").unwrap();
+    assert!(
+        fail["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("exit status: 3: boom"),
+        "{fail}"
+    );
+    let missing = dead.iter().find(|d| d["trigger"] == "missing").unwrap();
+    assert_eq!(missing["attempts"], 1, "a missing program is permanent");
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn exec_is_killed_on_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("finished");
+    let r = Reflex::start(&format!(
+        r#"
+sources:
+  - {{name: ce, type: cloudevents, path: /events}}
+triggers:
+  - name: slow
+    action: {{type: exec, command: /bin/sh, args: ["-c", "sleep 2; touch {}"]}}
+    delivery: {{max_attempts: 1, timeout: 200ms}}
+"#,
+        marker.display()
+    ))
+    .await;
+    post_ce(&r, "/events", cloudevent("s-1", "t", json!({}))).await;
+    r.wait_deliveries("state=dead", 5, |l| l.len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        !marker.exists(),
+        "the program kept running after its timeout"
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn pending_deliveries_resume_after_restart() {
+    let mut rcv = Receiver::start().await;
+    rcv.status.store(500, Ordering::SeqCst);
+    let cfg = config(&format!(
+        "  - name: fn\n    action: {{type: http, url: \"{}\"}}\n    delivery: {{max_attempts: 10, backoff: 100ms, max_backoff: 200ms}}\n",
+        rcv.url()
+    ));
+    let r = Reflex::start(&cfg).await;
+    post_ce(&r, "/events", cloudevent("rs-1", "t", json!({}))).await;
+    rcv.next(5).await;
+    let dir: Arc<tempfile::TempDir> = r.stop().await;
+    rcv.status.store(200, Ordering::SeqCst);
+    let r = Reflex::start_in(&cfg, dir).await;
+    let ok = r
+        .wait_deliveries("state=succeeded", 10, |l| l.len() == 1)
+        .await;
+    assert!(ok[0]["attempts"].as_i64().unwrap() >= 2);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn expression_filters_on_data() {
+    let mut rcv = Receiver::start().await;
+    let r = Reflex::start(&config(&format!(
+        r#"
+  - name: red-cpu
+    filters: [{{exact: {{type: com.vmware.vsphere.AlarmStatusChangedEvent.v0}}}}]
+    when: 'event.data.Alarm.Name == "VM CPU Usage" && event.data.To == "red"'
+    action: {{type: http, url: "{}"}}
+"#,
+        rcv.url()
+    )))
+    .await;
+    let ty = "com.vmware.vsphere.AlarmStatusChangedEvent.v0";
+    post_ce(
+        &r,
+        "/events",
+        cloudevent(
+            "al-1",
+            ty,
+            json!({"Alarm": {"Name": "VM CPU Usage"}, "To": "yellow"}),
+        ),
+    )
+    .await;
+    post_ce(
+        &r,
+        "/events",
+        cloudevent(
+            "al-2",
+            ty,
+            json!({"Alarm": {"Name": "VM Memory Usage"}, "To": "red"}),
+        ),
+    )
+    .await;
+    post_ce(
+        &r,
+        "/events",
+        cloudevent(
+            "al-3",
+            ty,
+            json!({"Alarm": {"Name": "VM CPU Usage"}, "To": "red"}),
+        ),
+    )
+    .await;
+    assert_eq!(rcv.next(5).await.headers["ce-id"], "al-3");
+    rcv.nothing_for(300).await;
+    r.stop().await;
+}

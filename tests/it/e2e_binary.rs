@@ -1,0 +1,262 @@
+//! The real binary: a user's path (run, curl, see the action, CLI, SIGTERM) and a crash
+//! under load (SIGKILL, restart: every event that got a 202 is delivered at least once).
+
+use crate::common::Receiver;
+use serde_json::json;
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_reflex");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    child: Child,
+    http: String,
+    api: String,
+}
+
+fn spawn(config: &Path, http: u16, api: u16) -> Server {
+    let child = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Server {
+        child,
+        http: format!("http://127.0.0.1:{http}"),
+        api: format!("http://127.0.0.1:{api}"),
+    }
+}
+
+async fn wait_ready(api: &str) {
+    let c = reqwest::Client::new();
+    for _ in 0..300 {
+        if let Ok(r) = c.get(format!("{api}/readyz")).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the reflex binary did not become ready");
+}
+
+fn write_config(dir: &Path, http: u16, api: u16, url: &str, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("reflex.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+http: {{listen: "127.0.0.1:{http}"}}
+api: {{listen: "127.0.0.1:{api}"}}
+store: {{path: "{}/data/reflex.db"}}
+sources:
+  - name: alerts
+    type: webhook
+    path: /hooks/alerts
+    mapping: {{type: "alert.{{{{ body.alert }}}}", subject: "{{{{ body.vm }}}}", id: "{{{{ body.id }}}}"}}
+triggers:
+  - name: fn
+    action: {{type: http, url: "{url}"}}
+    delivery: {{concurrency: 32, backoff: 50ms, max_backoff: 500ms, max_attempts: 50}}
+{extra}
+"#,
+            dir.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn cli(api: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("REFLEX_API", api)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn user_path_with_the_real_binary() {
+    let mut rcv = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (http, api) = (free_port(), free_port());
+    let cfg = write_config(dir.path(), http, api, &rcv.url(), "");
+    let (ok, out) = cli("", &["check", "-c", cfg.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let mut s = spawn(&cfg, http, api);
+    wait_ready(&s.api).await;
+    let c = reqwest::Client::new();
+    let resp = c
+        .post(format!("{}/hooks/alerts", s.http))
+        .json(&json!({"alert": "disk_full", "vm": "web-01", "id": "u-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let got = rcv.next(5).await;
+    assert_eq!(got.headers["ce-type"], "alert.disk_full");
+    assert_eq!(got.headers["ce-subject"], "web-01");
+
+    let api_url = s.api.clone();
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        cli(
+            &api_url,
+            &[
+                "send",
+                "--type",
+                "t.cli",
+                "--subject",
+                "vm-2",
+                "--data",
+                r#"{"a":1}"#,
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}");
+    let got = rcv.next(5).await;
+    assert_eq!(got.headers["ce-type"], "t.cli");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let api_url = s.api.clone();
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        cli(&api_url, &["deliveries", "list", "--state", "succeeded"])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}");
+    assert!(out.contains("u-1") && out.contains("succeeded"), "{out}");
+    let api_url = s.api.clone();
+    let (ok, out) = tokio::task::spawn_blocking(move || cli(&api_url, &["events", "list"]))
+        .await
+        .unwrap();
+    assert!(
+        ok && out.contains("alert.disk_full") && out.contains("t.cli"),
+        "{out}"
+    );
+    let api_url = s.api.clone();
+    let (ok, out) = tokio::task::spawn_blocking(move || cli(&api_url, &["replay", "--all-dead"]))
+        .await
+        .unwrap();
+    assert!(ok && out.contains("no dead deliveries"), "{out}");
+
+    // SIGTERM: a clean, prompt exit.
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || s.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn sigkill_under_load_loses_no_acknowledged_event() {
+    let mut rcv = Receiver::start().await;
+    let received: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let dir = tempfile::tempdir().unwrap();
+    let (http, api) = (free_port(), free_port());
+    let cfg = write_config(dir.path(), http, api, &rcv.url(), "");
+    let mut s = spawn(&cfg, http, api);
+    wait_ready(&s.api).await;
+
+    {
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Some(r) = rcv.rx.recv().await {
+                received
+                    .lock()
+                    .unwrap()
+                    .insert(r.headers["ce-id"].to_str().unwrap().to_string());
+            }
+        });
+    }
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut load = Vec::new();
+    for w in 0..8 {
+        let acked = acked.clone();
+        let stop = stop.clone();
+        let url = format!("{}/hooks/alerts", s.http);
+        load.push(tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            let mut i = 0;
+            while !stop.is_cancelled() {
+                let id = format!("w{w}-{i}");
+                i += 1;
+                let r = c
+                    .post(&url)
+                    .json(&json!({"alert": "a", "vm": "v", "id": id}))
+                    .send()
+                    .await;
+                if let Ok(r) = r {
+                    if r.status() == 202 {
+                        acked.lock().unwrap().insert(id);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.child.kill().unwrap(); // SIGKILL
+    s.child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    for l in load {
+        l.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 100,
+        "too little load to prove anything: {}",
+        acked.len()
+    );
+
+    let mut s = spawn(&cfg, http, api);
+    wait_ready(&s.api).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing: Vec<String> = acked
+            .difference(&received.lock().unwrap())
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "{} acknowledged events never delivered, e.g. {:?}",
+                missing.len(),
+                &missing[..missing.len().min(5)]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "crash test: {} events acknowledged before SIGKILL, all delivered after restart",
+        acked.len()
+    );
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+    s.child.wait().unwrap();
+}

@@ -1,0 +1,369 @@
+//! Every status code of the HTTP sources, and what gets stored.
+
+use crate::common::{cloudevent, post_ce, Reflex};
+use serde_json::json;
+
+const CONFIG: &str = r#"
+secrets:
+  tok: s3cret
+sources:
+  - name: hook
+    type: webhook
+    path: /hooks/a
+    auth: {type: bearer, token: "${env:REFLEX_IT_TOKEN}"}
+    max_body: 200
+    schema:
+      type: object
+      required: [alert, vm]
+      properties:
+        alert: {type: string}
+        vm: {type: string}
+        count: {type: integer}
+    mapping:
+      type: "alert.{{ body.alert }}"
+      subject: "{{ body.vm }}"
+      id: "{{ body.id }}"
+      routing_key: "alerts.{{ body.vm }}"
+  - name: signed
+    type: webhook
+    path: /hooks/signed
+    auth: {type: hmac, header: X-Signature, secret: k3y, prefix: "sha256="}
+  - name: std
+    type: webhook
+    path: /hooks/std
+    auth: {type: standard_webhooks, secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}
+  - name: ce
+    type: cloudevents
+    path: /events
+    max_batch: 3
+"#;
+
+async fn start() -> Reflex {
+    std::env::set_var("REFLEX_IT_TOKEN", "t0ken");
+    Reflex::start(CONFIG).await
+}
+
+async fn post_hook(r: &Reflex, token: Option<&str>, ct: &str, body: String) -> reqwest::Response {
+    let mut req = r
+        .client
+        .post(format!("{}/hooks/a", r.http))
+        .header("content-type", ct)
+        .body(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.send().await.unwrap()
+}
+
+async fn error_reason(resp: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    (status, body["error"].clone())
+}
+
+#[tokio::test]
+async fn webhook_statuses_and_mapping() {
+    let r = start().await;
+    let good = json!({"alert": "disk_full", "vm": "web-1", "id": "a-1"}).to_string();
+
+    let resp = post_hook(&r, Some("t0ken"), "application/json", good.clone()).await;
+    assert_eq!(resp.status(), 202);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["ids"], json!(["a-1"]));
+
+    // The stored event carries the mapped attributes.
+    let events = r.api_get("/api/v1/events").await;
+    let seq = events["events"][0]["seq"].as_i64().unwrap();
+    let ev = r.api_get(&format!("/api/v1/events/{seq}")).await;
+    assert_eq!(ev["event"]["type"], "alert.disk_full");
+    assert_eq!(ev["event"]["subject"], "web-1");
+    assert_eq!(ev["event"]["routingkey"], "alerts.web-1");
+    assert_eq!(ev["event"]["source"], "/reflex/sources/hook");
+    assert_eq!(ev["event"]["data"]["vm"], "web-1");
+
+    let (s, e) = error_reason(post_hook(&r, None, "application/json", good.clone()).await).await;
+    assert_eq!((s, e["reason"].as_str().unwrap()), (401, "unauthorized"));
+    let (s, _) =
+        error_reason(post_hook(&r, Some("wrong"), "application/json", good.clone()).await).await;
+    assert_eq!(s, 401);
+
+    let (s, e) = error_reason(post_hook(&r, Some("t0ken"), "text/plain", good.clone()).await).await;
+    assert_eq!(
+        (s, e["reason"].as_str().unwrap()),
+        (415, "unsupported_media_type")
+    );
+
+    let (s, e) =
+        error_reason(post_hook(&r, Some("t0ken"), "application/json", "{not json".into()).await)
+            .await;
+    assert_eq!((s, e["reason"].as_str().unwrap()), (400, "invalid_json"));
+
+    let bad = json!({"alert": "x", "vm": "v", "count": "three"}).to_string();
+    let (s, e) = error_reason(post_hook(&r, Some("t0ken"), "application/json", bad).await).await;
+    assert_eq!((s, e["reason"].as_str().unwrap()), (400, "schema"));
+    assert_eq!(e["detail"]["instance_path"], "/count");
+    assert_eq!(e["detail"]["schema_path"], "/properties/count/type");
+
+    let missing = json!({"alert": "x"}).to_string();
+    let (s, e) =
+        error_reason(post_hook(&r, Some("t0ken"), "application/json", missing).await).await;
+    assert_eq!(s, 400);
+    assert!(e["message"].as_str().unwrap().contains("vm"), "{e}");
+
+    let big = json!({"alert": "x", "vm": "v", "pad": "x".repeat(300)}).to_string();
+    let (s, e) = error_reason(post_hook(&r, Some("t0ken"), "application/json", big).await).await;
+    assert_eq!((s, e["reason"].as_str().unwrap()), (413, "too_large"));
+
+    // Nothing invalid entered the store.
+    let events = r.api_get("/api/v1/events").await;
+    assert_eq!(events["events"].as_array().unwrap().len(), 1);
+
+    let m = r.metrics().await;
+    assert!(
+        m.contains(r#"reflex_events_rejected_total{source="hook",reason="schema"} 2"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"reflex_events_received_total{source="hook"} 1"#),
+        "{m}"
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn hmac_and_standard_webhooks() {
+    let r = start().await;
+    let body = br#"{"a":1}"#.to_vec();
+    let sig = reflex::sources::auth::sign_hex(b"k3y", &body);
+    let send = |sig: String| {
+        r.client
+            .post(format!("{}/hooks/signed", r.http))
+            .header("content-type", "application/json")
+            .header("x-signature", sig)
+            .body(body.clone())
+            .send()
+    };
+    assert_eq!(send(format!("sha256={sig}")).await.unwrap().status(), 202);
+    assert_eq!(
+        send(format!("sha256={}", "0".repeat(64)))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let now = chrono::Utc::now().timestamp();
+    let send_std = |ts: i64, sig: String| {
+        r.client
+            .post(format!("{}/hooks/std", r.http))
+            .header("content-type", "application/json")
+            .header("webhook-id", "msg_1")
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", sig)
+            .body(body.clone())
+            .send()
+    };
+    let good = reflex::sources::auth::sign_standard(secret, "msg_1", now, &body);
+    assert_eq!(send_std(now, good).await.unwrap().status(), 202);
+    let stale = reflex::sources::auth::sign_standard(secret, "msg_1", now - 600, &body);
+    assert_eq!(send_std(now - 600, stale).await.unwrap().status(), 401);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn cloudevents_modes_and_dedup() {
+    let r = start().await;
+    // Structured.
+    let resp = post_ce(
+        &r,
+        "/events",
+        cloudevent("s-1", "t.structured", json!({"x": 1})),
+    )
+    .await;
+    assert_eq!(resp.status(), 202);
+    // Binary.
+    let resp = r
+        .client
+        .post(format!("{}/events", r.http))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "b-1")
+        .header("ce-source", "/bin")
+        .header("ce-type", "t.binary")
+        .header("ce-subject", "vm-9")
+        .header("ce-vsphereapiversion", "8.0")
+        .header("content-type", "application/json")
+        .body(r#"{"y":2}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    // Batch.
+    let batch = format!(
+        "[{},{}]",
+        cloudevent("k-1", "t.batch", json!(1)),
+        cloudevent("k-2", "t.batch", json!(2))
+    );
+    let resp = r
+        .client
+        .post(format!("{}/events", r.http))
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["ids"], json!(["k-1", "k-2"]));
+    // A batch over max_batch is refused whole.
+    let four = format!(
+        "[{}]",
+        (0..4)
+            .map(|i| cloudevent(&format!("z-{i}"), "t", json!(i)))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let resp = r
+        .client
+        .post(format!("{}/events", r.http))
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(four)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    // Invalid CloudEvent: no id.
+    let resp = post_ce(
+        &r,
+        "/events",
+        json!({"specversion": "1.0", "source": "/x", "type": "t"}).to_string(),
+    )
+    .await;
+    let (s, e) = error_reason(resp).await;
+    assert_eq!(
+        (s, e["reason"].as_str().unwrap()),
+        (400, "invalid_cloudevent")
+    );
+    // Not a CloudEvent at all.
+    let resp = r.post_json("/events", &json!({"a": 1})).await;
+    assert_eq!(resp.status(), 415);
+    // Duplicate (source, id): accepted, reported, stored once.
+    let resp = post_ce(
+        &r,
+        "/events",
+        cloudevent("s-1", "t.structured", json!({"x": 1})),
+    )
+    .await;
+    assert_eq!(resp.status(), 202);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["duplicates"], json!(["s-1"]));
+
+    let events = r.api_get("/api/v1/events?limit=100").await;
+    let list = events["events"].as_array().unwrap();
+    assert_eq!(list.len(), 4, "{list:#?}");
+    let bin = list.iter().find(|e| e["id"] == "b-1").unwrap();
+    let ev = r.api_get(&format!("/api/v1/events/{}", bin["seq"])).await;
+    assert_eq!(ev["event"]["subject"], "vm-9");
+    assert_eq!(ev["event"]["vsphereapiversion"], "8.0");
+    assert_eq!(ev["event"]["data"]["y"], 2);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn overload_answers_503_and_keeps_every_202() {
+    let r = Reflex::start(
+        r#"
+http:
+  listen: 127.0.0.1:0
+  queue: 1
+sources:
+  - {name: ce, type: cloudevents, path: /events}
+"#,
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let client = r.client.clone();
+        let url = format!("{}/events", r.http);
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .post(url)
+                .header("content-type", "application/cloudevents+json")
+                .body(cloudevent(&format!("o-{i}"), "t", json!(i)))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let retry_after = resp.headers().contains_key("retry-after");
+            let body: serde_json::Value = resp.json().await.unwrap();
+            (i, status, retry_after, body)
+        }));
+    }
+    let mut accepted = std::collections::HashSet::new();
+    let mut overloaded = 0;
+    for t in tasks {
+        let (i, status, retry_after, body) = t.await.unwrap();
+        match status {
+            202 => {
+                accepted.insert(format!("o-{i}"));
+            }
+            503 => {
+                overloaded += 1;
+                assert!(retry_after);
+                assert_eq!(body["error"]["reason"], "overloaded");
+            }
+            s => panic!("unexpected status {s}: {body}"),
+        }
+    }
+    assert!(
+        overloaded > 0,
+        "queue of 1 never overflowed under 300 concurrent requests"
+    );
+    let events = r.api_get("/api/v1/events?limit=1000").await;
+    let stored: std::collections::HashSet<String> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(stored, accepted, "every 202 is stored, nothing else");
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn api_token_is_required_when_set() {
+    let r = Reflex::start(
+        r#"
+api:
+  listen: 127.0.0.1:0
+  token: api-t0k
+"#,
+    )
+    .await;
+    let resp = r
+        .client
+        .get(format!("{}/api/v1/events", r.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = r
+        .client
+        .get(format!("{}/api/v1/events", r.api))
+        .bearer_auth("api-t0k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // Health and metrics stay open for probes and scrapers.
+    assert_eq!(
+        r.client
+            .get(format!("{}/healthz", r.api))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    r.stop().await;
+}

@@ -1,0 +1,8 @@
+//! The integration suite: one binary, a module per area. Servers run in-process on port 0
+//! (`reflex::run`), or as the real binary where the process boundary matters (crash, e2e).
+
+mod common;
+mod config_errors;
+mod deliveries;
+mod e2e_binary;
+mod ingest_http;

@@ -36,8 +36,18 @@ impl Template {
 
     /// Renders with `ctx` (an object such as `{"event": …}`).
     pub fn render(&self, ctx: &serde_json::Value) -> Result<String, String> {
+        self.render_value(&Self::context(ctx))
+    }
+
+    /// Converts a context once, for rendering several templates with it.
+    pub fn context(ctx: &serde_json::Value) -> minijinja::Value {
+        minijinja::Value::from(minijinja::value::Serde(ctx))
+    }
+
+    /// Renders with a context made by [`Template::context`].
+    pub fn render_value(&self, ctx: &minijinja::Value) -> Result<String, String> {
         let t = self.env.get_template("t").map_err(|e| e.to_string())?;
-        t.render(minijinja::value::Serde(ctx))
+        t.render(ctx)
             .map_err(|e| format!("template `{}` failed: {}", self.source, describe(&e)))
     }
 

@@ -204,15 +204,17 @@ impl Webhook {
                 return Err(r);
             }
         }
-        let ctx = json!({ "body": &body });
+        let ctx = Template::context(&json!({ "body": &body }));
         let render = |field: &str, t: &Template| -> Result<String, Rejection> {
-            t.render(&ctx).map(|s| s.trim().to_string()).map_err(|e| {
-                Rejection::new(
-                    StatusCode::BAD_REQUEST,
-                    "mapping",
-                    format!("mapping.{field}: {e}"),
-                )
-            })
+            t.render_value(&ctx)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| {
+                    Rejection::new(
+                        StatusCode::BAD_REQUEST,
+                        "mapping",
+                        format!("mapping.{field}: {e}"),
+                    )
+                })
         };
         let ty = render("type", &self.mapping.ty)?;
         if ty.is_empty() {

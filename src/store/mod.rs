@@ -242,6 +242,9 @@ impl Store {
             [],
         )
         .map_err(err)?;
+        // Checkpoint less often than SQLite's default (1000 pages): fewer stalls of the writer.
+        conn.pragma_update(None, "wal_autocheckpoint", 8000)
+            .map_err(err)?;
         let reader = open(path)?;
         let (tx, rx) = mpsc::channel(65_536);
         let writer_path = path.to_path_buf();

@@ -220,7 +220,9 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     s.child.kill().unwrap(); // SIGKILL
-    s.child.wait().unwrap();
+    let _ = tokio::task::spawn_blocking(move || s.child.wait())
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.cancel();
     for l in load {
@@ -258,5 +260,9 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
         acked.len()
     );
     unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
-    s.child.wait().unwrap();
+    // Wait off the runtime: the receiver must keep answering while reflex drains.
+    let status = tokio::task::spawn_blocking(move || s.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
 }

@@ -7,14 +7,23 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# govmomi's vCenter simulator, built from Debian's packages (GOPATH mode).
+command -v go >/dev/null 2>&1 || need_apt+=(golang-go)
+[ -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ] || need_apt+=(golang-github-vmware-govmomi-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]}"
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo apt-get update -qq && sudo apt-get install -y -qq "${need_apt[@]}"; fi
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is missing: install Rust (https://rustup.rs) and re-run" >&2
   exit 1
 fi
+
+echo "==> building the vCenter simulator (crates/vsphere/vcsim)"
+mkdir -p target
+GO111MODULE=off GOPATH=/usr/share/gocode go build -o target/vcsim ./crates/vsphere/vcsim
+export VCSIM_BIN="$PWD/target/vcsim"
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

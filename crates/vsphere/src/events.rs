@@ -1,0 +1,200 @@
+//! Events: collectors, pages, posting, and the conversion of a vSphere event into the JSON
+//! the VMware Event Broker Appliance produces (PascalCase property names).
+
+use crate::client::{Client, MoRef};
+use crate::xml::Node;
+use crate::Error;
+use serde_json::{Map, Value};
+
+/// Collector page size: the simulator fills smaller first pages wrongly; 1000 is the maximum.
+pub const MAX_COUNT: u32 = 1000;
+
+impl Client {
+    /// Creates an EventHistoryCollector over the whole inventory (all event classes).
+    pub async fn create_event_collector(&self) -> Result<MoRef, Error> {
+        let filter = Node::new("filter").with(
+            Node::new("entity")
+                .with(self.content.root_folder.node("entity"))
+                .with(Node::text("recursion", "all")),
+        );
+        let r = self
+            .call(
+                "CreateCollectorForEvents",
+                &self.content.event_manager,
+                vec![filter],
+            )
+            .await?;
+        let c = r
+            .child("returnval")
+            .and_then(MoRef::from_node)
+            .ok_or_else(|| Error::Protocol {
+                method: "CreateCollectorForEvents".into(),
+                message: "no collector".into(),
+            })?;
+        self.call(
+            "SetCollectorPageSize",
+            &c,
+            vec![Node::text("maxCount", MAX_COUNT.to_string())],
+        )
+        .await?;
+        Ok(c)
+    }
+
+    /// The collector's `latestPage` (newest first).
+    pub async fn latest_page(&self, collector: &MoRef) -> Result<Vec<Node>, Error> {
+        Ok(self
+            .property(collector, "latestPage")
+            .await?
+            .map(|n| n.children)
+            .unwrap_or_default())
+    }
+
+    /// `ReadNextEvents` (up to `max`).
+    pub async fn read_next_events(&self, collector: &MoRef, max: u32) -> Result<Vec<Node>, Error> {
+        let r = self
+            .call(
+                "ReadNextEvents",
+                collector,
+                vec![Node::text("maxCount", max.to_string())],
+            )
+            .await?;
+        Ok(r.children
+            .into_iter()
+            .filter(|c| c.name == "returnval")
+            .collect())
+    }
+
+    /// Destroys a collector (best effort).
+    pub async fn destroy_collector(&self, collector: &MoRef) {
+        let _ = self.call("DestroyCollector", collector, vec![]).await;
+    }
+
+    /// Posts an event (`EventManager.PostEvent`), e.g. an `AlarmStatusChangedEvent`.
+    pub async fn post_event(&self, event: Node) -> Result<(), Error> {
+        self.call(
+            "PostEvent",
+            &self.content.event_manager,
+            vec![Node {
+                name: "eventToPost".into(),
+                ..event
+            }],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// The event's key.
+pub fn key(event: &Node) -> Option<i64> {
+    event.child_text("key")?.parse().ok()
+}
+
+/// The event's class: `xsi:type`, e.g. `VmPoweredOffEvent`.
+pub fn class(event: &Node) -> String {
+    event.xsi_type.clone().unwrap_or_else(|| event.name.clone())
+}
+
+/// Fields whose text is a number in vSphere's event types.
+const INTEGER_FIELDS: &[&str] = &[
+    "key",
+    "chainId",
+    "changeTag",
+    "numCPUs",
+    "memoryMB",
+    "port",
+    "slotNumber",
+    "unitNumber",
+    "controllerKey",
+];
+
+fn pascal(name: &str) -> String {
+    let mut c = name.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+fn scalar(name: &str, n: &Node) -> Value {
+    let t = n.text.as_str();
+    match n.xsi_type.as_deref() {
+        Some("xsd:int" | "int" | "long" | "short" | "xsd:long") => t
+            .parse::<i64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| t.into()),
+        Some("boolean" | "xsd:boolean") => Value::Bool(t == "true"),
+        _ if INTEGER_FIELDS.contains(&name) => t
+            .parse::<i64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| t.into()),
+        _ if t == "true" || t == "false" => Value::Bool(t == "true"),
+        _ => Value::String(t.to_string()),
+    }
+}
+
+/// Converts an XML node into JSON with PascalCase names: a managed object reference becomes
+/// `{"Type": …, "Value": …}`, repeated elements become arrays.
+pub fn to_json(n: &Node) -> Value {
+    if let Some(kind) = &n.type_attr {
+        if n.children.is_empty() {
+            return serde_json::json!({"Type": kind, "Value": n.text});
+        }
+    }
+    if n.children.is_empty() {
+        return scalar(&n.name, n);
+    }
+    let mut m = Map::new();
+    let mut order: Vec<&str> = Vec::new();
+    for c in &n.children {
+        if !order.contains(&c.name.as_str()) {
+            order.push(&c.name);
+        }
+    }
+    for name in order {
+        let items: Vec<&Node> = n.children.iter().filter(|c| c.name == name).collect();
+        let v = if items.len() == 1
+            && !n
+                .xsi_type
+                .as_deref()
+                .is_some_and(|t| t.starts_with("ArrayOf"))
+        {
+            to_json(items[0])
+        } else {
+            Value::Array(items.iter().map(|c| to_json(c)).collect())
+        };
+        m.insert(pascal(name), v);
+    }
+    Value::Object(m)
+}
+
+/// Converts an event as the Event Broker Appliance does: `data` of its CloudEvent.
+pub fn event_data(event: &Node) -> Value {
+    to_json(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alarm_event_converts_like_the_appliance() {
+        let xml = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/samples/18-ReadNextEvents-AlarmStatusChangedEvent.response.xml"
+        ))
+        .unwrap();
+        let env = Node::parse(&xml).unwrap();
+        let ev = env
+            .path(&["Body", "ReadNextEventsResponse", "returnval"])
+            .unwrap();
+        assert_eq!(class(ev), "AlarmStatusChangedEvent");
+        let j = event_data(ev);
+        assert!(j["Key"].is_i64(), "{j}");
+        assert_eq!(j["Alarm"]["Name"], "VM CPU Usage");
+        assert_eq!(j["Alarm"]["Alarm"]["Type"], "Alarm");
+        assert_eq!(j["From"], "yellow");
+        assert_eq!(j["To"], "red");
+        assert_eq!(j["Vm"]["Vm"]["Type"], "VirtualMachine");
+        assert!(j["CreatedTime"].is_string());
+    }
+}

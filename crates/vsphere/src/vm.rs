@@ -1,0 +1,335 @@
+//! Virtual machine and host operations. Each reads the current state first and acts only
+//! when the goal does not hold yet, reporting what it changed.
+
+use crate::client::{Client, MoRef};
+use crate::xml::Node;
+use crate::Error;
+use std::time::Duration;
+
+/// How a VM is named in a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmSelector {
+    /// Inventory name (must be unique).
+    Name(String),
+    /// Managed object id, e.g. `vm-57`.
+    Moid(String),
+    /// `config.instanceUuid`.
+    InstanceUuid(String),
+    /// Guest DNS name (VMware Tools).
+    DnsName(String),
+}
+
+impl std::fmt::Display for VmSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmSelector::Name(n) => write!(f, "VM named `{n}`"),
+            VmSelector::Moid(n) => write!(f, "VM {n}"),
+            VmSelector::InstanceUuid(n) => write!(f, "VM with instance UUID {n}"),
+            VmSelector::DnsName(n) => write!(f, "VM with DNS name `{n}`"),
+        }
+    }
+}
+
+/// What an idempotent operation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The goal already held; nothing was done.
+    AlreadySo(String),
+    /// Something was changed.
+    Changed(String),
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::AlreadySo(s) => write!(f, "already so: {s}"),
+            Change::Changed(s) => write!(f, "changed: {s}"),
+        }
+    }
+}
+
+/// A power operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerOp {
+    /// Power on.
+    On,
+    /// Power off (hard).
+    Off,
+    /// Reset.
+    Reset,
+    /// Suspend.
+    Suspend,
+    /// Shut the guest down (VMware Tools).
+    ShutdownGuest,
+    /// Reboot the guest (VMware Tools).
+    RebootGuest,
+}
+
+/// Time allowed for a task.
+pub const TASK_TIMEOUT: Duration = Duration::from_secs(600);
+
+const NIC_TYPES: &[&str] = &[
+    "VirtualE1000",
+    "VirtualE1000e",
+    "VirtualVmxnet",
+    "VirtualVmxnet2",
+    "VirtualVmxnet3",
+    "VirtualVmxnet3Vrdma",
+    "VirtualPCNet32",
+    "VirtualSriovEthernetCard",
+];
+
+/// Whether a device (from `config.hardware.device`) is a network adapter.
+pub fn is_nic(d: &Node) -> bool {
+    d.xsi_type
+        .as_deref()
+        .is_some_and(|t| NIC_TYPES.contains(&t))
+        || (d.child("macAddress").is_some() && d.child("connectable").is_some())
+}
+
+fn vm(moid: &str) -> MoRef {
+    MoRef::new("VirtualMachine", moid)
+}
+
+impl Client {
+    /// Finds a VM; errors with [`Error::NotFound`] when it does not exist and
+    /// [`Error::Invalid`] when a name matches several VMs.
+    pub async fn find_vm(&self, sel: &VmSelector) -> Result<MoRef, Error> {
+        match sel {
+            VmSelector::Moid(id) => {
+                let r = vm(id);
+                match self.property(&r, "name").await {
+                    Ok(Some(_)) => Ok(r),
+                    Ok(None) | Err(Error::NotFound(_)) => Err(Error::NotFound(sel.to_string())),
+                    Err(Error::Fault { name, .. }) if name == "ManagedObjectNotFound" => {
+                        Err(Error::NotFound(sel.to_string()))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            VmSelector::Name(name) => {
+                let all = self.list("VirtualMachine", &["name"]).await?;
+                let hits: Vec<MoRef> = all
+                    .into_iter()
+                    .filter(|(_, props)| props.iter().any(|(k, v)| k == "name" && v.text == *name))
+                    .map(|(m, _)| m)
+                    .collect();
+                match hits.len() {
+                    0 => Err(Error::NotFound(sel.to_string())),
+                    1 => Ok(hits.into_iter().next().expect("one")),
+                    n => Err(Error::Invalid(format!(
+                        "{n} VMs are named `{name}`; select it by moid or instance UUID"
+                    ))),
+                }
+            }
+            VmSelector::InstanceUuid(uuid) => {
+                let r = self
+                    .call(
+                        "FindByUuid",
+                        &self.content.search_index,
+                        vec![
+                            Node::text("uuid", uuid),
+                            Node::text("vmSearch", "true"),
+                            Node::text("instanceUuid", "true"),
+                        ],
+                    )
+                    .await?;
+                r.child("returnval")
+                    .and_then(MoRef::from_node)
+                    .ok_or_else(|| Error::NotFound(sel.to_string()))
+            }
+            VmSelector::DnsName(dns) => {
+                let r = self
+                    .call(
+                        "FindByDnsName",
+                        &self.content.search_index,
+                        vec![Node::text("dnsName", dns), Node::text("vmSearch", "true")],
+                    )
+                    .await?;
+                r.child("returnval")
+                    .and_then(MoRef::from_node)
+                    .ok_or_else(|| Error::NotFound(sel.to_string()))
+            }
+        }
+    }
+
+    /// The VM's network adapters as full device objects.
+    pub async fn nics(&self, vm: &MoRef) -> Result<Vec<Node>, Error> {
+        let devices = self
+            .property(vm, "config.hardware.device")
+            .await?
+            .unwrap_or_default();
+        Ok(devices.children.into_iter().filter(is_nic).collect())
+    }
+
+    /// Sets `connected` and `startConnected` of the VM's NICs (all, or those whose key is in
+    /// `keys`). Each NIC is sent back whole, as read, with only `connectable` changed.
+    pub async fn set_nics_connected(
+        &self,
+        vm: &MoRef,
+        connected: bool,
+        keys: Option<&[i64]>,
+    ) -> Result<Change, Error> {
+        let want = if connected { "true" } else { "false" };
+        let nics = self.nics(vm).await?;
+        if nics.is_empty() {
+            return Ok(Change::AlreadySo(format!("{vm} has no network adapter")));
+        }
+        let mut spec = Node::new("spec");
+        let mut changed = Vec::new();
+        for mut nic in nics {
+            let key: i64 = nic
+                .child_text("key")
+                .and_then(|k| k.parse().ok())
+                .unwrap_or(-1);
+            if keys.is_some_and(|ks| !ks.contains(&key)) {
+                continue;
+            }
+            let conn = nic.child("connectable");
+            let is = |f: &str| conn.and_then(|c| c.child_text(f)) == Some(want);
+            if is("connected") && is("startConnected") {
+                continue;
+            }
+            let c = match nic.child_mut("connectable") {
+                Some(c) => c,
+                None => {
+                    nic.children
+                        .push(Node::new("connectable").typed("VirtualDeviceConnectInfo"));
+                    nic.children.last_mut().expect("just pushed")
+                }
+            };
+            c.set_child_text("startConnected", want);
+            c.set_child_text("connected", want);
+            // `status` is read-only; vCenter recomputes it.
+            c.children.retain(|n| n.name != "status");
+            changed.push(key);
+            spec = spec.with(
+                Node::new("deviceChange")
+                    .with(Node::text("operation", "edit"))
+                    .with(Node {
+                        name: "device".into(),
+                        ..nic
+                    }),
+            );
+        }
+        if let Some(ks) = keys {
+            let found: Vec<i64> = self
+                .nics(vm)
+                .await?
+                .iter()
+                .filter_map(|n| n.child_text("key").and_then(|k| k.parse().ok()))
+                .collect();
+            if let Some(missing) = ks.iter().find(|k| !found.contains(k)) {
+                return Err(Error::NotFound(format!(
+                    "network adapter with key {missing} on {vm}"
+                )));
+            }
+        }
+        if changed.is_empty() {
+            return Ok(Change::AlreadySo(format!(
+                "every selected NIC of {vm} is connected={want}, startConnected={want}"
+            )));
+        }
+        self.run_task("ReconfigVM_Task", vm, vec![spec], TASK_TIMEOUT)
+            .await?;
+        Ok(Change::Changed(format!(
+            "NICs {changed:?} of {vm} set to connected={want}, startConnected={want}"
+        )))
+    }
+
+    /// `runtime.powerState`: `poweredOn`, `poweredOff` or `suspended`.
+    pub async fn power_state(&self, vm: &MoRef) -> Result<String, Error> {
+        Ok(self
+            .property(vm, "runtime.powerState")
+            .await?
+            .map(|n| n.text)
+            .unwrap_or_default())
+    }
+
+    /// Applies a power operation unless the VM is already in the target state.
+    pub async fn power(&self, vm: &MoRef, op: PowerOp) -> Result<Change, Error> {
+        let state = self.power_state(vm).await?;
+        let already = match op {
+            PowerOp::On => state == "poweredOn",
+            PowerOp::Off | PowerOp::ShutdownGuest => state == "poweredOff",
+            PowerOp::Suspend => state == "suspended",
+            PowerOp::Reset | PowerOp::RebootGuest => false,
+        };
+        if already {
+            return Ok(Change::AlreadySo(format!("{vm} is {state}")));
+        }
+        match op {
+            PowerOp::On => {
+                self.run_task("PowerOnVM_Task", vm, vec![], TASK_TIMEOUT)
+                    .await?
+            }
+            PowerOp::Off => {
+                self.run_task("PowerOffVM_Task", vm, vec![], TASK_TIMEOUT)
+                    .await?
+            }
+            PowerOp::Reset => {
+                self.run_task("ResetVM_Task", vm, vec![], TASK_TIMEOUT)
+                    .await?
+            }
+            PowerOp::Suspend => {
+                self.run_task("SuspendVM_Task", vm, vec![], TASK_TIMEOUT)
+                    .await?
+            }
+            PowerOp::ShutdownGuest => self.call("ShutdownGuest", vm, vec![]).await.map(|_| None)?,
+            PowerOp::RebootGuest => self.call("RebootGuest", vm, vec![]).await.map(|_| None)?,
+        };
+        Ok(Change::Changed(format!("{vm}: {op:?} (was {state})")))
+    }
+
+    /// Sets CPU count and/or memory. The spec carries the `changeVersion` read before, so a
+    /// concurrent change makes vCenter refuse (`ConcurrentAccess`) instead of overwriting.
+    pub async fn reconfigure(
+        &self,
+        vm: &MoRef,
+        cpus: Option<i64>,
+        memory_mb: Option<i64>,
+    ) -> Result<Change, Error> {
+        let props = self
+            .properties(
+                vm,
+                &[
+                    "config.hardware.numCPU",
+                    "config.hardware.memoryMB",
+                    "config.changeVersion",
+                ],
+            )
+            .await?;
+        let get = |k: &str| {
+            props
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.text.clone())
+        };
+        let cur_cpu: Option<i64> = get("config.hardware.numCPU").and_then(|v| v.parse().ok());
+        let cur_mem: Option<i64> = get("config.hardware.memoryMB").and_then(|v| v.parse().ok());
+        let need_cpu = cpus.filter(|c| Some(*c) != cur_cpu);
+        let need_mem = memory_mb.filter(|m| Some(*m) != cur_mem);
+        if need_cpu.is_none() && need_mem.is_none() {
+            return Ok(Change::AlreadySo(format!(
+                "{vm} has {cur_cpu:?} CPUs and {cur_mem:?} MB"
+            )));
+        }
+        let mut spec = Node::new("spec");
+        if let Some(v) = get("config.changeVersion").filter(|v| !v.is_empty()) {
+            spec = spec.with(Node::text("changeVersion", v));
+        }
+        if let Some(c) = need_cpu {
+            spec = spec.with(Node::text("numCPUs", c.to_string()));
+        }
+        if let Some(m) = need_mem {
+            spec = spec.with(Node::text("memoryMB", m.to_string()));
+        }
+        self.run_task("ReconfigVM_Task", vm, vec![spec], TASK_TIMEOUT)
+            .await?;
+        Ok(Change::Changed(format!(
+            "{vm}: CPUs {cur_cpu:?} -> {:?}, memory {cur_mem:?} -> {:?} MB",
+            need_cpu.or(cur_cpu),
+            need_mem.or(cur_mem)
+        )))
+    }
+}

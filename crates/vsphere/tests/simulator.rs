@@ -1,0 +1,278 @@
+//! The client against govmomi's vCenter simulator: every effect is read back.
+
+use std::time::Duration;
+use vsphere::sim::Simulator;
+use vsphere::vm::{Change, PowerOp, VmSelector};
+use vsphere::{Client, ConnectOptions, Error, Node};
+
+fn opts(sim: &Simulator, password: &str) -> ConnectOptions {
+    ConnectOptions {
+        url: sim.url.clone(),
+        username: "user".into(),
+        password: password.into(),
+        insecure: true,
+        ca_pem: None,
+        timeout: Duration::from_secs(30),
+    }
+}
+
+async fn connect(sim: &Simulator) -> Client {
+    Client::connect(opts(sim, "pass")).await.expect("login")
+}
+
+#[tokio::test]
+async fn login_faults_and_tls_verification() {
+    let sim = Simulator::start();
+    let e = Client::connect(opts(&sim, "wrong"))
+        .await
+        .err()
+        .expect("a wrong password must fail");
+    assert_eq!(e.fault_name(), Some("InvalidLogin"), "{e}");
+    assert!(!e.is_transient());
+    // Verification is on by default: the simulator's self-signed certificate is refused.
+    let mut o = opts(&sim, "pass");
+    o.insecure = false;
+    let e = Client::connect(o)
+        .await
+        .err()
+        .expect("an untrusted certificate must fail");
+    assert!(matches!(e, Error::Connection(_)), "{e}");
+    let c = connect(&sim).await;
+    assert!(!c.content.instance_uuid.is_empty());
+}
+
+#[tokio::test]
+async fn find_vms_every_way() {
+    let sim = Simulator::start();
+    let c = connect(&sim).await;
+    let by_name = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM0".into()))
+        .await
+        .unwrap();
+    assert_eq!(by_name.kind, "VirtualMachine");
+    let by_moid = c
+        .find_vm(&VmSelector::Moid(by_name.value.clone()))
+        .await
+        .unwrap();
+    assert_eq!(by_moid, by_name);
+    let uuid = c
+        .property(&by_name, "config.instanceUuid")
+        .await
+        .unwrap()
+        .unwrap()
+        .text;
+    assert_eq!(
+        c.find_vm(&VmSelector::InstanceUuid(uuid)).await.unwrap(),
+        by_name
+    );
+    for missing in [
+        VmSelector::Name("nope".into()),
+        VmSelector::Moid("vm-99999".into()),
+        VmSelector::InstanceUuid("00000000-0000-0000-0000-000000000000".into()),
+    ] {
+        let e = c.find_vm(&missing).await.unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{missing}: {e}");
+    }
+}
+
+async fn nic_state(c: &Client, vm: &vsphere::MoRef) -> Vec<(String, String)> {
+    c.nics(vm)
+        .await
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let conn = n.child("connectable").unwrap();
+            (
+                conn.child_text("connected").unwrap().to_string(),
+                conn.child_text("startConnected").unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn nics_disconnect_and_connect_idempotently() {
+    let sim = Simulator::start();
+    let c = connect(&sim).await;
+    let vm = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM0".into()))
+        .await
+        .unwrap();
+    // Model VMs start with connected=false: connect first, so that disconnecting is visible.
+    assert!(matches!(
+        c.set_nics_connected(&vm, true, None).await.unwrap(),
+        Change::Changed(_)
+    ));
+    assert_eq!(
+        nic_state(&c, &vm).await,
+        vec![("true".into(), "true".into())]
+    );
+    let change = c.set_nics_connected(&vm, false, None).await.unwrap();
+    assert!(matches!(change, Change::Changed(_)), "{change}");
+    assert_eq!(
+        nic_state(&c, &vm).await,
+        vec![("false".into(), "false".into())]
+    );
+    // The rest of the NIC is intact (MAC, backing).
+    let nic = &c.nics(&vm).await.unwrap()[0];
+    assert!(nic.child_text("macAddress").is_some_and(|m| !m.is_empty()));
+    assert!(nic.child("backing").is_some());
+    // Second run: nothing to do.
+    assert!(matches!(
+        c.set_nics_connected(&vm, false, None).await.unwrap(),
+        Change::AlreadySo(_)
+    ));
+    // A NIC key that does not exist is an error, not a silent success.
+    let e = c
+        .set_nics_connected(&vm, true, Some(&[9999]))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NotFound(_)), "{e}");
+}
+
+#[tokio::test]
+async fn power_and_reconfigure() {
+    let sim = Simulator::start();
+    let c = connect(&sim).await;
+    let vm = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM1".into()))
+        .await
+        .unwrap();
+    assert_eq!(c.power_state(&vm).await.unwrap(), "poweredOn");
+    assert!(matches!(
+        c.power(&vm, PowerOp::Off).await.unwrap(),
+        Change::Changed(_)
+    ));
+    assert_eq!(c.power_state(&vm).await.unwrap(), "poweredOff");
+    assert!(matches!(
+        c.power(&vm, PowerOp::Off).await.unwrap(),
+        Change::AlreadySo(_)
+    ));
+    // Reset of a powered-off VM: a task error with the fault's name.
+    let e = c.power(&vm, PowerOp::Reset).await.unwrap_err();
+    assert_eq!(e.fault_name(), Some("InvalidPowerState"), "{e}");
+    assert!(matches!(
+        c.power(&vm, PowerOp::On).await.unwrap(),
+        Change::Changed(_)
+    ));
+    assert!(matches!(
+        c.power(&vm, PowerOp::Suspend).await.unwrap(),
+        Change::Changed(_)
+    ));
+    assert_eq!(c.power_state(&vm).await.unwrap(), "suspended");
+
+    let change = c.reconfigure(&vm, Some(3), Some(3072)).await.unwrap();
+    assert!(matches!(change, Change::Changed(_)), "{change}");
+    let props = c
+        .properties(&vm, &["config.hardware.numCPU", "config.hardware.memoryMB"])
+        .await
+        .unwrap();
+    let texts: Vec<&str> = props.iter().map(|(_, v)| v.text.as_str()).collect();
+    assert!(texts.contains(&"3") && texts.contains(&"3072"), "{texts:?}");
+    assert!(matches!(
+        c.reconfigure(&vm, Some(3), Some(3072)).await.unwrap(),
+        Change::AlreadySo(_)
+    ));
+}
+
+#[tokio::test]
+async fn expired_sessions_log_in_again_once() {
+    let sim = Simulator::start();
+    let c = connect(&sim).await;
+    let vm = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM0".into()))
+        .await
+        .unwrap();
+    c.drop_session_for_test().await;
+    // RetrievePropertiesEx reports the dead session in missingSet (HTTP 200).
+    assert_eq!(c.power_state(&vm).await.unwrap(), "poweredOn");
+    assert_eq!(c.relogins().await, 1);
+    c.drop_session_for_test().await;
+    // A method call reports it as a NotAuthenticated fault.
+    c.find_vm(&VmSelector::InstanceUuid(
+        "00000000-0000-0000-0000-000000000000".into(),
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(c.relogins().await, 2);
+}
+
+#[tokio::test]
+async fn events_appear_in_latest_page_and_posted_alarms_convert() {
+    let sim = Simulator::start();
+    let c = connect(&sim).await;
+    let vm = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM0".into()))
+        .await
+        .unwrap();
+    let collector = c.create_event_collector().await.unwrap();
+    let before = c.latest_page(&collector).await.unwrap();
+    let max_before = before
+        .iter()
+        .filter_map(vsphere::events::key)
+        .max()
+        .unwrap_or(0);
+    c.power(&vm, PowerOp::Off).await.unwrap();
+    let alarm = Node::new("event")
+        .typed("AlarmStatusChangedEvent")
+        .with(Node::text("key", "0"))
+        .with(Node::text("chainId", "0"))
+        .with(Node::text("createdTime", "2026-01-01T00:00:00Z"))
+        .with(Node::text("userName", ""))
+        .with(
+            Node::new("vm")
+                .with(Node::text("name", "DC0_H0_VM0"))
+                .with(vm.node("vm")),
+        )
+        .with(Node::text(
+            "fullFormattedMessage",
+            "Alarm 'VM CPU Usage' changed from Yellow to Red",
+        ))
+        .with(
+            Node::new("alarm")
+                .with(Node::text("name", "VM CPU Usage"))
+                .with(Node::moref("alarm", "Alarm", "alarm-1")),
+        )
+        .with(
+            Node::new("source")
+                .with(Node::text("name", "DC0"))
+                .with(Node::moref("entity", "Folder", "group-d1")),
+        )
+        .with(
+            Node::new("entity")
+                .with(Node::text("name", "DC0_H0_VM0"))
+                .with(vm.node("entity")),
+        )
+        .with(Node::text("from", "yellow"))
+        .with(Node::text("to", "red"));
+    c.post_event(alarm).await.unwrap();
+    let page = c.latest_page(&collector).await.unwrap();
+    let new: Vec<&Node> = page
+        .iter()
+        .filter(|e| vsphere::events::key(e).unwrap_or(0) > max_before)
+        .collect();
+    let classes: Vec<String> = new.iter().map(|e| vsphere::events::class(e)).collect();
+    assert!(
+        classes.contains(&"VmPoweredOffEvent".to_string()),
+        "{classes:?}"
+    );
+    let alarm = new
+        .iter()
+        .find(|e| vsphere::events::class(e) == "AlarmStatusChangedEvent")
+        .expect("posted alarm");
+    let j = vsphere::events::event_data(alarm);
+    assert_eq!(j["Alarm"]["Name"], "VM CPU Usage");
+    assert_eq!(j["To"], "red");
+    assert_eq!(j["Vm"]["Vm"]["Value"], vm.value.as_str());
+    let off = new
+        .iter()
+        .find(|e| vsphere::events::class(e) == "VmPoweredOffEvent")
+        .unwrap();
+    let j = vsphere::events::event_data(off);
+    assert_eq!(j["Vm"]["Name"], "DC0_H0_VM0");
+    assert!(j["FullFormattedMessage"]
+        .as_str()
+        .unwrap()
+        .contains("powered off"));
+    c.destroy_collector(&collector).await;
+}

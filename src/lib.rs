@@ -13,6 +13,7 @@ pub mod sources;
 pub mod store;
 pub mod telemetry;
 pub mod template;
+pub mod vcenters;
 
 use anyhow::Context;
 use config::{Config, ConfigError, Diagnostics};
@@ -30,6 +31,8 @@ pub struct Compiled {
     pub router: Arc<router::Router>,
     /// The sources.
     pub sources: Vec<sources::Source>,
+    /// The vCenters (not connected yet).
+    pub vcenters: vcenters::Vcenters,
 }
 
 /// Reads and checks a configuration file, reporting every problem at once. Touches no
@@ -45,6 +48,7 @@ pub fn compile(file: String, config: Config) -> Result<Compiled, ConfigError> {
     config.check_common(&mut diags);
     let sources = sources::build(&config, &mut diags);
     let router = router::Router::build(&config, &mut diags);
+    let vcenters = vcenters::Vcenters::build(&config.vcenters, &mut diags);
     if !diags.0.is_empty() {
         let mut d = diags.0;
         d.sort_by_key(|d| (d.line, d.column));
@@ -57,6 +61,7 @@ pub fn compile(file: String, config: Config) -> Result<Compiled, ConfigError> {
         config,
         router: Arc::new(router),
         sources,
+        vcenters,
     })
 }
 
@@ -104,6 +109,7 @@ pub async fn run(
         config,
         router,
         sources,
+        vcenters,
     } = compiled;
     let store = store::Store::open(&config.store.path, config.store.dedup_window.0)
         .with_context(|| format!("opening the store at {}", config.store.path.display()))?;
@@ -129,6 +135,7 @@ pub async fn run(
         client,
         ingest: ingest.clone(),
         secrets: Arc::new(serde_json::Value::Object(secrets)),
+        vcenters: vcenters.clone(),
     };
     let mut dispatcher = deliveries::Dispatcher::new(
         router.clone(),
@@ -177,8 +184,8 @@ pub async fn run(
         ready: Default::default(),
         max_body: config.http.max_body.0,
     });
-    let http_routes = sources::routes(sources, ingest.clone())
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    let (http_routes, pollers) = sources::routes(sources, ingest.clone());
+    let http_routes = http_routes.route("/healthz", axum::routing::get(|| async { "ok\n" }));
     let api_routes = api::routes(state.clone());
 
     let stop_http = CancellationToken::new();
@@ -222,6 +229,18 @@ pub async fn run(
             }
         })
     };
+    let stop_pollers = CancellationToken::new();
+    let mut poller_tasks = Vec::new();
+    for p in pollers {
+        tracing::info!(source = p.name(), "starting the vCenter event source");
+        poller_tasks.push(tokio::spawn(p.run(
+            ingest.clone(),
+            store.clone(),
+            vcenters.clone(),
+            metrics.clone(),
+            stop_pollers.clone(),
+        )));
+    }
     let dispatcher_stop = CancellationToken::new();
     let dispatcher_task = tokio::spawn(dispatcher.run(dispatcher_stop.clone(), DRAIN));
     state.ready.store(true, Ordering::Release);
@@ -232,6 +251,10 @@ pub async fn run(
     // Stop accepting first so that every acknowledged event is in the store, then drain.
     state.ready.store(false, Ordering::Release);
     stop_http.cancel();
+    stop_pollers.cancel();
+    for t in poller_tasks {
+        let _ = t.await;
+    }
     let _ = http_server.await;
     let _ = api_server.await;
     dispatcher_stop.cancel();

@@ -24,6 +24,10 @@ pub struct Metrics {
     deliveries: Family<Labels, Counter>,
     delivery_latency: Family<Labels, Histogram, fn() -> Histogram>,
     expression_errors: Family<Labels, Counter>,
+    source_up: Family<Labels, Gauge>,
+    source_stalls: Family<Labels, Counter>,
+    vcenter_missed: Family<Labels, Counter>,
+    vcenter_lag: Family<Labels, Gauge<f64, AtomicU64>>,
     /// Deliveries waiting or running in the dispatcher.
     pub queue_depth: Gauge,
     /// Events accepted but not yet durable.
@@ -49,6 +53,10 @@ impl Metrics {
             deliveries: Family::default(),
             delivery_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             expression_errors: Family::default(),
+            source_up: Family::default(),
+            source_stalls: Family::default(),
+            vcenter_missed: Family::default(),
+            vcenter_lag: Family::default(),
             queue_depth: Gauge::default(),
             ingest_in_flight: Gauge::default(),
             store_bytes: Gauge::default(),
@@ -83,6 +91,26 @@ impl Metrics {
             "expression_errors",
             "Trigger expressions or key templates that failed on an event",
             m.expression_errors.clone(),
+        );
+        registry.register(
+            "source_up",
+            "1 when a polling source's last poll succeeded",
+            m.source_up.clone(),
+        );
+        registry.register(
+            "source_stalls",
+            "Times a polling source was announced as stalled",
+            m.source_stalls.clone(),
+        );
+        registry.register(
+            "vcenter_events_missed",
+            "vCenter events that fell out of the page between two polls",
+            m.vcenter_missed.clone(),
+        );
+        registry.register(
+            "vcenter_lag_seconds",
+            "vCenter's clock minus the time of the last event read",
+            m.vcenter_lag.clone(),
         );
         registry.register(
             "queue_depth",
@@ -143,6 +171,31 @@ impl Metrics {
         self.expression_errors
             .get_or_create(&vec![("trigger", trigger.to_string())])
             .inc();
+    }
+
+    /// A polling source's health.
+    pub fn source_up(&self, source: &str, up: bool) {
+        self.source_up
+            .get_or_create(&vec![("source", source.to_string())])
+            .set(up as i64);
+    }
+    /// A polling source was announced as stalled.
+    pub fn source_stalled(&self, source: &str) {
+        self.source_stalls
+            .get_or_create(&vec![("source", source.to_string())])
+            .inc();
+    }
+    /// Events that could not be read because more than a page arrived between polls.
+    pub fn vcenter_missed(&self, source: &str, n: u64) {
+        self.vcenter_missed
+            .get_or_create(&vec![("source", source.to_string())])
+            .inc_by(n);
+    }
+    /// The event stream's lag.
+    pub fn vcenter_lag(&self, source: &str, secs: f64) {
+        self.vcenter_lag
+            .get_or_create(&vec![("source", source.to_string())])
+            .set(secs);
     }
 
     /// The Prometheus text exposition.

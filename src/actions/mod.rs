@@ -4,6 +4,7 @@ pub mod emit;
 pub mod exec;
 pub mod http;
 pub mod http_request;
+pub mod vsphere;
 
 use crate::config::{Config, Diagnostics};
 use crate::ingest::Ingest;
@@ -25,6 +26,18 @@ pub enum ActionConfig {
     Exec(exec::ExecConfig),
     /// A new event back into reflex.
     Emit(emit::EmitConfig),
+    /// Disconnect a VM's NICs (connected and connect-at-power-on both false).
+    #[serde(rename = "vsphere.disconnect_nics")]
+    VsphereDisconnectNics(vsphere::NicsConfig),
+    /// Connect a VM's NICs.
+    #[serde(rename = "vsphere.connect_nics")]
+    VsphereConnectNics(vsphere::NicsConfig),
+    /// Power on, off, reset, suspend, shut down or reboot a VM.
+    #[serde(rename = "vsphere.power")]
+    VspherePower(vsphere::PowerConfig),
+    /// Set a VM's CPU count and memory, within maximums, guarded by its changeVersion.
+    #[serde(rename = "vsphere.reconfigure")]
+    VsphereReconfigure(vsphere::ReconfigureConfig),
 }
 
 /// A compiled action.
@@ -38,6 +51,8 @@ pub enum Action {
     Exec(exec::ExecAction),
     /// See [`emit::EmitAction`].
     Emit(emit::EmitAction),
+    /// See [`vsphere::VsphereAction`].
+    Vsphere(vsphere::VsphereAction),
 }
 
 /// What an action needs from the running server.
@@ -49,6 +64,8 @@ pub struct ActionContext {
     pub ingest: Ingest,
     /// `secrets.*` for templates.
     pub secrets: Arc<serde_json::Value>,
+    /// The configured vCenters.
+    pub vcenters: crate::vcenters::Vcenters,
 }
 
 /// A successful attempt.
@@ -100,8 +117,25 @@ impl Action {
             }
             ActionConfig::Exec(c) => exec::ExecAction::build(c).map(Action::Exec),
             ActionConfig::Emit(c) => emit::EmitAction::build(c, trigger).map(Action::Emit),
+            ActionConfig::VsphereDisconnectNics(c) => {
+                vsphere::VsphereAction::nics(c, false).map(Action::Vsphere)
+            }
+            ActionConfig::VsphereConnectNics(c) => {
+                vsphere::VsphereAction::nics(c, true).map(Action::Vsphere)
+            }
+            ActionConfig::VspherePower(c) => vsphere::VsphereAction::power(c).map(Action::Vsphere),
+            ActionConfig::VsphereReconfigure(c) => {
+                vsphere::VsphereAction::reconfigure(c).map(Action::Vsphere)
+            }
         };
-        let _ = config;
+        let r = r.and_then(|a| match &a {
+            Action::Vsphere(v) if !config.vcenters.contains_key(v.vcenter()) => Err(format!(
+                "vcenter `{}` is not configured under `vcenters:` (configured: {:?})",
+                v.vcenter(),
+                config.vcenters.keys().collect::<Vec<_>>()
+            )),
+            _ => Ok(a),
+        });
         match r {
             Ok(a) => Some(a),
             Err(e) => {
@@ -118,6 +152,7 @@ impl Action {
             Action::HttpRequest(_) => "http_request",
             Action::Exec(_) => "exec",
             Action::Emit(_) => "emit",
+            Action::Vsphere(_) => "vsphere",
         }
     }
 
@@ -132,6 +167,7 @@ impl Action {
             Action::HttpRequest(a) => a.execute(event, ctx).await,
             Action::Exec(a) => a.execute(event).await,
             Action::Emit(a) => a.execute(event, ctx).await,
+            Action::Vsphere(a) => a.execute(event, ctx).await,
         }
     }
 }

@@ -39,6 +39,9 @@ pub struct Config {
     /// Named secrets usable in action templates as `secrets.NAME`.
     #[serde(default)]
     pub secrets: BTreeMap<String, Secret>,
+    /// vCenters by name, used by `vcenter` sources and `vsphere.*` actions.
+    #[serde(default)]
+    pub vcenters: BTreeMap<String, crate::vcenters::VcenterConfig>,
     /// Where events come from (each with the position where it was written).
     #[serde(default)]
     #[schemars(with = "Vec<SourceConfig>")]

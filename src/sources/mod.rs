@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod cloudevents;
 pub mod util;
+pub mod vcenter;
 pub mod webhook;
 
 use crate::config::{Config, Diagnostics};
@@ -21,6 +22,8 @@ pub enum SourceConfig {
     Webhook(webhook::WebhookConfig),
     /// CloudEvents over HTTP: binary, structured and batch.
     Cloudevents(cloudevents::CloudEventsConfig),
+    /// vSphere events from a vCenter's EventManager.
+    Vcenter(vcenter::VcenterSourceConfig),
 }
 
 impl SourceConfig {
@@ -28,12 +31,15 @@ impl SourceConfig {
         match self {
             SourceConfig::Webhook(c) => &c.name,
             SourceConfig::Cloudevents(c) => &c.name,
+            SourceConfig::Vcenter(c) => &c.name,
         }
     }
-    fn path(&self) -> &crate::config::Text {
+    /// The HTTP path, for sources served on the sources listener.
+    fn path(&self) -> Option<&crate::config::Text> {
         match self {
-            SourceConfig::Webhook(c) => &c.path,
-            SourceConfig::Cloudevents(c) => &c.path,
+            SourceConfig::Webhook(c) => Some(&c.path),
+            SourceConfig::Cloudevents(c) => Some(&c.path),
+            SourceConfig::Vcenter(_) => None,
         }
     }
 }
@@ -44,6 +50,8 @@ pub enum Source {
     Webhook(webhook::Webhook),
     /// See [`cloudevents::CloudEvents`].
     CloudEvents(cloudevents::CloudEvents),
+    /// See [`vcenter::VcenterSource`].
+    Vcenter(vcenter::VcenterSource),
 }
 
 /// Paths that the sources listener answers itself.
@@ -82,27 +90,29 @@ pub fn build(config: &Config, diags: &mut Diagnostics) -> Vec<Source> {
         } else if names.insert(&name.value, ()).is_some() {
             diags.at(&at(name), format!("duplicate source name `{}`", name.value));
         }
-        if !path.value.starts_with('/') || path.value.contains(['{', '}', '*']) {
-            diags.at(
-                &at(path),
-                format!(
-                    "source `{}`: path `{}` must start with `/` and be literal",
-                    name.value, path.value
-                ),
-            );
-        } else if RESERVED.contains(&path.value.as_str()) {
-            diags.at(
-                &at(path),
-                format!("source `{}`: path `{}` is reserved", name.value, path.value),
-            );
-        } else if let Some(other) = paths.insert(&path.value, &name.value) {
-            diags.at(
-                &at(path),
-                format!(
-                    "source `{}`: path `{}` is already used by source `{other}`",
-                    name.value, path.value
-                ),
-            );
+        if let Some(path) = path {
+            if !path.value.starts_with('/') || path.value.contains(['{', '}', '*']) {
+                diags.at(
+                    &at(path),
+                    format!(
+                        "source `{}`: path `{}` must start with `/` and be literal",
+                        name.value, path.value
+                    ),
+                );
+            } else if RESERVED.contains(&path.value.as_str()) {
+                diags.at(
+                    &at(path),
+                    format!("source `{}`: path `{}` is reserved", name.value, path.value),
+                );
+            } else if let Some(other) = paths.insert(&path.value, &name.value) {
+                diags.at(
+                    &at(path),
+                    format!(
+                        "source `{}`: path `{}` is already used by source `{other}`",
+                        name.value, path.value
+                    ),
+                );
+            }
         }
         let built = match s {
             SourceConfig::Webhook(c) => {
@@ -112,20 +122,28 @@ pub fn build(config: &Config, diags: &mut Diagnostics) -> Vec<Source> {
                 cloudevents::CloudEvents::build(c, &at(&c.name), config, diags)
                     .map(Source::CloudEvents)
             }
+            SourceConfig::Vcenter(c) => {
+                vcenter::VcenterSource::build(c, &at(&c.name), config, diags).map(Source::Vcenter)
+            }
         };
         out.extend(built);
     }
     out
 }
 
-/// The sources listener's routes.
-pub fn routes(sources: Vec<Source>, ingest: Ingest) -> Router {
+/// The sources listener's routes, and the sources that poll instead of listening.
+pub fn routes(sources: Vec<Source>, ingest: Ingest) -> (Router, Vec<vcenter::VcenterSource>) {
     let mut router = Router::new();
+    let mut pollers = Vec::new();
     for s in sources {
         router = match s {
             Source::Webhook(w) => w.route(router, ingest.clone()),
             Source::CloudEvents(c) => c.route(router, ingest.clone()),
+            Source::Vcenter(v) => {
+                pollers.push(v);
+                router
+            }
         };
     }
-    router
+    (router, pollers)
 }

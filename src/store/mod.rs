@@ -180,6 +180,7 @@ enum Op {
     Replay(i64, oneshot::Sender<Result<OpenDelivery, StoreError>>),
     Prune(Retention, oneshot::Sender<Result<u64, StoreError>>),
     Flush(oneshot::Sender<()>),
+    Checkpoint(String, i64, String, oneshot::Sender<()>),
 }
 
 /// Retention limits applied by [`Store::prune`].
@@ -326,6 +327,40 @@ impl Store {
         }
     }
 
+    /// Stores a source's position (e.g. a vCenter event key and its time); returns once durable.
+    pub async fn set_checkpoint(
+        &self,
+        source: &str,
+        position: i64,
+        time: &str,
+    ) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Checkpoint(
+                source.to_string(),
+                position,
+                time.to_string(),
+                tx,
+            ))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// A source's stored position and its time.
+    pub async fn checkpoint(&self, source: &str) -> Result<Option<(i64, String)>, StoreError> {
+        let source = source.to_string();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT position, time FROM checkpoints WHERE source=?1",
+                [source],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+        .await
+    }
+
     /// The dedup window in milliseconds.
     pub fn dedup_window_ms(&self) -> i64 {
         self.dedup_window_ms
@@ -459,6 +494,14 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, windo
                         replies.push(Reply::Prune(reply, res));
                     }
                     Op::Flush(reply) => replies.push(Reply::Flush(reply)),
+                    Op::Checkpoint(source, position, time, reply) => {
+                        tx.execute(
+                            "INSERT INTO checkpoints(source, position, time, updated_at) VALUES (?1,?2,?3,?4)
+                             ON CONFLICT(source) DO UPDATE SET position=excluded.position, time=excluded.time, updated_at=excluded.updated_at",
+                            params![source, position, time, now],
+                        )?;
+                        replies.push(Reply::Flush(reply));
+                    }
                 }
             }
             tx.commit()

@@ -43,6 +43,12 @@ CREATE TABLE IF NOT EXISTS attempts (
     detail TEXT NOT NULL,
     PRIMARY KEY (delivery_id, n)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    source TEXT PRIMARY KEY,
+    position INTEGER NOT NULL,
+    time TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS throttles (
     trigger TEXT NOT NULL,
     key TEXT NOT NULL,

@@ -6,3 +6,4 @@ mod config_errors;
 mod deliveries;
 mod e2e_binary;
 mod ingest_http;
+mod vsphere;

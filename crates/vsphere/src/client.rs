@@ -472,6 +472,21 @@ impl Client {
         Ok(out)
     }
 
+    /// vCenter's clock (`ServiceInstance.CurrentTime`).
+    pub async fn current_time(&self) -> Result<chrono::DateTime<chrono::Utc>, Error> {
+        let r = self
+            .call(
+                "CurrentTime",
+                &MoRef::new("ServiceInstance", "ServiceInstance"),
+                vec![],
+            )
+            .await?;
+        let t = r.child_text("returnval").unwrap_or("");
+        chrono::DateTime::parse_from_rfc3339(t)
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .map_err(|_| proto("CurrentTime", &format!("not a time: `{t}`")))
+    }
+
     /// Waits for a task to finish; its error becomes [`Error::Task`] with the fault's name.
     pub async fn wait_task(
         &self,

@@ -1,0 +1,385 @@
+//! `type: vcenter` — vSphere events as CloudEvents in the Event Broker Appliance's form.
+//!
+//! The source reads the `latestPage` of an EventHistoryCollector over the root folder: a
+//! cheap property read that works on real vCenters and on govmomi's simulator, whose
+//! long-lived `ReadNextEvents` never returns new events (govmomi #2134). New events (key
+//! above the checkpoint) are ingested in key order; once they are durable, the checkpoint
+//! (key, time) is stored. A restart resumes after the checkpoint, skipping events older than
+//! `max_replay_age`; a first start begins at "now". Failures re-create the session and the
+//! collector with jittered backoff; a source that keeps failing is announced as a
+//! `stalled` event, and its recovery as `reconnected`.
+
+use crate::config::{Diagnostics, Duration as CfgDuration, Text};
+use crate::ingest::Ingest;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+use crate::vcenters::Vcenters;
+use cloudevents::{AttributesReader, Event, EventBuilder, EventBuilderV10};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use vsphere::{MoRef, Node};
+
+/// Configuration of `type: vcenter`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VcenterSourceConfig {
+    /// Unique source name (also the checkpoint's name).
+    #[schemars(with = "String")]
+    pub name: Text,
+    /// Name of a vCenter under `vcenters:`.
+    #[schemars(with = "String")]
+    pub vcenter: Text,
+    /// How often to look for new events (default 1s).
+    pub poll_interval: Option<CfgDuration>,
+    /// Events older than this are not replayed after a restart (default 1h).
+    pub max_replay_age: Option<CfgDuration>,
+    /// Where a first start (no checkpoint) begins: `now` (default) or `history` (every
+    /// event vCenter still holds, within `max_replay_age`).
+    #[serde(default)]
+    pub first_start: FirstStart,
+    /// `cloudevents` (default: `com.vmware.vsphere.<Class>.v0`) or `router` (the appliance's
+    /// older `com.vmware.event.router/event`).
+    #[serde(default)]
+    pub format: Format,
+    /// Consecutive failures before the source is announced as stalled (default 3).
+    pub stall_after: Option<u32>,
+}
+
+/// Where a first start begins.
+#[derive(Debug, Deserialize, JsonSchema, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FirstStart {
+    /// After the newest event present at start.
+    #[default]
+    Now,
+    /// With the events vCenter still holds.
+    History,
+}
+
+/// The CloudEvent form.
+#[derive(Debug, Deserialize, JsonSchema, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// `com.vmware.vsphere.<Class>.v0`, subject the class.
+    #[default]
+    Cloudevents,
+    /// `com.vmware.event.router/event`, subject the class.
+    Router,
+}
+
+/// A compiled vCenter source.
+pub struct VcenterSource {
+    name: String,
+    vcenter: String,
+    poll: Duration,
+    max_age: Duration,
+    first_start: FirstStart,
+    format: Format,
+    stall_after: u32,
+}
+
+impl VcenterSource {
+    /// Checks that the vCenter is configured.
+    pub fn build(
+        c: &VcenterSourceConfig,
+        loc: &serde_saphyr::Location,
+        config: &crate::config::Config,
+        diags: &mut Diagnostics,
+    ) -> Option<VcenterSource> {
+        if !config.vcenters.contains_key(&c.vcenter.value) {
+            diags.at(
+                loc,
+                format!(
+                    "source `{}`: vcenter `{}` is not configured under `vcenters:` (configured: {:?})",
+                    c.name.value,
+                    c.vcenter.value,
+                    config.vcenters.keys().collect::<Vec<_>>()
+                ),
+            );
+            return None;
+        }
+        Some(VcenterSource {
+            name: c.name.value.clone(),
+            vcenter: c.vcenter.value.clone(),
+            poll: c
+                .poll_interval
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(1)),
+            max_age: c
+                .max_replay_age
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(3600)),
+            first_start: c.first_start,
+            format: c.format,
+            stall_after: c.stall_after.unwrap_or(3).max(1),
+        })
+    }
+
+    /// The source's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Polls until `shutdown`.
+    pub async fn run(
+        self,
+        ingest: Ingest,
+        store: Store,
+        vcenters: Vcenters,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) {
+        let mut state = PollState {
+            last_key: match store.checkpoint(&self.name).await {
+                Ok(c) => c.map(|(k, _)| k),
+                Err(e) => {
+                    tracing::error!(source = %self.name, error = %e, "cannot read the checkpoint; the source does not start");
+                    return;
+                }
+            },
+            collector: None,
+            failures: 0,
+            stalled: false,
+        };
+        let mut delay = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            match self
+                .poll_once(&mut state, &ingest, &store, &vcenters, &metrics)
+                .await
+            {
+                Ok(()) => {
+                    if state.stalled {
+                        state.stalled = false;
+                        tracing::info!(source = %self.name, "vCenter event stream reconnected");
+                        self.announce(
+                            &ingest,
+                            &vcenters,
+                            "reconnected",
+                            "the event stream is flowing again",
+                        )
+                        .await;
+                    }
+                    state.failures = 0;
+                    metrics.source_up(&self.name, true);
+                    delay = jitter(self.poll);
+                }
+                Err(e) => {
+                    state.failures += 1;
+                    state.collector = None;
+                    vcenters.reset(&self.vcenter).await;
+                    metrics.source_up(&self.name, false);
+                    tracing::warn!(source = %self.name, failures = state.failures, error = %e, "reading vCenter events failed; will reconnect");
+                    if state.failures >= self.stall_after && !state.stalled {
+                        state.stalled = true;
+                        metrics.source_stalled(&self.name);
+                        self.announce(
+                            &ingest,
+                            &vcenters,
+                            "stalled",
+                            &format!("{} consecutive failures; last: {e}", state.failures),
+                        )
+                        .await;
+                    }
+                    let backoff = self
+                        .poll
+                        .saturating_mul(1 << state.failures.min(6))
+                        .min(Duration::from_secs(60));
+                    delay = jitter(backoff);
+                }
+            }
+        }
+        if let Some((client, c)) = state.collector.take() {
+            client.destroy_collector(&c).await;
+        }
+    }
+
+    async fn poll_once(
+        &self,
+        st: &mut PollState,
+        ingest: &Ingest,
+        store: &Store,
+        vcenters: &Vcenters,
+        metrics: &Metrics,
+    ) -> Result<(), String> {
+        let (client, collector) = match &st.collector {
+            Some(c) => c.clone(),
+            None => {
+                let client = vcenters
+                    .client(&self.vcenter)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let c = client
+                    .create_event_collector()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                st.collector = Some((client.clone(), c.clone()));
+                (client, c)
+            }
+        };
+        let mut page = client
+            .latest_page(&collector)
+            .await
+            .map_err(|e| e.to_string())?;
+        page.sort_by_key(|e| vsphere::events::key(e).unwrap_or(0));
+        let newest = page.last().and_then(vsphere::events::key);
+        let Some(last) = st.last_key else {
+            // First start.
+            if self.first_start == FirstStart::Now {
+                let k = newest.unwrap_or(0);
+                store
+                    .set_checkpoint(&self.name, k, "")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                st.last_key = Some(k);
+                tracing::info!(source = %self.name, key = k, "first start: reading events after the newest one present");
+                return Ok(());
+            }
+            st.last_key = Some(0);
+            return Box::pin(self.poll_once(st, ingest, store, vcenters, metrics)).await;
+        };
+        let last = match newest {
+            Some(n) if n < last => {
+                tracing::warn!(source = %self.name, checkpoint = last, newest = n, "vCenter event keys went backwards (a new or reset vCenter); resuming after its newest event");
+                store
+                    .set_checkpoint(&self.name, n, "")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                st.last_key = Some(n);
+                return Ok(());
+            }
+            _ => last,
+        };
+        let oldest_allowed = chrono::Utc::now()
+            - chrono::Duration::from_std(self.max_age).unwrap_or(chrono::Duration::hours(1));
+        let new: Vec<&Node> = page
+            .iter()
+            .filter(|e| vsphere::events::key(e).is_some_and(|k| k > last))
+            .collect();
+        if let Some(first) = new.first().and_then(|e| vsphere::events::key(e)) {
+            if page.len() >= vsphere::events::MAX_COUNT as usize && first > last + 1 {
+                let missed = first - last - 1;
+                tracing::warn!(source = %self.name, missed, "more events than one page arrived between two polls; lower poll_interval");
+                metrics.vcenter_missed(&self.name, missed as u64);
+            }
+        }
+        let mut events = Vec::new();
+        let mut skipped = 0;
+        for e in &new {
+            let ce = match self.to_cloudevent(e, client.url(), &client.content.api_version) {
+                Ok(ce) => ce,
+                Err(err) => {
+                    tracing::warn!(source = %self.name, error = %err, "vSphere event cannot be converted; skipped");
+                    continue;
+                }
+            };
+            if ce.time().is_some_and(|t| *t < oldest_allowed) {
+                skipped += 1;
+                continue;
+            }
+            events.push(ce);
+        }
+        if skipped > 0 {
+            tracing::info!(source = %self.name, skipped, "events older than max_replay_age were not replayed");
+        }
+        if let Some(e) = new.last() {
+            let key = vsphere::events::key(e).unwrap_or(last);
+            let time = e.child_text("createdTime").unwrap_or("").to_string();
+            if !events.is_empty() {
+                ingest
+                    .submit(&self.name, events)
+                    .await
+                    .map_err(|e| format!("ingest: {e}"))?;
+            }
+            // Only now that the events are durable does the position move.
+            store
+                .set_checkpoint(&self.name, key, &time)
+                .await
+                .map_err(|e| e.to_string())?;
+            st.last_key = Some(key);
+            if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&time) {
+                if let Ok(now) = client.current_time().await {
+                    metrics.vcenter_lag(
+                        &self.name,
+                        (now - t.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Converts a vSphere event to the appliance's CloudEvent.
+    pub fn to_cloudevent(&self, e: &Node, url: &str, api_version: &str) -> Result<Event, String> {
+        let class = vsphere::events::class(e);
+        let key = vsphere::events::key(e).ok_or("event without key")?;
+        let (eventclass, type_name) = match class.as_str() {
+            "EventEx" => (
+                "eventex",
+                e.child_text("eventTypeId").unwrap_or("EventEx").to_string(),
+            ),
+            "ExtendedEvent" => (
+                "extendedevent",
+                e.child_text("eventTypeId")
+                    .unwrap_or("ExtendedEvent")
+                    .to_string(),
+            ),
+            _ => ("event", class.clone()),
+        };
+        let ty = match self.format {
+            Format::Cloudevents => format!("com.vmware.vsphere.{type_name}.v0"),
+            Format::Router => "com.vmware.event.router/event".to_string(),
+        };
+        let mut b = EventBuilderV10::new()
+            .id(key.to_string())
+            .source(url.to_string())
+            .ty(ty)
+            .subject(class)
+            .extension("eventclass", eventclass)
+            .extension("vsphereapiversion", api_version.to_string())
+            .data("application/json", vsphere::events::event_data(e));
+        if let Some(t) = e
+            .child_text("createdTime")
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        {
+            b = b.time(t.with_timezone(&chrono::Utc));
+        }
+        b.build().map_err(|e| e.to_string())
+    }
+
+    async fn announce(&self, ingest: &Ingest, vcenters: &Vcenters, what: &str, detail: &str) {
+        let ev = EventBuilderV10::new()
+            .id(uuid::Uuid::now_v7().to_string())
+            .source(format!("/reflex/sources/{}", self.name))
+            .ty(format!("com.reflex.source.{what}"))
+            .subject(self.name.clone())
+            .time(chrono::Utc::now())
+            .data(
+                "application/json",
+                serde_json::json!({"source": self.name, "vcenter": self.vcenter, "url": vcenters.url(&self.vcenter), "detail": detail}),
+            )
+            .build();
+        if let Ok(ev) = ev {
+            if let Err(e) = ingest.submit(&self.name, vec![ev]).await {
+                tracing::error!(source = %self.name, error = %e, "cannot record the `{what}` event");
+            }
+        }
+    }
+}
+
+struct PollState {
+    last_key: Option<i64>,
+    collector: Option<(Arc<vsphere::Client>, MoRef)>,
+    failures: u32,
+    stalled: bool,
+}
+
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
+}

@@ -1,0 +1,341 @@
+//! reflex against govmomi's vCenter simulator: the quarantine action read back through the
+//! API, the vcenter source's CloudEvents, checkpoint resume, posted alarms, and a simulator
+//! restart (stalled / reconnected).
+
+use crate::common::{Receiver, Reflex};
+use serde_json::json;
+use std::time::Duration;
+use vsphere::sim::Simulator;
+use vsphere::vm::{PowerOp, VmSelector};
+use vsphere::{Client, ConnectOptions, Node};
+
+async fn client(sim: &Simulator) -> Client {
+    Client::connect(ConnectOptions {
+        url: sim.url.clone(),
+        username: "user".into(),
+        password: "pass".into(),
+        insecure: true,
+        ca_pem: None,
+        timeout: Duration::from_secs(30),
+    })
+    .await
+    .unwrap()
+}
+
+fn vcenters(sim: &Simulator) -> String {
+    std::env::set_var("REFLEX_IT_VC_PASSWORD", "pass");
+    format!(
+        "vcenters:\n  vc1:\n    url: {}\n    username: user\n    password: ${{env:REFLEX_IT_VC_PASSWORD}}\n    insecure: true\n",
+        sim.url
+    )
+}
+
+async fn nic_state(c: &Client, vm: &str) -> Vec<(String, String)> {
+    let vm = c.find_vm(&VmSelector::Name(vm.into())).await.unwrap();
+    c.nics(&vm)
+        .await
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let conn = n.child("connectable").unwrap();
+            (
+                conn.child_text("connected").unwrap().into(),
+                conn.child_text("startConnected").unwrap().into(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn quarantine_disconnects_the_vms_nics() {
+    let sim = Simulator::start();
+    let c = client(&sim).await;
+    let vm = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM0".into()))
+        .await
+        .unwrap();
+    c.set_nics_connected(&vm, true, None).await.unwrap();
+    assert_eq!(
+        nic_state(&c, "DC0_H0_VM0").await,
+        vec![("true".to_string(), "true".to_string())]
+    );
+
+    let r = Reflex::start(&format!(
+        r#"{}
+sources:
+  - name: logs
+    type: webhook
+    path: /hooks/logs
+    mapping: {{type: "security.{{{{ body.alert }}}}", subject: "{{{{ body.vm }}}}"}}
+triggers:
+  - name: quarantine
+    filters: [{{exact: {{type: security.compromised}}}}]
+    action:
+      type: vsphere.disconnect_nics
+      vcenter: vc1
+      vm: {{name: "{{{{ event.subject }}}}"}}
+    delivery: {{max_attempts: 3, backoff: 100ms}}
+"#,
+        vcenters(&sim)
+    ))
+    .await;
+    let resp = r
+        .post_json(
+            "/hooks/logs",
+            &json!({"alert": "compromised", "vm": "DC0_H0_VM0"}),
+        )
+        .await;
+    assert_eq!(resp.status(), 202);
+    let ok = r
+        .wait_deliveries("state=succeeded", 20, |l| l.len() == 1)
+        .await;
+    assert_eq!(
+        nic_state(&c, "DC0_H0_VM0").await,
+        vec![("false".to_string(), "false".to_string())]
+    );
+    let d = r
+        .api_get(&format!("/api/v1/deliveries/{}", ok[0]["id"]))
+        .await;
+    assert!(
+        d["attempt_log"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("changed"),
+        "{d}"
+    );
+
+    // Idempotent: a second alert changes nothing and says so.
+    r.post_json(
+        "/hooks/logs",
+        &json!({"alert": "compromised", "vm": "DC0_H0_VM0"}),
+    )
+    .await;
+    let ok = r
+        .wait_deliveries("state=succeeded", 20, |l| l.len() == 2)
+        .await;
+    let d = r
+        .api_get(&format!("/api/v1/deliveries/{}", ok[0]["id"]))
+        .await;
+    assert!(
+        d["attempt_log"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("already so"),
+        "{d}"
+    );
+
+    // A VM that does not exist: dead at once (permanent), with the reason.
+    r.post_json(
+        "/hooks/logs",
+        &json!({"alert": "compromised", "vm": "no-such-vm"}),
+    )
+    .await;
+    let dead = r.wait_deliveries("state=dead", 20, |l| l.len() == 1).await;
+    assert_eq!(dead[0]["attempts"], 1);
+    assert!(
+        dead[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("not found"),
+        "{}",
+        dead[0]
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn vcenter_events_become_cloudevents_and_resume_from_the_checkpoint() {
+    let sim = Simulator::start();
+    let c = client(&sim).await;
+    let mut rcv = Receiver::start().await;
+    let cfg = format!(
+        r#"{}
+sources:
+  - name: vc1-events
+    type: vcenter
+    vcenter: vc1
+    poll_interval: 100ms
+triggers:
+  - name: all-vm-events
+    filters: [{{prefix: {{type: com.vmware.vsphere.Vm}}}}]
+    action: {{type: http, url: "{}"}}
+  - name: red-cpu
+    filters: [{{exact: {{type: com.vmware.vsphere.AlarmStatusChangedEvent.v0}}}}]
+    when: 'event.data.Alarm.Name == "VM CPU Usage" && event.data.To == "red"'
+    action: {{type: http, url: "{}", mode: structured}}
+"#,
+        vcenters(&sim),
+        rcv.url(),
+        rcv.url()
+    );
+    let r = Reflex::start(&cfg).await;
+    // First start begins at "now": the simulator's start-up events are not replayed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rcv.nothing_for(300).await;
+
+    let vm = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM1".into()))
+        .await
+        .unwrap();
+    c.power(&vm, PowerOp::Off).await.unwrap();
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|(t, _): &(String, _)| t == "com.vmware.vsphere.VmPoweredOffEvent.v0")
+    {
+        let got = rcv.next(10).await;
+        seen.push((got.headers["ce-type"].to_str().unwrap().to_string(), got));
+    }
+    let (_, off) = seen
+        .iter()
+        .find(|(t, _)| t == "com.vmware.vsphere.VmPoweredOffEvent.v0")
+        .unwrap();
+    assert_eq!(off.headers["ce-source"], sim.url.as_str());
+    assert_eq!(off.headers["ce-subject"], "VmPoweredOffEvent");
+    assert_eq!(off.headers["ce-eventclass"], "event");
+    assert!(!off.headers["ce-vsphereapiversion"].is_empty());
+    assert!(off.headers.contains_key("ce-time"));
+    let off_id = off.headers["ce-id"].to_str().unwrap().to_string();
+    assert!(
+        off_id.parse::<i64>().is_ok(),
+        "the id is the vCenter event key"
+    );
+    let data: serde_json::Value = serde_json::from_slice(&off.body).unwrap();
+    assert_eq!(data["Vm"]["Name"], "DC0_H0_VM1");
+    assert_eq!(data["Vm"]["Vm"]["Type"], "VirtualMachine");
+    assert_eq!(data["Key"].as_i64().unwrap().to_string(), off_id);
+    assert!(data["FullFormattedMessage"]
+        .as_str()
+        .unwrap()
+        .contains("powered off"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while rcv.rx.try_recv().is_ok() {}
+
+    // While reflex is down, the VM powers on; after the restart those events arrive, and
+    // the power-off is not delivered again.
+    let dir = r.stop().await;
+    c.power(&vm, PowerOp::On).await.unwrap();
+    let r = Reflex::start_in(&cfg, dir).await;
+    let mut types = Vec::new();
+    while !types
+        .iter()
+        .any(|t: &String| t == "com.vmware.vsphere.VmPoweredOnEvent.v0")
+    {
+        let got = rcv.next(10).await;
+        assert_ne!(
+            got.headers["ce-id"].to_str().unwrap(),
+            off_id,
+            "an event before the checkpoint was delivered again"
+        );
+        types.push(got.headers["ce-type"].to_str().unwrap().to_string());
+    }
+    assert!(
+        types.contains(&"com.vmware.vsphere.VmStartingEvent.v0".to_string()),
+        "{types:?}"
+    );
+
+    // A posted alarm arrives and its data drives the expression filter.
+    for (name, to) in [("VM Memory Usage", "red"), ("VM CPU Usage", "red")] {
+        let alarm = Node::new("event")
+            .typed("AlarmStatusChangedEvent")
+            .with(Node::text("key", "0"))
+            .with(Node::text("chainId", "0"))
+            .with(Node::text("createdTime", "2026-01-01T00:00:00Z"))
+            .with(Node::text("userName", ""))
+            .with(
+                Node::new("vm")
+                    .with(Node::text("name", "DC0_H0_VM1"))
+                    .with(vm.node("vm")),
+            )
+            .with(
+                Node::new("alarm")
+                    .with(Node::text("name", name))
+                    .with(Node::moref("alarm", "Alarm", "alarm-1")),
+            )
+            .with(
+                Node::new("source")
+                    .with(Node::text("name", "DC0"))
+                    .with(Node::moref("entity", "Folder", "group-d1")),
+            )
+            .with(
+                Node::new("entity")
+                    .with(Node::text("name", "DC0_H0_VM1"))
+                    .with(vm.node("entity")),
+            )
+            .with(Node::text("from", "yellow"))
+            .with(Node::text("to", to));
+        c.post_event(alarm).await.unwrap();
+    }
+    let got = rcv.next(10).await;
+    assert_eq!(got.headers["content-type"], "application/cloudevents+json");
+    let ev: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(ev["type"], "com.vmware.vsphere.AlarmStatusChangedEvent.v0");
+    assert_eq!(ev["data"]["Alarm"]["Name"], "VM CPU Usage");
+    rcv.nothing_for(500).await;
+    let m = r.metrics().await;
+    assert!(
+        m.contains(r#"reflex_source_up{source="vc1-events"} 1"#),
+        "{m}"
+    );
+    assert!(m.contains("reflex_vcenter_lag_seconds"), "{m}");
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_simulator_restart_is_announced_and_survived() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("-listen=127.0.0.1:{port}");
+    let sim = Simulator::start_with(&[&listen]);
+    let mut rcv = Receiver::start().await;
+    let r = Reflex::start(&format!(
+        r#"{}
+sources:
+  - name: vc1-events
+    type: vcenter
+    vcenter: vc1
+    poll_interval: 100ms
+    stall_after: 2
+triggers:
+  - name: health
+    filters: [{{prefix: {{type: com.reflex.source.}}}}]
+    action: {{type: http, url: "{}"}}
+  - name: vm
+    filters: [{{exact: {{type: com.vmware.vsphere.VmPoweredOffEvent.v0}}}}]
+    action: {{type: http, url: "{}"}}
+"#,
+        vcenters(&sim),
+        rcv.url(),
+        rcv.url()
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sim.stop();
+    let got = rcv.next(20).await;
+    assert_eq!(got.headers["ce-type"], "com.reflex.source.stalled");
+    let sim = Simulator::start_with(&[&listen]);
+    let got = rcv.next(30).await;
+    assert_eq!(got.headers["ce-type"], "com.reflex.source.reconnected");
+    // The new simulator's events flow (its keys restarted; the source follows).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = client(&sim).await;
+    let vm = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM0".into()))
+        .await
+        .unwrap();
+    c.power(&vm, PowerOp::Off).await.unwrap();
+    let got = rcv.next(20).await;
+    assert_eq!(
+        got.headers["ce-type"],
+        "com.vmware.vsphere.VmPoweredOffEvent.v0"
+    );
+    let m = r.metrics().await;
+    assert!(
+        m.contains(r#"reflex_source_stalls_total{source="vc1-events"} 1"#),
+        "{m}"
+    );
+    r.stop().await;
+}

@@ -98,8 +98,9 @@ impl std::fmt::Debug for ConnectOptions {
 
 /// A logged-in vCenter client; share it (`Arc`) between tasks.
 pub struct Client {
-    http: reqwest::Client,
-    opts: ConnectOptions,
+    pub(crate) http: reqwest::Client,
+    pub(crate) opts: ConnectOptions,
+    pub(crate) rest_session: Mutex<Option<String>>,
     session: RwLock<Option<String>>,
     login_lock: Mutex<u64>,
     /// Entry points.
@@ -175,6 +176,7 @@ impl Client {
             http,
             opts,
             session: RwLock::new(None),
+            rest_session: Mutex::new(None),
             login_lock: Mutex::new(0),
             content,
         };

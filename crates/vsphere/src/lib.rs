@@ -4,6 +4,7 @@
 
 mod client;
 pub mod events;
+mod rest;
 pub mod sim;
 pub mod vm;
 pub mod xml;

@@ -31,8 +31,13 @@ pub fn binary() -> PathBuf {
     }
     let _guard = BUILD.lock().unwrap_or_else(|p| p.into_inner());
     let bin = workspace_target().join("vcsim");
-    if !bin.exists() {
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vcsim");
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vcsim");
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let stale = match (modified(&bin), modified(&src.join("main.go"))) {
+        (Some(b), Some(s)) => b < s,
+        _ => true,
+    };
+    if stale {
         let status = Command::new("go")
             .args(["build", "-o"])
             .arg(&bin)

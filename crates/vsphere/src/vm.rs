@@ -333,3 +333,234 @@ impl Client {
         )))
     }
 }
+
+/// Where a relocation goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatastoreChoice {
+    /// This datastore, by name.
+    Named(String),
+    /// The one with the most free space among these names (all datastores when empty).
+    MostFree(Vec<String>),
+}
+
+/// A clone request.
+#[derive(Debug, Clone, Default)]
+pub struct CloneSpec {
+    /// The new VM's name.
+    pub name: String,
+    /// Target folder name (the source's folder when absent).
+    pub folder: Option<String>,
+    /// Target resource pool name (needed when cloning a template; the first pool otherwise).
+    pub resource_pool: Option<String>,
+    /// Target datastore name.
+    pub datastore: Option<String>,
+    /// Power the clone on afterwards.
+    pub power_on: bool,
+}
+
+impl Client {
+    /// Finds one object of `kind` by name among all of that kind.
+    pub async fn find_by_name(&self, kind: &str, name: &str) -> Result<MoRef, Error> {
+        let all = self.list(kind, &["name"]).await?;
+        let mut hits = all
+            .into_iter()
+            .filter(|(_, p)| p.iter().any(|(k, v)| k == "name" && v.text == name))
+            .map(|(m, _)| m);
+        let first = hits
+            .next()
+            .ok_or_else(|| Error::NotFound(format!("{kind} named `{name}`")))?;
+        if hits.next().is_some() {
+            return Err(Error::Invalid(format!(
+                "more than one {kind} is named `{name}`"
+            )));
+        }
+        Ok(first)
+    }
+
+    /// Moves a VM's storage to a datastore (a given one, or the allowed one with the most
+    /// free space). Already there: nothing is done.
+    pub async fn relocate(&self, vm: &MoRef, choice: &DatastoreChoice) -> Result<Change, Error> {
+        let all = self
+            .list(
+                "Datastore",
+                &["name", "summary.freeSpace", "summary.accessible"],
+            )
+            .await?;
+        let named = |(m, p): &(MoRef, Vec<(String, Node)>)| -> Option<(MoRef, String, i64, bool)> {
+            let get = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.text.clone());
+            Some((
+                m.clone(),
+                get("name")?,
+                get("summary.freeSpace")?.parse().ok()?,
+                get("summary.accessible").as_deref() != Some("false"),
+            ))
+        };
+        let stores: Vec<(MoRef, String, i64, bool)> = all.iter().filter_map(named).collect();
+        let target = match choice {
+            DatastoreChoice::Named(n) => stores
+                .iter()
+                .find(|s| &s.1 == n)
+                .ok_or_else(|| Error::NotFound(format!("datastore `{n}`")))?,
+            DatastoreChoice::MostFree(allowed) => {
+                if let Some(missing) = allowed.iter().find(|a| !stores.iter().any(|s| &s.1 == *a)) {
+                    return Err(Error::NotFound(format!("datastore `{missing}`")));
+                }
+                stores
+                    .iter()
+                    .filter(|s| s.3 && (allowed.is_empty() || allowed.contains(&s.1)))
+                    .max_by_key(|s| s.2)
+                    .ok_or_else(|| Error::NotFound("an accessible allowed datastore".into()))?
+            }
+        };
+        let current: Vec<String> = self
+            .property(vm, "datastore")
+            .await?
+            .map(|n| n.children.iter().map(|c| c.text.clone()).collect())
+            .unwrap_or_default();
+        if current.len() == 1 && current[0] == target.0.value {
+            return Ok(Change::AlreadySo(format!(
+                "{vm} is on datastore {}",
+                target.1
+            )));
+        }
+        let spec = Node::new("spec").with(target.0.node("datastore"));
+        self.run_task("RelocateVM_Task", vm, vec![spec], TASK_TIMEOUT)
+            .await?;
+        Ok(Change::Changed(format!(
+            "{vm} moved to datastore {} ({} bytes free)",
+            target.1, target.2
+        )))
+    }
+
+    /// Puts a host into maintenance mode or takes it out.
+    pub async fn host_maintenance(&self, host_name: &str, enter: bool) -> Result<Change, Error> {
+        let host = self.find_by_name("HostSystem", host_name).await?;
+        let now = self
+            .property(&host, "runtime.inMaintenanceMode")
+            .await?
+            .map(|n| n.text == "true")
+            .unwrap_or(false);
+        if now == enter {
+            return Ok(Change::AlreadySo(format!(
+                "host {host_name} inMaintenanceMode={now}"
+            )));
+        }
+        let method = if enter {
+            "EnterMaintenanceMode_Task"
+        } else {
+            "ExitMaintenanceMode_Task"
+        };
+        self.run_task(
+            method,
+            &host,
+            vec![Node::text("timeout", "0")],
+            TASK_TIMEOUT,
+        )
+        .await?;
+        Ok(Change::Changed(format!(
+            "host {host_name} inMaintenanceMode={enter}"
+        )))
+    }
+
+    /// Deletes a VM; a powered-on VM is powered off first only when `power_off` is set.
+    /// A VM that does not exist is "already so".
+    pub async fn delete_vm(&self, sel: &VmSelector, power_off: bool) -> Result<Change, Error> {
+        let vm = match self.find_vm(sel).await {
+            Ok(vm) => vm,
+            Err(Error::NotFound(_)) => {
+                return Ok(Change::AlreadySo(format!("{sel} does not exist")))
+            }
+            Err(e) => return Err(e),
+        };
+        if self.power_state(&vm).await? == "poweredOn" {
+            if !power_off {
+                return Err(Error::Invalid(format!(
+                    "{vm} is powered on; set power_off: true to power it off before deleting"
+                )));
+            }
+            self.run_task("PowerOffVM_Task", &vm, vec![], TASK_TIMEOUT)
+                .await?;
+        }
+        self.run_task("Destroy_Task", &vm, vec![], TASK_TIMEOUT)
+            .await?;
+        Ok(Change::Changed(format!("{sel} ({vm}) deleted")))
+    }
+
+    /// Clones a VM or template. A VM with the new name already existing is "already so".
+    pub async fn clone_vm(&self, source: &VmSelector, spec: &CloneSpec) -> Result<Change, Error> {
+        if let Ok(existing) = self.find_vm(&VmSelector::Name(spec.name.clone())).await {
+            return Ok(Change::AlreadySo(format!(
+                "a VM named `{}` exists ({existing})",
+                spec.name
+            )));
+        }
+        let src = self.find_vm(source).await?;
+        let is_template = self
+            .property(&src, "config.template")
+            .await?
+            .is_some_and(|n| n.text == "true");
+        let folder = match &spec.folder {
+            Some(f) => self.find_by_name("Folder", f).await?,
+            None => self
+                .property(&src, "parent")
+                .await?
+                .and_then(|n| MoRef::from_node(&n))
+                .ok_or_else(|| {
+                    Error::Invalid(format!("{src} has no parent folder; give `folder`"))
+                })?,
+        };
+        let mut location = Node::new("location");
+        match &spec.resource_pool {
+            Some(p) => {
+                location = location.with(self.find_by_name("ResourcePool", p).await?.node("pool"))
+            }
+            None if is_template => {
+                let pools = self.list("ResourcePool", &["name"]).await?;
+                let pool = pools
+                    .into_iter()
+                    .next()
+                    .map(|(m, _)| m)
+                    .ok_or_else(|| Error::NotFound("a resource pool".into()))?;
+                location = location.with(pool.node("pool"));
+            }
+            None => {}
+        }
+        if let Some(d) = &spec.datastore {
+            location = location.with(self.find_by_name("Datastore", d).await?.node("datastore"));
+        }
+        let clone_spec = Node::new("spec")
+            .with(location)
+            .with(Node::text("template", "false"))
+            .with(Node::text(
+                "powerOn",
+                if spec.power_on { "true" } else { "false" },
+            ));
+        let result = self
+            .run_task(
+                "CloneVM_Task",
+                &src,
+                vec![
+                    folder.node("folder"),
+                    Node::text("name", &spec.name),
+                    clone_spec,
+                ],
+                TASK_TIMEOUT,
+            )
+            .await?;
+        let new = result.and_then(|n| MoRef::from_node(&n));
+        if spec.power_on {
+            if let Some(vm) = &new {
+                // Some vCenters (and the simulator) ignore powerOn in the clone spec.
+                if self.power_state(vm).await? != "poweredOn" {
+                    self.run_task("PowerOnVM_Task", vm, vec![], TASK_TIMEOUT)
+                        .await?;
+                }
+            }
+        }
+        Ok(Change::Changed(format!(
+            "cloned {src} to `{}`{}",
+            spec.name,
+            new.map(|m| format!(" ({m})")).unwrap_or_default()
+        )))
+    }
+}

@@ -276,3 +276,172 @@ async fn events_appear_in_latest_page_and_posted_alarms_convert() {
         .contains("powered off"));
     c.destroy_collector(&collector).await;
 }
+
+#[tokio::test]
+async fn tags_attach_replace_and_detach() {
+    let sim = Simulator::start();
+    let c = connect(&sim).await;
+    let vm = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM0".into()))
+        .await
+        .unwrap();
+    // Missing category/tag without `create`: a clear error.
+    let e = c.tag(&vm, "size", "large", true, false).await.unwrap_err();
+    assert!(matches!(e, Error::NotFound(_)), "{e}");
+    assert!(matches!(
+        c.tag(&vm, "size", "medium", true, true).await.unwrap(),
+        Change::Changed(_)
+    ));
+    assert_eq!(c.tag_names(&vm, "size").await.unwrap(), vec!["medium"]);
+    assert!(matches!(
+        c.tag(&vm, "size", "medium", true, true).await.unwrap(),
+        Change::AlreadySo(_)
+    ));
+    // Replace within the category: medium goes, large comes.
+    assert!(matches!(
+        c.tag(&vm, "size", "large", true, true).await.unwrap(),
+        Change::Changed(_)
+    ));
+    assert_eq!(c.tag_names(&vm, "size").await.unwrap(), vec!["large"]);
+    assert!(matches!(
+        c.untag(&vm, "size", "large").await.unwrap(),
+        Change::Changed(_)
+    ));
+    assert!(c.tag_names(&vm, "size").await.unwrap().is_empty());
+    assert!(matches!(
+        c.untag(&vm, "size", "large").await.unwrap(),
+        Change::AlreadySo(_)
+    ));
+}
+
+#[tokio::test]
+async fn relocate_host_maintenance_delete_and_clone() {
+    use vsphere::vm::{CloneSpec, DatastoreChoice};
+    let sim = Simulator::start();
+    let c = connect(&sim).await;
+    let vm = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM0".into()))
+        .await
+        .unwrap();
+    assert_eq!(ds_names(&c, &vm).await, vec!["LocalDS_0"]);
+    assert!(matches!(
+        c.relocate(&vm, &DatastoreChoice::Named("LocalDS_1".into()))
+            .await
+            .unwrap(),
+        Change::Changed(_)
+    ));
+    assert_eq!(ds_names(&c, &vm).await, vec!["LocalDS_1"]);
+    assert!(matches!(
+        c.relocate(&vm, &DatastoreChoice::Named("LocalDS_1".into()))
+            .await
+            .unwrap(),
+        Change::AlreadySo(_)
+    ));
+    // Most free space among allowed ones: with one allowed, it is that one.
+    assert!(matches!(
+        c.relocate(&vm, &DatastoreChoice::MostFree(vec!["LocalDS_0".into()]))
+            .await
+            .unwrap(),
+        Change::Changed(_)
+    ));
+    assert_eq!(ds_names(&c, &vm).await, vec!["LocalDS_0"]);
+    let e = c
+        .relocate(&vm, &DatastoreChoice::MostFree(vec!["nope".into()]))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NotFound(_)), "{e}");
+
+    assert!(matches!(
+        c.host_maintenance("DC0_H0", true).await.unwrap(),
+        Change::Changed(_)
+    ));
+    let host = c.find_by_name("HostSystem", "DC0_H0").await.unwrap();
+    assert_eq!(
+        c.property(&host, "runtime.inMaintenanceMode")
+            .await
+            .unwrap()
+            .unwrap()
+            .text,
+        "true"
+    );
+    assert!(matches!(
+        c.host_maintenance("DC0_H0", true).await.unwrap(),
+        Change::AlreadySo(_)
+    ));
+    assert!(matches!(
+        c.host_maintenance("DC0_H0", false).await.unwrap(),
+        Change::Changed(_)
+    ));
+
+    // Clone from a VM, then make a template of the clone and clone from it.
+    let spec = CloneSpec {
+        name: "web-clone".into(),
+        ..Default::default()
+    };
+    assert!(matches!(
+        c.clone_vm(&VmSelector::Name("DC0_H0_VM0".into()), &spec)
+            .await
+            .unwrap(),
+        Change::Changed(_)
+    ));
+    let clone = c
+        .find_vm(&VmSelector::Name("web-clone".into()))
+        .await
+        .unwrap();
+    assert_eq!(c.power_state(&clone).await.unwrap(), "poweredOff");
+    assert!(matches!(
+        c.clone_vm(&VmSelector::Name("DC0_H0_VM0".into()), &spec)
+            .await
+            .unwrap(),
+        Change::AlreadySo(_)
+    ));
+    c.call("MarkAsTemplate", &clone, vec![]).await.unwrap();
+    let spec = CloneSpec {
+        name: "from-template".into(),
+        power_on: true,
+        ..Default::default()
+    };
+    c.clone_vm(&VmSelector::Name("web-clone".into()), &spec)
+        .await
+        .unwrap();
+    let t = c
+        .find_vm(&VmSelector::Name("from-template".into()))
+        .await
+        .unwrap();
+    assert_eq!(c.power_state(&t).await.unwrap(), "poweredOn");
+
+    // Delete: refused while powered on unless asked to power off; then gone; then "already so".
+    let e = c
+        .delete_vm(&VmSelector::Name("from-template".into()), false)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)), "{e}");
+    assert!(matches!(
+        c.delete_vm(&VmSelector::Name("from-template".into()), true)
+            .await
+            .unwrap(),
+        Change::Changed(_)
+    ));
+    assert!(matches!(
+        c.find_vm(&VmSelector::Name("from-template".into()))
+            .await
+            .unwrap_err(),
+        Error::NotFound(_)
+    ));
+    assert!(matches!(
+        c.delete_vm(&VmSelector::Name("from-template".into()), true)
+            .await
+            .unwrap(),
+        Change::AlreadySo(_)
+    ));
+}
+
+async fn ds_names(c: &Client, vm: &vsphere::MoRef) -> Vec<String> {
+    let refs = c.property(vm, "datastore").await.unwrap().unwrap();
+    let mut names = Vec::new();
+    for r in refs.children {
+        let ds = vsphere::MoRef::from_node(&r).unwrap();
+        names.push(c.property(&ds, "name").await.unwrap().unwrap().text);
+    }
+    names
+}

@@ -31,12 +31,14 @@ func main() {
 	pass := flag.String("password", "pass", "login password")
 	plain := flag.Bool("plain", false, "serve plain HTTP instead of HTTPS")
 	idle := flag.Duration("session-idle-timeout", 0, "expire idle sessions after this long (0: never)")
+	datastores := flag.Int("ds", 2, "number of datastores")
 	flag.Parse()
 
 	if *idle > 0 {
 		simulator.SessionIdleTimeout = *idle
 	}
 	m := simulator.VPX()
+	m.Datastore = *datastores
 	if err := m.Create(); err != nil {
 		fmt.Fprintln(os.Stderr, "vcsim: create:", err)
 		os.Exit(1)

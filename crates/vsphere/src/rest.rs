@@ -89,7 +89,7 @@ impl Client {
                     message: format!("HTTP {status}: {text}"),
                 };
                 return Err(if status.as_u16() == 404 {
-                    Error::NotFound(format!("{path}"))
+                    Error::NotFound(path.to_string())
                 } else {
                     err
                 });

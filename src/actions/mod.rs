@@ -38,6 +38,24 @@ pub enum ActionConfig {
     /// Set a VM's CPU count and memory, within maximums, guarded by its changeVersion.
     #[serde(rename = "vsphere.reconfigure")]
     VsphereReconfigure(vsphere::ReconfigureConfig),
+    /// Attach a tag (optionally replacing the category's other tags).
+    #[serde(rename = "vsphere.tag")]
+    VsphereTag(vsphere::TagConfig),
+    /// Detach a tag.
+    #[serde(rename = "vsphere.untag")]
+    VsphereUntag(vsphere::TagConfig),
+    /// Move a VM to a datastore, or to the allowed one with the most free space.
+    #[serde(rename = "vsphere.relocate")]
+    VsphereRelocate(vsphere::RelocateConfig),
+    /// Enter or exit host maintenance mode.
+    #[serde(rename = "vsphere.host_maintenance")]
+    VsphereHostMaintenance(vsphere::HostMaintenanceConfig),
+    /// Delete a VM (powering it off first when asked).
+    #[serde(rename = "vsphere.delete_vm")]
+    VsphereDeleteVm(vsphere::DeleteConfig),
+    /// Clone a VM or a template.
+    #[serde(rename = "vsphere.clone_vm")]
+    VsphereCloneVm(vsphere::CloneConfig),
 }
 
 /// A compiled action.
@@ -124,6 +142,24 @@ impl Action {
                 vsphere::VsphereAction::nics(c, true).map(Action::Vsphere)
             }
             ActionConfig::VspherePower(c) => vsphere::VsphereAction::power(c).map(Action::Vsphere),
+            ActionConfig::VsphereTag(c) => {
+                vsphere::VsphereAction::tag(c, false).map(Action::Vsphere)
+            }
+            ActionConfig::VsphereUntag(c) => {
+                vsphere::VsphereAction::tag(c, true).map(Action::Vsphere)
+            }
+            ActionConfig::VsphereRelocate(c) => {
+                vsphere::VsphereAction::relocate(c).map(Action::Vsphere)
+            }
+            ActionConfig::VsphereHostMaintenance(c) => {
+                vsphere::VsphereAction::host_maintenance(c).map(Action::Vsphere)
+            }
+            ActionConfig::VsphereDeleteVm(c) => {
+                vsphere::VsphereAction::delete(c).map(Action::Vsphere)
+            }
+            ActionConfig::VsphereCloneVm(c) => {
+                vsphere::VsphereAction::clone_vm(c).map(Action::Vsphere)
+            }
             ActionConfig::VsphereReconfigure(c) => {
                 vsphere::VsphereAction::reconfigure(c).map(Action::Vsphere)
             }

@@ -85,8 +85,127 @@ pub struct ReconfigureConfig {
     pub max_memory_mb: Option<i64>,
 }
 
+/// `vsphere.tag` / `vsphere.untag`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TagConfig {
+    /// Name of a vCenter under `vcenters:`.
+    pub vcenter: String,
+    /// The VM.
+    pub vm: VmConfig,
+    /// Tag category.
+    pub category: String,
+    /// Tag name (template).
+    pub tag: String,
+    /// `vsphere.tag`: detach the VM's other tags of the same category first.
+    #[serde(default)]
+    pub replace: bool,
+    /// `vsphere.tag`: create the category (single cardinality) and tag when missing.
+    #[serde(default)]
+    pub create: bool,
+}
+
+/// `vsphere.relocate`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RelocateConfig {
+    /// Name of a vCenter under `vcenters:`.
+    pub vcenter: String,
+    /// The VM.
+    pub vm: VmConfig,
+    /// A datastore by name (template); when absent, the allowed one with the most free space.
+    pub datastore: Option<String>,
+    /// Datastores the VM may move to (all when empty).
+    #[serde(default)]
+    pub allowed_datastores: Vec<String>,
+}
+
+/// `vsphere.host_maintenance`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostMaintenanceConfig {
+    /// Name of a vCenter under `vcenters:`.
+    pub vcenter: String,
+    /// Host name (template), e.g. `{{ event.data.Host.Name }}`.
+    pub host: String,
+    /// `enter` or `exit`.
+    pub mode: MaintenanceMode,
+}
+
+/// Maintenance mode direction.
+#[derive(Debug, Deserialize, JsonSchema, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MaintenanceMode {
+    /// Enter maintenance mode.
+    Enter,
+    /// Exit maintenance mode.
+    Exit,
+}
+
+/// `vsphere.delete_vm`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteConfig {
+    /// Name of a vCenter under `vcenters:`.
+    pub vcenter: String,
+    /// The VM.
+    pub vm: VmConfig,
+    /// Power a running VM off first (otherwise a running VM is refused).
+    #[serde(default)]
+    pub power_off: bool,
+}
+
+/// `vsphere.clone_vm`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneConfig {
+    /// Name of a vCenter under `vcenters:`.
+    pub vcenter: String,
+    /// The VM or template to clone.
+    pub vm: VmConfig,
+    /// The new VM's name (template).
+    pub name: String,
+    /// Target folder name (the source's folder by default).
+    pub folder: Option<String>,
+    /// Target resource pool name.
+    pub resource_pool: Option<String>,
+    /// Target datastore name.
+    pub datastore: Option<String>,
+    /// Power the clone on.
+    #[serde(default)]
+    pub power_on: bool,
+}
+
 #[derive(Debug)]
 enum Op {
+    Tag {
+        category: String,
+        tag: Template,
+        replace: bool,
+        create: bool,
+    },
+    Untag {
+        category: String,
+        tag: Template,
+    },
+    Relocate {
+        datastore: Option<Template>,
+        allowed: Vec<String>,
+    },
+    HostMaintenance {
+        host: Template,
+        enter: bool,
+    },
+    Delete {
+        power_off: bool,
+    },
+    Clone {
+        name: Template,
+        folder: Option<String>,
+        pool: Option<String>,
+        datastore: Option<String>,
+        power_on: bool,
+    },
     Nics {
         connected: bool,
         keys: Option<Vec<i64>>,
@@ -107,7 +226,8 @@ type VmTemplate = (fn(String) -> VmSelector, Template);
 #[derive(Debug)]
 pub struct VsphereAction {
     vcenter: String,
-    vm: VmTemplate,
+    /// The VM (none for host operations).
+    vm: Option<VmTemplate>,
     op: Op,
 }
 
@@ -126,7 +246,7 @@ impl VsphereAction {
     pub fn nics(c: &NicsConfig, connected: bool) -> Result<VsphereAction, String> {
         Ok(VsphereAction {
             vcenter: c.vcenter.clone(),
-            vm: vm_selector(&c.vm)?,
+            vm: Some(vm_selector(&c.vm)?),
             op: Op::Nics {
                 connected,
                 keys: c.nics.clone(),
@@ -146,7 +266,7 @@ impl VsphereAction {
         };
         Ok(VsphereAction {
             vcenter: c.vcenter.clone(),
-            vm: vm_selector(&c.vm)?,
+            vm: Some(vm_selector(&c.vm)?),
             op: Op::Power(op),
         })
     }
@@ -164,12 +284,92 @@ impl VsphereAction {
         };
         Ok(VsphereAction {
             vcenter: c.vcenter.clone(),
-            vm: vm_selector(&c.vm)?,
+            vm: Some(vm_selector(&c.vm)?),
             op: Op::Reconfigure {
                 cpus: t(&c.cpus, "cpus")?,
                 memory_mb: t(&c.memory_mb, "memory_mb")?,
                 max_cpus: c.max_cpus,
                 max_memory_mb: c.max_memory_mb,
+            },
+        })
+    }
+
+    /// `tag` (`untag = false`) or `untag`.
+    pub fn tag(c: &TagConfig, untag: bool) -> Result<VsphereAction, String> {
+        let tag = Template::compile(&c.tag).map_err(|e| format!("tag: {e}"))?;
+        Ok(VsphereAction {
+            vcenter: c.vcenter.clone(),
+            vm: Some(vm_selector(&c.vm)?),
+            op: if untag {
+                Op::Untag {
+                    category: c.category.clone(),
+                    tag,
+                }
+            } else {
+                Op::Tag {
+                    category: c.category.clone(),
+                    tag,
+                    replace: c.replace,
+                    create: c.create,
+                }
+            },
+        })
+    }
+
+    /// `relocate`.
+    pub fn relocate(c: &RelocateConfig) -> Result<VsphereAction, String> {
+        if c.datastore.is_some() && !c.allowed_datastores.is_empty() {
+            return Err("give either `datastore` or `allowed_datastores`, not both".into());
+        }
+        Ok(VsphereAction {
+            vcenter: c.vcenter.clone(),
+            vm: Some(vm_selector(&c.vm)?),
+            op: Op::Relocate {
+                datastore: c
+                    .datastore
+                    .as_deref()
+                    .map(Template::compile)
+                    .transpose()
+                    .map_err(|e| format!("datastore: {e}"))?,
+                allowed: c.allowed_datastores.clone(),
+            },
+        })
+    }
+
+    /// `host_maintenance` (no VM: the host is the target).
+    pub fn host_maintenance(c: &HostMaintenanceConfig) -> Result<VsphereAction, String> {
+        Ok(VsphereAction {
+            vcenter: c.vcenter.clone(),
+            vm: None,
+            op: Op::HostMaintenance {
+                host: Template::compile(&c.host).map_err(|e| format!("host: {e}"))?,
+                enter: c.mode == MaintenanceMode::Enter,
+            },
+        })
+    }
+
+    /// `delete_vm`.
+    pub fn delete(c: &DeleteConfig) -> Result<VsphereAction, String> {
+        Ok(VsphereAction {
+            vcenter: c.vcenter.clone(),
+            vm: Some(vm_selector(&c.vm)?),
+            op: Op::Delete {
+                power_off: c.power_off,
+            },
+        })
+    }
+
+    /// `clone_vm`.
+    pub fn clone_vm(c: &CloneConfig) -> Result<VsphereAction, String> {
+        Ok(VsphereAction {
+            vcenter: c.vcenter.clone(),
+            vm: Some(vm_selector(&c.vm)?),
+            op: Op::Clone {
+                name: Template::compile(&c.name).map_err(|e| format!("name: {e}"))?,
+                folder: c.folder.clone(),
+                pool: c.resource_pool.clone(),
+                datastore: c.datastore.clone(),
+                power_on: c.power_on,
             },
         })
     }
@@ -186,23 +386,98 @@ impl VsphereAction {
         ctx: &ActionContext,
     ) -> Result<Outcome, ActionError> {
         let view = json!({ "event": crate::event::view(event) });
-        let raw = self.vm.1.render(&view).map_err(ActionError::permanent)?;
-        let raw = raw.trim().to_string();
-        if raw.is_empty() {
-            return Err(ActionError::permanent(format!(
-                "the VM template `{}` rendered empty for this event",
-                self.vm.1.source()
-            )));
-        }
-        let sel = (self.vm.0)(raw);
+        let sel = match &self.vm {
+            Some((make, tpl)) => {
+                let raw = tpl.render(&view).map_err(ActionError::permanent)?;
+                let raw = raw.trim().to_string();
+                if raw.is_empty() {
+                    return Err(ActionError::permanent(format!(
+                        "the VM template `{}` rendered empty for this event",
+                        tpl.source()
+                    )));
+                }
+                Some(make(raw))
+            }
+            None => None,
+        };
         let client = ctx
             .vcenters
             .client(&self.vcenter)
             .await
             .map_err(|e| self.classify(e))?;
+        let render = |t: &Template, what: &str| -> Result<String, vsphere::Error> {
+            let s = t
+                .render(&view)
+                .map_err(vsphere::Error::Invalid)?
+                .trim()
+                .to_string();
+            if s.is_empty() {
+                return Err(vsphere::Error::Invalid(format!(
+                    "{what} rendered empty for this event"
+                )));
+            }
+            Ok(s)
+        };
         let result = async {
-            let vm = client.find_vm(&sel).await?;
+            // Operations that do not act on an existing VM.
             match &self.op {
+                Op::HostMaintenance { host, enter } => {
+                    return client
+                        .host_maintenance(&render(host, "host")?, *enter)
+                        .await
+                }
+                Op::Delete { power_off } => {
+                    return client
+                        .delete_vm(sel.as_ref().expect("delete_vm has a VM"), *power_off)
+                        .await
+                }
+                Op::Clone {
+                    name,
+                    folder,
+                    pool,
+                    datastore,
+                    power_on,
+                } => {
+                    let spec = vsphere::vm::CloneSpec {
+                        name: render(name, "name")?,
+                        folder: folder.clone(),
+                        resource_pool: pool.clone(),
+                        datastore: datastore.clone(),
+                        power_on: *power_on,
+                    };
+                    return client
+                        .clone_vm(sel.as_ref().expect("clone_vm has a VM"), &spec)
+                        .await;
+                }
+                _ => {}
+            }
+            let vm = client
+                .find_vm(sel.as_ref().expect("VM operations have a VM"))
+                .await?;
+            match &self.op {
+                Op::HostMaintenance { .. } | Op::Delete { .. } | Op::Clone { .. } => {
+                    unreachable!("handled above")
+                }
+                Op::Tag {
+                    category,
+                    tag,
+                    replace,
+                    create,
+                } => {
+                    client
+                        .tag(&vm, category, &render(tag, "tag")?, *replace, *create)
+                        .await
+                }
+                Op::Untag { category, tag } => {
+                    client.untag(&vm, category, &render(tag, "tag")?).await
+                }
+                Op::Relocate { datastore, allowed } => {
+                    let choice = match datastore {
+                        Some(t) => vsphere::vm::DatastoreChoice::Named(render(t, "datastore")?),
+                        None => vsphere::vm::DatastoreChoice::MostFree(allowed.clone()),
+                    };
+                    client.relocate(&vm, &choice).await
+                }
                 Op::Nics { connected, keys } => {
                     client
                         .set_nics_connected(&vm, *connected, keys.as_deref())

@@ -339,3 +339,113 @@ triggers:
     );
     r.stop().await;
 }
+
+fn alarm(vm: &vsphere::MoRef, vm_name: &str, name: &str, to: &str) -> Node {
+    Node::new("event")
+        .typed("AlarmStatusChangedEvent")
+        .with(Node::text("key", "0"))
+        .with(Node::text("chainId", "0"))
+        .with(Node::text("createdTime", "2026-01-01T00:00:00Z"))
+        .with(Node::text("userName", ""))
+        .with(Node::new("vm").with(Node::text("name", vm_name)).with(vm.node("vm")))
+        .with(Node::new("alarm").with(Node::text("name", name)).with(Node::moref("alarm", "Alarm", "alarm-1")))
+        .with(Node::new("source").with(Node::text("name", "DC0")).with(Node::moref("entity", "Folder", "group-d1")))
+        .with(Node::new("entity").with(Node::text("name", vm_name)).with(vm.node("entity")))
+        .with(Node::text("from", "yellow"))
+        .with(Node::text("to", to))
+}
+
+#[tokio::test]
+async fn scenarios_maintenance_sync_storage_relief_tagging_and_self_service() {
+    let sim = Simulator::start();
+    let c = client(&sim).await;
+    let mut rest = Receiver::start().await;
+    let r = Reflex::start(&format!(
+        r#"{vc}
+secrets:
+  vrops: s3cret
+sources:
+  - name: vc1-events
+    type: vcenter
+    vcenter: vc1
+    poll_interval: 100ms
+  - name: api-cmds
+    type: cloudevents
+    path: /cmds
+triggers:
+  - name: maintenance-sync
+    filters: [{{exact: {{type: com.vmware.vsphere.EnteredMaintenanceModeEvent.v0}}}}]
+    action:
+      type: http_request
+      method: PUT
+      url: "http://{rest}/suite-api/hosts/{{{{ event.data.Host.Name }}}}/maintained"
+      headers: {{Authorization: "vRealizeOpsToken {{{{ secrets.vrops }}}}"}}
+  - name: storage-relief
+    filters: [{{exact: {{type: com.vmware.vsphere.AlarmStatusChangedEvent.v0}}}}]
+    when: 'event.data.Alarm.Name == "VM Storage Usage" && event.data.To == "red"'
+    action: {{type: vsphere.relocate, vcenter: vc1, vm: {{moid: "{{{{ event.data.Vm.Vm.Value }}}}"}}, allowed_datastores: [LocalDS_1]}}
+  - name: size-tag
+    filters: [{{exact: {{type: com.vmware.vsphere.AlarmStatusChangedEvent.v0}}}}]
+    when: 'event.data.Alarm.Name == "VM CPU Usage" && event.data.To == "red"'
+    action: {{type: vsphere.tag, vcenter: vc1, vm: {{name: "{{{{ event.data.Vm.Name }}}}"}}, category: reflex-size, tag: cpu-up, replace: true, create: true}}
+  - name: clone
+    filters: [{{exact: {{type: iaas.clone}}}}]
+    action: {{type: vsphere.clone_vm, vcenter: vc1, vm: {{name: "{{{{ event.data.from }}}}"}}, name: "{{{{ event.data.name }}}}", power_on: true}}
+  - name: delete
+    filters: [{{exact: {{type: iaas.delete}}}}]
+    action: {{type: vsphere.delete_vm, vcenter: vc1, vm: {{name: "{{{{ event.data.name }}}}"}}, power_off: true}}
+  - name: host-maintenance
+    filters: [{{exact: {{type: iaas.maintenance}}}}]
+    action: {{type: vsphere.host_maintenance, vcenter: vc1, host: "{{{{ event.data.host }}}}", mode: enter}}
+"#,
+        vc = vcenters(&sim),
+        rest = rest.addr
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    // Maintenance sync (seed 003): the event (posted: the simulator emits none) marks the host.
+    let host = c.find_by_name("HostSystem", "DC0_H0").await.unwrap();
+    c.post_event(
+        Node::new("event")
+            .typed("EnteredMaintenanceModeEvent")
+            .with(Node::text("key", "0"))
+            .with(Node::text("chainId", "0"))
+            .with(Node::text("createdTime", "2026-01-01T00:00:00Z"))
+            .with(Node::text("userName", ""))
+            .with(Node::new("host").with(Node::text("name", "DC0_H0")).with(host.node("host")))
+            .with(Node::text("fullFormattedMessage", "Host DC0_H0 in DC0 has entered maintenance mode")),
+    )
+    .await
+    .unwrap();
+    let got = rest.next(10).await;
+    assert_eq!(got.headers["authorization"], "vRealizeOpsToken s3cret");
+
+    // Storage relief (seed 004) and size tagging.
+    let vm = c.find_vm(&VmSelector::Name("DC0_H0_VM0".into())).await.unwrap();
+    c.post_event(alarm(&vm, "DC0_H0_VM0", "VM Storage Usage", "red")).await.unwrap();
+    c.post_event(alarm(&vm, "DC0_H0_VM0", "VM CPU Usage", "red")).await.unwrap();
+    r.wait_deliveries("state=succeeded", 20, |l| l.iter().filter(|d| d["trigger"] == "storage-relief" || d["trigger"] == "size-tag").count() == 2)
+        .await;
+    let ds = c.property(&vm, "datastore").await.unwrap().unwrap();
+    let ds = vsphere::MoRef::from_node(&ds.children[0]).unwrap();
+    assert_eq!(c.property(&ds, "name").await.unwrap().unwrap().text, "LocalDS_1");
+    assert_eq!(c.tag_names(&vm, "reflex-size").await.unwrap(), vec!["cpu-up"]);
+
+    // Self-service: clone (powered on), then delete it; host maintenance.
+    let cmd = |ty: &str, data: serde_json::Value| {
+        json!({"specversion": "1.0", "id": uuid::Uuid::new_v4().to_string(), "source": "/chat", "type": ty, "datacontenttype": "application/json", "data": data}).to_string()
+    };
+    crate::common::post_ce(&r, "/cmds", cmd("iaas.clone", json!({"from": "DC0_H0_VM1", "name": "web-42"}))).await;
+    r.wait_deliveries("trigger=clone&state=succeeded", 20, |l| l.len() == 1).await;
+    let clone = c.find_vm(&VmSelector::Name("web-42".into())).await.unwrap();
+    assert_eq!(c.power_state(&clone).await.unwrap(), "poweredOn");
+    crate::common::post_ce(&r, "/cmds", cmd("iaas.delete", json!({"name": "web-42"}))).await;
+    r.wait_deliveries("trigger=delete&state=succeeded", 20, |l| l.len() == 1).await;
+    assert!(c.find_vm(&VmSelector::Name("web-42".into())).await.is_err());
+    crate::common::post_ce(&r, "/cmds", cmd("iaas.maintenance", json!({"host": "DC0_C0_H1"}))).await;
+    r.wait_deliveries("trigger=host-maintenance&state=succeeded", 20, |l| l.len() == 1).await;
+    let h1 = c.find_by_name("HostSystem", "DC0_C0_H1").await.unwrap();
+    assert_eq!(c.property(&h1, "runtime.inMaintenanceMode").await.unwrap().unwrap().text, "true");
+    r.stop().await;
+}

@@ -9,6 +9,8 @@
 //!     p50/p99, vs the round trip of the no-op server at the same rate;
 //! (c) RSS of reflex during (b) vs the no-op server's.
 
+mod vcenter;
+
 use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
 use std::process::{Child, Command, Stdio};
@@ -17,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 struct Args {
+    vcenter: bool,
     seconds: u64,
     rate: u64,
     concurrency: usize,
@@ -25,6 +28,7 @@ struct Args {
 
 fn parse_args() -> Result<Args> {
     let mut a = Args {
+        vcenter: true,
         seconds: 10,
         rate: 2000,
         concurrency: 64,
@@ -38,6 +42,7 @@ fn parse_args() -> Result<Args> {
             "--rate" => a.rate = val()?.parse()?,
             "--concurrency" => a.concurrency = val()?.parse()?,
             "--results" => a.results = Some(val()?),
+            "--no-vcenter" => a.vcenter = false,
             "noop-server" => return noop_server(val()?.parse()?).map(|_| unreachable!()),
             "load" => {
                 // Load only (for profiling a running server): `load URL SECONDS`.
@@ -68,7 +73,7 @@ fn noop_server(port: u16) -> Result<()> {
     std::process::exit(0)
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -76,7 +81,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Proc(Child);
+pub(crate) struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
@@ -98,7 +103,7 @@ impl Proc {
     }
 }
 
-async fn wait_up(url: &str) -> Result<()> {
+pub(crate) async fn wait_up(url: &str) -> Result<()> {
     let c = reqwest::Client::new();
     for _ in 0..500 {
         if c.get(url).send().await.is_ok() {
@@ -207,7 +212,7 @@ async fn fixed_rate(
     (total, failed.load(Ordering::Relaxed))
 }
 
-fn percentile(v: &mut [u64], p: f64) -> f64 {
+pub(crate) fn percentile(v: &mut [u64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -240,7 +245,7 @@ fn reflex_config(
     path
 }
 
-fn spawn_reflex(bin: &std::path::Path, cfg: &std::path::Path) -> Result<Proc> {
+pub(crate) fn spawn_reflex(bin: &std::path::Path, cfg: &std::path::Path) -> Result<Proc> {
     Ok(Proc(
         Command::new(bin)
             .args(["run", "-c"])
@@ -355,11 +360,11 @@ fn main() -> Result<()> {
         );
         let date = String::from_utf8(Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output()?.stdout)?;
         let report = format!(
-            "## {date_t} — {machine}\n\nCommand: `cargo build --release --workspace && target/release/reflex-bench --seconds {s} --rate {r} --concurrency {c}`\n\n\
+            "## {date_t} — {machine}\n\nCommand: `cargo build --release --workspace && target/release/reflex-bench --seconds {s} --rate {r} --concurrency {c}` (needs the simulator: `bash scripts/test.sh` builds `target/vcsim`, or set `VCSIM_BIN`)\n\n\
 | figure | reflex | reference (no-op axum server, same run) | ratio | target |\n|---|---|---|---|---|\n\
 | (a) durable ingest, closed loop, {c} connections | {reflex_eps:.0} events/s ({reflex_bad} non-202) | {noop_rps:.0} requests/s (mean of a run before and one after) | {ra:.2} | ≥ 0.5 |\n\
 | (b) end-to-end latency at {r}/s (webhook → fsync → http action) | p50 {p50:.2} ms, p99 {p99:.2} ms ({delivered}/{sent} delivered, {failed} refused) | round trip p50 {np50:.2} ms, p99 {np99:.2} ms | p99 ×{rl:.1} | p99 ≤ 10 ms |\n\
-| (c) RSS during (b) | peak {rm:.1} MB (VmHWM {hm:.1} MB) | {nm:.1} MB | ×{rr:.1} | ≤ 100 MB |\n\n",
+| (c) RSS during (b) | peak {rm:.1} MB (VmHWM {hm:.1} MB) | {nm:.1} MB | ×{rr:.1} | ≤ 100 MB |\n",
             date_t = date.trim(),
             s = args.seconds,
             r = args.rate,
@@ -371,6 +376,11 @@ fn main() -> Result<()> {
             nm = noop_rss as f64 / 1024.0,
             rr = reflex_rss as f64 / noop_rss.max(1) as f64,
         );
+        let mut report = report;
+        if args.vcenter {
+            report.push_str(&vcenter::run(&reflex_bin, 10, 20).await?);
+        }
+        report.push('\n');
         print!("{report}");
         if let Some(path) = args.results {
             use std::io::Write;

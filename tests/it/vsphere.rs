@@ -30,19 +30,13 @@ fn vcenters(sim: &Simulator) -> String {
     )
 }
 
-async fn nic_state(c: &Client, vm: &str) -> Vec<(String, String)> {
+async fn nic_state(c: &Client, vm: &str) -> Vec<(bool, bool)> {
     let vm = c.find_vm(&VmSelector::Name(vm.into())).await.unwrap();
-    c.nics(&vm)
+    c.nic_connection(&vm)
         .await
         .unwrap()
-        .iter()
-        .map(|n| {
-            let conn = n.child("connectable").unwrap();
-            (
-                conn.child_text("connected").unwrap().into(),
-                conn.child_text("startConnected").unwrap().into(),
-            )
-        })
+        .into_iter()
+        .map(|(_, conn, start)| (conn, start))
         .collect()
 }
 
@@ -55,10 +49,7 @@ async fn quarantine_disconnects_the_vms_nics() {
         .await
         .unwrap();
     c.set_nics_connected(&vm, true, None).await.unwrap();
-    assert_eq!(
-        nic_state(&c, "DC0_H0_VM0").await,
-        vec![("true".to_string(), "true".to_string())]
-    );
+    assert_eq!(nic_state(&c, "DC0_H0_VM0").await, vec![(true, true)]);
 
     let r = Reflex::start(&format!(
         r#"{}
@@ -89,10 +80,7 @@ triggers:
     let ok = r
         .wait_deliveries("state=succeeded", 20, |l| l.len() == 1)
         .await;
-    assert_eq!(
-        nic_state(&c, "DC0_H0_VM0").await,
-        vec![("false".to_string(), "false".to_string())]
-    );
+    assert_eq!(nic_state(&c, "DC0_H0_VM0").await, vec![(false, false)]);
     let d = r
         .api_get(&format!("/api/v1/deliveries/{}", ok[0]["id"]))
         .await;
@@ -236,34 +224,7 @@ triggers:
 
     // A posted alarm arrives and its data drives the expression filter.
     for (name, to) in [("VM Memory Usage", "red"), ("VM CPU Usage", "red")] {
-        let alarm = Node::new("event")
-            .typed("AlarmStatusChangedEvent")
-            .with(Node::text("key", "0"))
-            .with(Node::text("chainId", "0"))
-            .with(Node::text("createdTime", "2026-01-01T00:00:00Z"))
-            .with(Node::text("userName", ""))
-            .with(
-                Node::new("vm")
-                    .with(Node::text("name", "DC0_H0_VM1"))
-                    .with(vm.node("vm")),
-            )
-            .with(
-                Node::new("alarm")
-                    .with(Node::text("name", name))
-                    .with(Node::moref("alarm", "Alarm", "alarm-1")),
-            )
-            .with(
-                Node::new("source")
-                    .with(Node::text("name", "DC0"))
-                    .with(Node::moref("entity", "Folder", "group-d1")),
-            )
-            .with(
-                Node::new("entity")
-                    .with(Node::text("name", "DC0_H0_VM1"))
-                    .with(vm.node("entity")),
-            )
-            .with(Node::text("from", "yellow"))
-            .with(Node::text("to", to));
+        let alarm = vsphere::events::alarm_status_changed(&vm, "DC0_H0_VM1", name, "yellow", to);
         c.post_event(alarm).await.unwrap();
     }
     let got = rcv.next(10).await;
@@ -340,21 +301,6 @@ triggers:
     r.stop().await;
 }
 
-fn alarm(vm: &vsphere::MoRef, vm_name: &str, name: &str, to: &str) -> Node {
-    Node::new("event")
-        .typed("AlarmStatusChangedEvent")
-        .with(Node::text("key", "0"))
-        .with(Node::text("chainId", "0"))
-        .with(Node::text("createdTime", "2026-01-01T00:00:00Z"))
-        .with(Node::text("userName", ""))
-        .with(Node::new("vm").with(Node::text("name", vm_name)).with(vm.node("vm")))
-        .with(Node::new("alarm").with(Node::text("name", name)).with(Node::moref("alarm", "Alarm", "alarm-1")))
-        .with(Node::new("source").with(Node::text("name", "DC0")).with(Node::moref("entity", "Folder", "group-d1")))
-        .with(Node::new("entity").with(Node::text("name", vm_name)).with(vm.node("entity")))
-        .with(Node::text("from", "yellow"))
-        .with(Node::text("to", to))
-}
-
 #[tokio::test]
 async fn scenarios_maintenance_sync_storage_relief_tagging_and_self_service() {
     let sim = Simulator::start();
@@ -413,8 +359,15 @@ triggers:
             .with(Node::text("chainId", "0"))
             .with(Node::text("createdTime", "2026-01-01T00:00:00Z"))
             .with(Node::text("userName", ""))
-            .with(Node::new("host").with(Node::text("name", "DC0_H0")).with(host.node("host")))
-            .with(Node::text("fullFormattedMessage", "Host DC0_H0 in DC0 has entered maintenance mode")),
+            .with(
+                Node::new("host")
+                    .with(Node::text("name", "DC0_H0"))
+                    .with(host.node("host")),
+            )
+            .with(Node::text(
+                "fullFormattedMessage",
+                "Host DC0_H0 in DC0 has entered maintenance mode",
+            )),
     )
     .await
     .unwrap();
@@ -422,30 +375,85 @@ triggers:
     assert_eq!(got.headers["authorization"], "vRealizeOpsToken s3cret");
 
     // Storage relief (seed 004) and size tagging.
-    let vm = c.find_vm(&VmSelector::Name("DC0_H0_VM0".into())).await.unwrap();
-    c.post_event(alarm(&vm, "DC0_H0_VM0", "VM Storage Usage", "red")).await.unwrap();
-    c.post_event(alarm(&vm, "DC0_H0_VM0", "VM CPU Usage", "red")).await.unwrap();
-    r.wait_deliveries("state=succeeded", 20, |l| l.iter().filter(|d| d["trigger"] == "storage-relief" || d["trigger"] == "size-tag").count() == 2)
-        .await;
+    let vm = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM0".into()))
+        .await
+        .unwrap();
+    c.post_event(vsphere::events::alarm_status_changed(
+        &vm,
+        "DC0_H0_VM0",
+        "VM Storage Usage",
+        "yellow",
+        "red",
+    ))
+    .await
+    .unwrap();
+    c.post_event(vsphere::events::alarm_status_changed(
+        &vm,
+        "DC0_H0_VM0",
+        "VM CPU Usage",
+        "yellow",
+        "red",
+    ))
+    .await
+    .unwrap();
+    r.wait_deliveries("state=succeeded", 20, |l| {
+        l.iter()
+            .filter(|d| d["trigger"] == "storage-relief" || d["trigger"] == "size-tag")
+            .count()
+            == 2
+    })
+    .await;
     let ds = c.property(&vm, "datastore").await.unwrap().unwrap();
     let ds = vsphere::MoRef::from_node(&ds.children[0]).unwrap();
-    assert_eq!(c.property(&ds, "name").await.unwrap().unwrap().text, "LocalDS_1");
-    assert_eq!(c.tag_names(&vm, "reflex-size").await.unwrap(), vec!["cpu-up"]);
+    assert_eq!(
+        c.property(&ds, "name").await.unwrap().unwrap().text,
+        "LocalDS_1"
+    );
+    assert_eq!(
+        c.tag_names(&vm, "reflex-size").await.unwrap(),
+        vec!["cpu-up"]
+    );
 
     // Self-service: clone (powered on), then delete it; host maintenance.
     let cmd = |ty: &str, data: serde_json::Value| {
         json!({"specversion": "1.0", "id": uuid::Uuid::new_v4().to_string(), "source": "/chat", "type": ty, "datacontenttype": "application/json", "data": data}).to_string()
     };
-    crate::common::post_ce(&r, "/cmds", cmd("iaas.clone", json!({"from": "DC0_H0_VM1", "name": "web-42"}))).await;
-    r.wait_deliveries("trigger=clone&state=succeeded", 20, |l| l.len() == 1).await;
+    crate::common::post_ce(
+        &r,
+        "/cmds",
+        cmd(
+            "iaas.clone",
+            json!({"from": "DC0_H0_VM1", "name": "web-42"}),
+        ),
+    )
+    .await;
+    r.wait_deliveries("trigger=clone&state=succeeded", 20, |l| l.len() == 1)
+        .await;
     let clone = c.find_vm(&VmSelector::Name("web-42".into())).await.unwrap();
     assert_eq!(c.power_state(&clone).await.unwrap(), "poweredOn");
     crate::common::post_ce(&r, "/cmds", cmd("iaas.delete", json!({"name": "web-42"}))).await;
-    r.wait_deliveries("trigger=delete&state=succeeded", 20, |l| l.len() == 1).await;
+    r.wait_deliveries("trigger=delete&state=succeeded", 20, |l| l.len() == 1)
+        .await;
     assert!(c.find_vm(&VmSelector::Name("web-42".into())).await.is_err());
-    crate::common::post_ce(&r, "/cmds", cmd("iaas.maintenance", json!({"host": "DC0_C0_H1"}))).await;
-    r.wait_deliveries("trigger=host-maintenance&state=succeeded", 20, |l| l.len() == 1).await;
+    crate::common::post_ce(
+        &r,
+        "/cmds",
+        cmd("iaas.maintenance", json!({"host": "DC0_C0_H1"})),
+    )
+    .await;
+    r.wait_deliveries("trigger=host-maintenance&state=succeeded", 20, |l| {
+        l.len() == 1
+    })
+    .await;
     let h1 = c.find_by_name("HostSystem", "DC0_C0_H1").await.unwrap();
-    assert_eq!(c.property(&h1, "runtime.inMaintenanceMode").await.unwrap().unwrap().text, "true");
+    assert_eq!(
+        c.property(&h1, "runtime.inMaintenanceMode")
+            .await
+            .unwrap()
+            .unwrap()
+            .text,
+        "true"
+    );
     r.stop().await;
 }

@@ -198,3 +198,46 @@ mod tests {
         assert!(j["CreatedTime"].is_string());
     }
 }
+
+/// An `AlarmStatusChangedEvent` on a VM, for `PostEvent` (alarms cannot be triggered on the
+/// simulator; tests and drills post this instead).
+pub fn alarm_status_changed(
+    vm: &MoRef,
+    vm_name: &str,
+    alarm_name: &str,
+    from: &str,
+    to: &str,
+) -> Node {
+    Node::new("event")
+        .typed("AlarmStatusChangedEvent")
+        .with(Node::text("key", "0"))
+        .with(Node::text("chainId", "0"))
+        .with(Node::text("createdTime", chrono::Utc::now().to_rfc3339()))
+        .with(Node::text("userName", ""))
+        .with(
+            Node::new("vm")
+                .with(Node::text("name", vm_name))
+                .with(vm.node("vm")),
+        )
+        .with(Node::text(
+            "fullFormattedMessage",
+            format!("Alarm '{alarm_name}' on {vm_name} changed from {from} to {to}"),
+        ))
+        .with(
+            Node::new("alarm")
+                .with(Node::text("name", alarm_name))
+                .with(Node::moref("alarm", "Alarm", "alarm-1")),
+        )
+        .with(
+            Node::new("source")
+                .with(Node::text("name", vm_name))
+                .with(vm.node("entity")),
+        )
+        .with(
+            Node::new("entity")
+                .with(Node::text("name", vm_name))
+                .with(vm.node("entity")),
+        )
+        .with(Node::text("from", from))
+        .with(Node::text("to", to))
+}

@@ -162,6 +162,26 @@ impl Client {
         Ok(devices.children.into_iter().filter(is_nic).collect())
     }
 
+    /// Each NIC's (key, connected, startConnected).
+    pub async fn nic_connection(&self, vm: &MoRef) -> Result<Vec<(i64, bool, bool)>, Error> {
+        Ok(self
+            .nics(vm)
+            .await?
+            .iter()
+            .map(|n| {
+                let flag = |f: &str| {
+                    n.path(&["connectable", f])
+                        .is_some_and(|v| v.text == "true")
+                };
+                let key = n
+                    .child_text("key")
+                    .and_then(|k| k.parse().ok())
+                    .unwrap_or(-1);
+                (key, flag("connected"), flag("startConnected"))
+            })
+            .collect())
+    }
+
     /// Sets `connected` and `startConnected` of the VM's NICs (all, or those whose key is in
     /// `keys`). Each NIC is sent back whole, as read, with only `connectable` changed.
     pub async fn set_nics_connected(

@@ -75,18 +75,12 @@ async fn find_vms_every_way() {
     }
 }
 
-async fn nic_state(c: &Client, vm: &vsphere::MoRef) -> Vec<(String, String)> {
-    c.nics(vm)
+async fn nic_state(c: &Client, vm: &vsphere::MoRef) -> Vec<(bool, bool)> {
+    c.nic_connection(vm)
         .await
         .unwrap()
-        .iter()
-        .map(|n| {
-            let conn = n.child("connectable").unwrap();
-            (
-                conn.child_text("connected").unwrap().to_string(),
-                conn.child_text("startConnected").unwrap().to_string(),
-            )
-        })
+        .into_iter()
+        .map(|(_, conn, start)| (conn, start))
         .collect()
 }
 
@@ -103,16 +97,10 @@ async fn nics_disconnect_and_connect_idempotently() {
         c.set_nics_connected(&vm, true, None).await.unwrap(),
         Change::Changed(_)
     ));
-    assert_eq!(
-        nic_state(&c, &vm).await,
-        vec![("true".into(), "true".into())]
-    );
+    assert_eq!(nic_state(&c, &vm).await, vec![(true, true)]);
     let change = c.set_nics_connected(&vm, false, None).await.unwrap();
     assert!(matches!(change, Change::Changed(_)), "{change}");
-    assert_eq!(
-        nic_state(&c, &vm).await,
-        vec![("false".into(), "false".into())]
-    );
+    assert_eq!(nic_state(&c, &vm).await, vec![(false, false)]);
     // The rest of the NIC is intact (MAC, backing).
     let nic = &c.nics(&vm).await.unwrap()[0];
     assert!(nic.child_text("macAddress").is_some_and(|m| !m.is_empty()));
@@ -213,38 +201,8 @@ async fn events_appear_in_latest_page_and_posted_alarms_convert() {
         .max()
         .unwrap_or(0);
     c.power(&vm, PowerOp::Off).await.unwrap();
-    let alarm = Node::new("event")
-        .typed("AlarmStatusChangedEvent")
-        .with(Node::text("key", "0"))
-        .with(Node::text("chainId", "0"))
-        .with(Node::text("createdTime", "2026-01-01T00:00:00Z"))
-        .with(Node::text("userName", ""))
-        .with(
-            Node::new("vm")
-                .with(Node::text("name", "DC0_H0_VM0"))
-                .with(vm.node("vm")),
-        )
-        .with(Node::text(
-            "fullFormattedMessage",
-            "Alarm 'VM CPU Usage' changed from Yellow to Red",
-        ))
-        .with(
-            Node::new("alarm")
-                .with(Node::text("name", "VM CPU Usage"))
-                .with(Node::moref("alarm", "Alarm", "alarm-1")),
-        )
-        .with(
-            Node::new("source")
-                .with(Node::text("name", "DC0"))
-                .with(Node::moref("entity", "Folder", "group-d1")),
-        )
-        .with(
-            Node::new("entity")
-                .with(Node::text("name", "DC0_H0_VM0"))
-                .with(vm.node("entity")),
-        )
-        .with(Node::text("from", "yellow"))
-        .with(Node::text("to", "red"));
+    let alarm =
+        vsphere::events::alarm_status_changed(&vm, "DC0_H0_VM0", "VM CPU Usage", "yellow", "red");
     c.post_event(alarm).await.unwrap();
     let page = c.latest_page(&collector).await.unwrap();
     let new: Vec<&Node> = page

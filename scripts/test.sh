@@ -28,7 +28,7 @@ export VCSIM_BIN="$PWD/target/vcsim"
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> one crypto provider (no ring)"
 if cargo tree -i ring --locked 2>/dev/null | grep -q '^ring'; then
   echo "ring is in the dependency graph; keep a single rustls provider (aws-lc-rs)" >&2

@@ -4,7 +4,7 @@
 //! (e) lag at the default 1 s poll interval: from `PostEvent` returning to the CloudEvent
 //!     reaching an http action.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use axum::body::Bytes;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -185,5 +185,4 @@ pub async fn run(reflex_bin: &std::path::Path, rounds: usize, lag_events: usize)
         convert_per_s / read_per_s,
         p99 / 1000.0
     ))
-    .context("report")
 }

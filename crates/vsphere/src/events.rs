@@ -172,33 +172,6 @@ pub fn event_data(event: &Node) -> Value {
     to_json(event)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn alarm_event_converts_like_the_appliance() {
-        let xml = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/samples/18-ReadNextEvents-AlarmStatusChangedEvent.response.xml"
-        ))
-        .unwrap();
-        let env = Node::parse(&xml).unwrap();
-        let ev = env
-            .path(&["Body", "ReadNextEventsResponse", "returnval"])
-            .unwrap();
-        assert_eq!(class(ev), "AlarmStatusChangedEvent");
-        let j = event_data(ev);
-        assert!(j["Key"].is_i64(), "{j}");
-        assert_eq!(j["Alarm"]["Name"], "VM CPU Usage");
-        assert_eq!(j["Alarm"]["Alarm"]["Type"], "Alarm");
-        assert_eq!(j["From"], "yellow");
-        assert_eq!(j["To"], "red");
-        assert_eq!(j["Vm"]["Vm"]["Type"], "VirtualMachine");
-        assert!(j["CreatedTime"].is_string());
-    }
-}
-
 /// An `AlarmStatusChangedEvent` on a VM, for `PostEvent` (alarms cannot be triggered on the
 /// simulator; tests and drills post this instead).
 pub fn alarm_status_changed(
@@ -240,4 +213,31 @@ pub fn alarm_status_changed(
         )
         .with(Node::text("from", from))
         .with(Node::text("to", to))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alarm_event_converts_like_the_appliance() {
+        let xml = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/samples/18-ReadNextEvents-AlarmStatusChangedEvent.response.xml"
+        ))
+        .unwrap();
+        let env = Node::parse(&xml).unwrap();
+        let ev = env
+            .path(&["Body", "ReadNextEventsResponse", "returnval"])
+            .unwrap();
+        assert_eq!(class(ev), "AlarmStatusChangedEvent");
+        let j = event_data(ev);
+        assert!(j["Key"].is_i64(), "{j}");
+        assert_eq!(j["Alarm"]["Name"], "VM CPU Usage");
+        assert_eq!(j["Alarm"]["Alarm"]["Type"], "Alarm");
+        assert_eq!(j["From"], "yellow");
+        assert_eq!(j["To"], "red");
+        assert_eq!(j["Vm"]["Vm"]["Type"], "VirtualMachine");
+        assert!(j["CreatedTime"].is_string());
+    }
 }

@@ -76,7 +76,7 @@ pub async fn run(reflex_bin: &std::path::Path, rounds: usize, lag_events: usize)
         c.post_event(ev).await?;
     }
     // Reference: the bare read of the page (SOAP + XML parse).
-    let collector = c.create_event_collector().await?;
+    let collector = c.create_event_collector(vsphere::events::MAX_COUNT).await?;
     let t = Instant::now();
     let mut page_len = 0;
     for _ in 0..rounds {

@@ -56,6 +56,9 @@ pub enum ActionConfig {
     /// Clone a VM or a template.
     #[serde(rename = "vsphere.clone_vm")]
     VsphereCloneVm(vsphere::CloneConfig),
+    /// Create an empty VM.
+    #[serde(rename = "vsphere.create_vm")]
+    VsphereCreateVm(vsphere::CreateConfig),
 }
 
 /// A compiled action.
@@ -156,6 +159,9 @@ impl Action {
             }
             ActionConfig::VsphereDeleteVm(c) => {
                 vsphere::VsphereAction::delete(c).map(Action::Vsphere)
+            }
+            ActionConfig::VsphereCreateVm(c) => {
+                vsphere::VsphereAction::create(c).map(Action::Vsphere)
             }
             ActionConfig::VsphereCloneVm(c) => {
                 vsphere::VsphereAction::clone_vm(c).map(Action::Vsphere)

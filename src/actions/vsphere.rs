@@ -176,8 +176,47 @@ pub struct CloneConfig {
     pub power_on: bool,
 }
 
+/// `vsphere.create_vm`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateConfig {
+    /// Name of a vCenter under `vcenters:`.
+    pub vcenter: String,
+    /// The new VM's name (template).
+    pub name: String,
+    /// Folder name (the first datacenter's VM folder by default).
+    pub folder: Option<String>,
+    /// Resource pool name (the first one by default).
+    pub resource_pool: Option<String>,
+    /// Datastore name (the first one by default).
+    pub datastore: Option<String>,
+    /// CPU count (default 1).
+    #[serde(default = "one")]
+    pub cpus: i64,
+    /// Memory in MB (default 1024).
+    #[serde(default = "default_memory")]
+    pub memory_mb: i64,
+    /// Guest OS identifier (default `otherGuest64`).
+    #[serde(default = "default_guest")]
+    pub guest_id: String,
+}
+
+fn one() -> i64 {
+    1
+}
+fn default_memory() -> i64 {
+    1024
+}
+fn default_guest() -> String {
+    "otherGuest64".into()
+}
+
 #[derive(Debug)]
 enum Op {
+    Create {
+        name: Template,
+        spec: vsphere::vm::CreateSpec,
+    },
     Tag {
         category: String,
         tag: Template,
@@ -359,6 +398,29 @@ impl VsphereAction {
         })
     }
 
+    /// `create_vm`.
+    pub fn create(c: &CreateConfig) -> Result<VsphereAction, String> {
+        if c.cpus < 1 || c.memory_mb < 4 {
+            return Err("create_vm: cpus must be at least 1 and memory_mb at least 4".into());
+        }
+        Ok(VsphereAction {
+            vcenter: c.vcenter.clone(),
+            vm: None,
+            op: Op::Create {
+                name: Template::compile(&c.name).map_err(|e| format!("name: {e}"))?,
+                spec: vsphere::vm::CreateSpec {
+                    name: String::new(),
+                    folder: c.folder.clone(),
+                    resource_pool: c.resource_pool.clone(),
+                    datastore: c.datastore.clone(),
+                    cpus: c.cpus,
+                    memory_mb: c.memory_mb,
+                    guest_id: c.guest_id.clone(),
+                },
+            },
+        })
+    }
+
     /// `clone_vm`.
     pub fn clone_vm(c: &CloneConfig) -> Result<VsphereAction, String> {
         Ok(VsphereAction {
@@ -421,6 +483,13 @@ impl VsphereAction {
         let result = async {
             // Operations that do not act on an existing VM.
             match &self.op {
+                Op::Create { name, spec } => {
+                    let spec = vsphere::vm::CreateSpec {
+                        name: render(name, "name")?,
+                        ..spec.clone()
+                    };
+                    return client.create_vm(&spec).await;
+                }
                 Op::HostMaintenance { host, enter } => {
                     return client
                         .host_maintenance(&render(host, "host")?, *enter)
@@ -455,7 +524,10 @@ impl VsphereAction {
                 .find_vm(sel.as_ref().expect("VM operations have a VM"))
                 .await?;
             match &self.op {
-                Op::HostMaintenance { .. } | Op::Delete { .. } | Op::Clone { .. } => {
+                Op::Create { .. }
+                | Op::HostMaintenance { .. }
+                | Op::Delete { .. }
+                | Op::Clone { .. } => {
                     unreachable!("handled above")
                 }
                 Op::Tag {

@@ -46,6 +46,9 @@ pub struct VcenterSourceConfig {
     pub format: Format,
     /// Consecutive failures before the source is announced as stalled (default 3).
     pub stall_after: Option<u32>,
+    /// Events per collector page, 1 to 1000 (default 1000, the maximum: more events than a
+    /// page between two polls are counted as missed).
+    pub page_size: Option<u32>,
 }
 
 /// Where a first start begins.
@@ -79,6 +82,7 @@ pub struct VcenterSource {
     first_start: FirstStart,
     format: Format,
     stall_after: u32,
+    page_size: u32,
 }
 
 impl VcenterSource {
@@ -101,7 +105,19 @@ impl VcenterSource {
             );
             return None;
         }
+        let page_size = c.page_size.unwrap_or(vsphere::events::MAX_COUNT);
+        if !(1..=vsphere::events::MAX_COUNT).contains(&page_size) {
+            diags.at(
+                loc,
+                format!(
+                    "source `{}`: page_size must be between 1 and 1000, got {page_size}",
+                    c.name.value
+                ),
+            );
+            return None;
+        }
         Some(VcenterSource {
+            page_size,
             name: c.name.value.clone(),
             vcenter: c.vcenter.value.clone(),
             poll: c
@@ -216,7 +232,7 @@ impl VcenterSource {
                     .await
                     .map_err(|e| e.to_string())?;
                 let c = client
-                    .create_event_collector()
+                    .create_event_collector(self.page_size)
                     .await
                     .map_err(|e| e.to_string())?;
                 st.collector = Some((client.clone(), c.clone()));
@@ -263,7 +279,7 @@ impl VcenterSource {
             .filter(|e| vsphere::events::key(e).is_some_and(|k| k > last))
             .collect();
         if let Some(first) = new.first().and_then(|e| vsphere::events::key(e)) {
-            if page.len() >= vsphere::events::MAX_COUNT as usize && first > last + 1 {
+            if page.len() >= self.page_size as usize && first > last + 1 {
                 let missed = first - last - 1;
                 tracing::warn!(source = %self.name, missed, "more events than one page arrived between two polls; lower poll_interval");
                 metrics.vcenter_missed(&self.name, missed as u64);
@@ -382,4 +398,86 @@ struct PollState {
 
 fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(format: Format) -> VcenterSource {
+        VcenterSource {
+            name: "vc".into(),
+            vcenter: "vc1".into(),
+            poll: Duration::from_secs(1),
+            max_age: Duration::from_secs(3600),
+            first_start: FirstStart::Now,
+            format,
+            stall_after: 3,
+            page_size: 1000,
+        }
+    }
+
+    fn recorded_alarm() -> Node {
+        let xml = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/crates/vsphere/tests/samples/18-ReadNextEvents-AlarmStatusChangedEvent.response.xml"
+        ))
+        .unwrap();
+        Node::parse(&xml)
+            .unwrap()
+            .path(&["Body", "ReadNextEventsResponse", "returnval"])
+            .unwrap()
+            .clone()
+    }
+
+    #[test]
+    fn appliance_form_from_a_recorded_event() {
+        let ev = source(Format::Cloudevents)
+            .to_cloudevent(&recorded_alarm(), "https://vc/sdk", "8.0")
+            .unwrap();
+        assert_eq!(ev.ty(), "com.vmware.vsphere.AlarmStatusChangedEvent.v0");
+        assert_eq!(ev.subject(), Some("AlarmStatusChangedEvent"));
+        assert_eq!(ev.source().to_string(), "https://vc/sdk");
+        assert_eq!(
+            crate::event::attribute(&ev, "eventclass").as_deref(),
+            Some("event")
+        );
+        assert_eq!(
+            crate::event::attribute(&ev, "vsphereapiversion").as_deref(),
+            Some("8.0")
+        );
+        assert!(ev.time().is_some());
+        let data = crate::event::data_json(&ev);
+        assert_eq!(data["Key"].to_string(), ev.id());
+        assert_eq!(data["Alarm"]["Name"], "VM CPU Usage");
+    }
+
+    #[test]
+    fn router_form_and_eventex() {
+        let ev = source(Format::Router)
+            .to_cloudevent(&recorded_alarm(), "https://vc/sdk", "8.0")
+            .unwrap();
+        assert_eq!(ev.ty(), "com.vmware.event.router/event");
+        assert_eq!(ev.subject(), Some("AlarmStatusChangedEvent"));
+        let ex = Node::new("returnval")
+            .typed("EventEx")
+            .with(Node::text("key", "77"))
+            .with(Node::text("createdTime", "2026-11-25T10:00:00Z"))
+            .with(Node::text(
+                "eventTypeId",
+                "com.vmware.vc.HA.ClusterFailoverActionInitiatedEvent",
+            ));
+        let ev = source(Format::Cloudevents)
+            .to_cloudevent(&ex, "https://vc/sdk", "8.0")
+            .unwrap();
+        assert_eq!(
+            ev.ty(),
+            "com.vmware.vsphere.com.vmware.vc.HA.ClusterFailoverActionInitiatedEvent.v0"
+        );
+        assert_eq!(
+            crate::event::attribute(&ev, "eventclass").as_deref(),
+            Some("eventex")
+        );
+        assert_eq!(ev.id(), "77");
+    }
 }

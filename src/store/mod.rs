@@ -686,3 +686,106 @@ fn prune(tx: &rusqlite::Transaction<'_>, r: Retention, now: i64) -> rusqlite::Re
     tx.execute("DELETE FROM throttles WHERE until < ?1", [now])?;
     Ok(removed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str, trigger: Option<&str>) -> NewEvent {
+        NewEvent {
+            source_name: "t".into(),
+            ce_source: "/t".into(),
+            ce_id: id.into(),
+            ty: "t".into(),
+            subject: None,
+            body: "{}".into(),
+            deliveries: trigger
+                .map(|t| NewDelivery {
+                    trigger: t.into(),
+                    ordering_key: None,
+                    throttle: None,
+                })
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    async fn count(store: &Store, table: &'static str) -> i64 {
+        store
+            .read(move |c| c.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_unfinished_work_and_dedup_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db"), Duration::from_millis(200)).unwrap();
+        // Five finished events (no deliveries) and one with a pending delivery, oldest.
+        store
+            .ingest(vec![event("pending", Some("fn"))])
+            .await
+            .unwrap();
+        for i in 0..5 {
+            store
+                .ingest(vec![event(&format!("e{i}"), None)])
+                .await
+                .unwrap();
+        }
+        let r = Retention {
+            max_age: None,
+            max_events: Some(2),
+            dedup_window: Duration::from_millis(200),
+        };
+        let removed = store.prune(r).await.unwrap();
+        assert_eq!(
+            removed, 3,
+            "6 events, keep 2 newest, and the pending one whatever its age"
+        );
+        assert_eq!(count(&store, "events").await, 3);
+        assert_eq!(count(&store, "deliveries").await, 1);
+        // Age: everything finished is older than 0s.
+        let r = Retention {
+            max_age: Some(Duration::ZERO),
+            max_events: None,
+            dedup_window: Duration::from_millis(200),
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        store.prune(r).await.unwrap();
+        assert_eq!(count(&store, "events").await, 1);
+        // Within the window a repeat is a duplicate; after it, it is new again.
+        let again = store.ingest(vec![event("e4", None)]).await.unwrap();
+        assert!(again[0].duplicate);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        store.prune(r).await.unwrap();
+        let again = store.ingest(vec![event("e4", None)]).await.unwrap();
+        assert!(!again[0].duplicate);
+    }
+
+    #[tokio::test]
+    async fn replay_only_dead_or_throttled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db"), Duration::from_secs(60)).unwrap();
+        let s = store.ingest(vec![event("a", Some("fn"))]).await.unwrap();
+        let id = s[0].deliveries[0].0;
+        assert!(matches!(
+            store.replay(id).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            store.replay(999).await,
+            Err(StoreError::NotFound(_))
+        ));
+        let rec = AttemptRecord {
+            n: 1,
+            started_at: now_ms(),
+            duration_ms: 1,
+            outcome: "failed".into(),
+            detail: "boom".into(),
+        };
+        store.finish_attempt(id, rec, State::Dead, None).await;
+        let open = store.replay(id).await.unwrap();
+        assert_eq!((open.attempts, open.attempt_base), (1, 1));
+        assert_eq!(store.open_deliveries().await.unwrap().len(), 1);
+    }
+}

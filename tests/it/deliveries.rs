@@ -531,3 +531,66 @@ async fn expression_filters_on_data() {
     rcv.nothing_for(300).await;
     r.stop().await;
 }
+
+#[tokio::test]
+async fn concurrency_limit_holds() {
+    use std::sync::atomic::AtomicUsize;
+    // A receiver that records how many requests it holds at once.
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let (i, p, d) = (in_flight.clone(), peak.clone(), done.clone());
+    let app = axum::Router::new().fallback(move || {
+        let (i, p, d) = (i.clone(), p.clone(), d.clone());
+        async move {
+            let now = i.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            i.fetch_sub(1, Ordering::SeqCst);
+            d.fetch_add(1, Ordering::SeqCst);
+            "ok"
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let r = Reflex::start(&config(&format!(
+        "  - name: fn\n    action: {{type: http, url: \"http://{addr}/\"}}\n    delivery: {{concurrency: 2}}\n"
+    )))
+    .await;
+    for i in 0..8 {
+        post_ce(&r, "/events", cloudevent(&format!("c-{i}"), "t", json!({}))).await;
+    }
+    r.wait_deliveries("state=succeeded", 10, |l| l.len() == 8)
+        .await;
+    assert_eq!(done.load(Ordering::SeqCst), 8);
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        2,
+        "at most 2 attempts at once, and the limit was reached"
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_running_attempts() {
+    let mut rcv = Receiver::start().await;
+    rcv.delay_ms.store(500, Ordering::SeqCst);
+    let r = Reflex::start(&config(&format!(
+        "  - name: fn\n    action: {{type: http, url: \"{}\"}}\n",
+        rcv.url()
+    )))
+    .await;
+    post_ce(&r, "/events", cloudevent("d-1", "t", json!({}))).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Stop while the attempt runs: it finishes and is recorded before run() returns.
+    let dir = r.stop().await;
+    assert_eq!(rcv.next(1).await.headers["ce-id"], "d-1");
+    let store =
+        reflex::store::Store::open(&dir.path().join("reflex.db"), Duration::from_secs(60)).unwrap();
+    let state: String = store
+        .read(|c| c.query_row("SELECT state FROM deliveries", [], |r| r.get(0)))
+        .await
+        .unwrap();
+    assert_eq!(state, "succeeded");
+}

@@ -10,8 +10,9 @@ use serde_json::{Map, Value};
 pub const MAX_COUNT: u32 = 1000;
 
 impl Client {
-    /// Creates an EventHistoryCollector over the whole inventory (all event classes).
-    pub async fn create_event_collector(&self) -> Result<MoRef, Error> {
+    /// Creates an EventHistoryCollector over the whole inventory (all event classes) with a
+    /// page of `page_size` events (at most [`MAX_COUNT`]).
+    pub async fn create_event_collector(&self, page_size: u32) -> Result<MoRef, Error> {
         let filter = Node::new("filter").with(
             Node::new("entity")
                 .with(self.content.root_folder.node("entity"))
@@ -34,7 +35,10 @@ impl Client {
         self.call(
             "SetCollectorPageSize",
             &c,
-            vec![Node::text("maxCount", MAX_COUNT.to_string())],
+            vec![Node::text(
+                "maxCount",
+                page_size.clamp(1, MAX_COUNT).to_string(),
+            )],
         )
         .await?;
         Ok(c)

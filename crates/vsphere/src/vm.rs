@@ -584,3 +584,90 @@ impl Client {
         )))
     }
 }
+
+/// A new, empty VM.
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    /// Its name.
+    pub name: String,
+    /// Folder name (the first datacenter's VM folder by default).
+    pub folder: Option<String>,
+    /// Resource pool name (the first one by default).
+    pub resource_pool: Option<String>,
+    /// Datastore name (the first one by default).
+    pub datastore: Option<String>,
+    /// CPU count.
+    pub cpus: i64,
+    /// Memory in MB.
+    pub memory_mb: i64,
+    /// Guest OS identifier, e.g. `otherGuest64`.
+    pub guest_id: String,
+}
+
+impl Client {
+    async fn first(&self, kind: &str) -> Result<(MoRef, String), Error> {
+        let all = self.list(kind, &["name"]).await?;
+        all.into_iter()
+            .next()
+            .map(|(m, p)| {
+                (
+                    m,
+                    p.into_iter()
+                        .next()
+                        .map(|(_, v)| v.text)
+                        .unwrap_or_default(),
+                )
+            })
+            .ok_or_else(|| Error::NotFound(format!("a {kind}")))
+    }
+
+    /// Creates an empty VM (powered off). A VM with that name already existing is "already so".
+    pub async fn create_vm(&self, spec: &CreateSpec) -> Result<Change, Error> {
+        if let Ok(existing) = self.find_vm(&VmSelector::Name(spec.name.clone())).await {
+            return Ok(Change::AlreadySo(format!(
+                "a VM named `{}` exists ({existing})",
+                spec.name
+            )));
+        }
+        let folder = match &spec.folder {
+            Some(f) => self.find_by_name("Folder", f).await?,
+            None => {
+                let (dc, _) = self.first("Datacenter").await?;
+                self.property(&dc, "vmFolder")
+                    .await?
+                    .and_then(|n| MoRef::from_node(&n))
+                    .ok_or_else(|| Error::NotFound("the datacenter's VM folder".into()))?
+            }
+        };
+        let pool = match &spec.resource_pool {
+            Some(p) => self.find_by_name("ResourcePool", p).await?,
+            None => self.first("ResourcePool").await?.0,
+        };
+        let datastore = match &spec.datastore {
+            Some(d) => d.clone(),
+            None => self.first("Datastore").await?.1,
+        };
+        let config = Node::new("config")
+            .with(Node::text("name", &spec.name))
+            .with(Node::text("guestId", &spec.guest_id))
+            .with(Node::new("files").with(Node::text("vmPathName", format!("[{datastore}]"))))
+            .with(Node::text("numCPUs", spec.cpus.to_string()))
+            .with(Node::text("memoryMB", spec.memory_mb.to_string()));
+        let result = self
+            .run_task(
+                "CreateVM_Task",
+                &folder,
+                vec![config, pool.node("pool")],
+                TASK_TIMEOUT,
+            )
+            .await?;
+        let new = result.and_then(|n| MoRef::from_node(&n));
+        Ok(Change::Changed(format!(
+            "created `{}`{} with {} CPUs, {} MB on [{datastore}]",
+            spec.name,
+            new.map(|m| format!(" ({m})")).unwrap_or_default(),
+            spec.cpus,
+            spec.memory_mb
+        )))
+    }
+}

@@ -193,7 +193,10 @@ async fn events_appear_in_latest_page_and_posted_alarms_convert() {
         .find_vm(&VmSelector::Name("DC0_H0_VM0".into()))
         .await
         .unwrap();
-    let collector = c.create_event_collector().await.unwrap();
+    let collector = c
+        .create_event_collector(vsphere::events::MAX_COUNT)
+        .await
+        .unwrap();
     let before = c.latest_page(&collector).await.unwrap();
     let max_before = before
         .iter()
@@ -402,4 +405,49 @@ async fn ds_names(c: &Client, vm: &vsphere::MoRef) -> Vec<String> {
         names.push(c.property(&ds, "name").await.unwrap().unwrap().text);
     }
     names
+}
+
+#[tokio::test]
+async fn create_vm_once() {
+    use vsphere::vm::CreateSpec;
+    let sim = Simulator::start();
+    let c = connect(&sim).await;
+    let spec = CreateSpec {
+        name: "fresh-1".into(),
+        folder: None,
+        resource_pool: None,
+        datastore: None,
+        cpus: 2,
+        memory_mb: 2048,
+        guest_id: "otherGuest64".into(),
+    };
+    assert!(matches!(
+        c.create_vm(&spec).await.unwrap(),
+        Change::Changed(_)
+    ));
+    let vm = c
+        .find_vm(&VmSelector::Name("fresh-1".into()))
+        .await
+        .unwrap();
+    assert_eq!(c.power_state(&vm).await.unwrap(), "poweredOff");
+    assert_eq!(
+        c.property(&vm, "config.hardware.numCPU")
+            .await
+            .unwrap()
+            .unwrap()
+            .text,
+        "2"
+    );
+    assert_eq!(
+        c.property(&vm, "config.hardware.memoryMB")
+            .await
+            .unwrap()
+            .unwrap()
+            .text,
+        "2048"
+    );
+    assert!(matches!(
+        c.create_vm(&spec).await.unwrap(),
+        Change::AlreadySo(_)
+    ));
 }

@@ -646,6 +646,41 @@ fn replay(tx: &rusqlite::Transaction<'_>, id: i64, now: i64) -> Result<OpenDeliv
     .map_err(q)
 }
 
+/// The highest seq received before `before_ms`, by binary search over seq: `received_at`
+/// grows with seq (one writer stamps each batch), so no index on it is kept, which saves a
+/// B-tree update on every ingested event.
+fn last_seq_before(tx: &rusqlite::Transaction<'_>, before_ms: i64) -> rusqlite::Result<i64> {
+    let (min, max): (Option<i64>, Option<i64>) =
+        tx.query_row("SELECT MIN(seq), MAX(seq) FROM events", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let (Some(mut lo), Some(mut hi)) = (min, max) else {
+        return Ok(0);
+    };
+    let mut at = tx.prepare_cached(
+        "SELECT seq, received_at FROM events WHERE seq >= ?1 ORDER BY seq LIMIT 1",
+    )?;
+    let mut first = |seq: i64| -> rusqlite::Result<(i64, i64)> {
+        at.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+    };
+    if first(lo)?.1 >= before_ms {
+        return Ok(0);
+    }
+    // Invariant: the event at or after `lo` is older than the cutoff; answer in [lo, hi].
+    let mut best = first(lo)?.0;
+    while lo < hi {
+        let mid = lo + (hi - lo + 1) / 2;
+        let (seq, received) = first(mid)?;
+        if received < before_ms {
+            best = seq;
+            lo = seq.max(mid);
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Ok(best)
+}
+
 fn prune(tx: &rusqlite::Transaction<'_>, r: Retention, now: i64) -> rusqlite::Result<u64> {
     let mut cutoff_seq: i64 = 0;
     if let Some(age) = r.max_age {
@@ -760,6 +795,33 @@ mod tests {
         store.prune(r).await.unwrap();
         let again = store.ingest(vec![event("e4", None)]).await.unwrap();
         assert!(!again[0].duplicate);
+    }
+
+    #[tokio::test]
+    async fn retention_by_age_finds_the_cutoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db"), Duration::from_secs(60)).unwrap();
+        for i in 0..37 {
+            store
+                .ingest(vec![event(&format!("old{i}"), None)])
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for i in 0..23 {
+            store
+                .ingest(vec![event(&format!("new{i}"), None)])
+                .await
+                .unwrap();
+        }
+        let r = Retention {
+            max_age: Some(Duration::from_millis(200)),
+            max_events: None,
+            dedup_window: Duration::from_secs(60),
+        };
+        assert_eq!(store.prune(r).await.unwrap(), 37);
+        assert_eq!(count(&store, "events").await, 23);
+        assert_eq!(store.prune(r).await.unwrap(), 0);
     }
 
     #[tokio::test]

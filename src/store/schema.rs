@@ -12,7 +12,7 @@ CREATE TABLE IF NOT EXISTS events (
     received_at INTEGER NOT NULL,
     body TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_received ON events(received_at);
+DROP INDEX IF EXISTS events_received;
 CREATE TABLE IF NOT EXISTS dedup (
     source TEXT NOT NULL,
     id TEXT NOT NULL,

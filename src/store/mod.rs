@@ -685,12 +685,7 @@ fn prune(tx: &rusqlite::Transaction<'_>, r: Retention, now: i64) -> rusqlite::Re
     let mut cutoff_seq: i64 = 0;
     if let Some(age) = r.max_age {
         let before = now - age.as_millis() as i64;
-        let s: Option<i64> = tx.query_row(
-            "SELECT MAX(seq) FROM events WHERE received_at < ?1",
-            [before],
-            |r| r.get(0),
-        )?;
-        cutoff_seq = cutoff_seq.max(s.unwrap_or(0));
+        cutoff_seq = cutoff_seq.max(last_seq_before(tx, before)?);
     }
     if let Some(max) = r.max_events {
         let s: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;

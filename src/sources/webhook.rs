@@ -204,7 +204,9 @@ impl Webhook {
                 return Err(r);
             }
         }
-        let ctx = Template::context(&json!({ "body": &body }));
+        // One conversion of the body for all mapping templates, without copying it first.
+        let ctx =
+            minijinja::context! { body => minijinja::Value::from(minijinja::value::Serde(&body)) };
         let render = |field: &str, t: &Template| -> Result<String, Rejection> {
             t.render_value(&ctx)
                 .map(|s| s.trim().to_string())
@@ -240,7 +242,7 @@ impl Webhook {
                 let s = render("data", t)?;
                 serde_json::from_str(&s).unwrap_or(Value::String(s))
             }
-            None => body.clone(),
+            None => body,
         };
         let mut b = EventBuilderV10::new()
             .id(id)

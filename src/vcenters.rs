@@ -24,6 +24,8 @@ pub struct VcenterConfig {
     pub insecure: bool,
     /// A PEM file of CA certificates to trust besides the system's.
     pub ca_file: Option<String>,
+    /// Trust exactly the certificate with this SHA-1 or SHA-256 thumbprint (`AA:BB:…`).
+    pub thumbprint: Option<String>,
     /// Time allowed for one call (default 60s).
     pub timeout: Option<Duration>,
 }
@@ -65,6 +67,12 @@ impl Vcenters {
                 },
                 None => None,
             };
+            if let Some(t) = &v.thumbprint {
+                if let Err(e) = vsphere::pin::parse_thumbprint(t) {
+                    diags.at(&v.url.referenced, format!("vcenter `{name}`: {e}"));
+                    continue;
+                }
+            }
             let url = if url.ends_with("/sdk") {
                 url
             } else {
@@ -79,6 +87,7 @@ impl Vcenters {
                         password: v.password.expose().to_string(),
                         insecure: v.insecure,
                         ca_pem,
+                        thumbprint: v.thumbprint.clone(),
                         timeout: v
                             .timeout
                             .map(|d| d.0)

@@ -18,6 +18,7 @@ fn opts(sim: &Simulator) -> vsphere::ConnectOptions {
         password: "pass".into(),
         insecure: true,
         ca_pem: None,
+        thumbprint: None,
         timeout: Duration::from_secs(60),
     }
 }

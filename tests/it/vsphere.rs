@@ -16,6 +16,7 @@ async fn client(sim: &Simulator) -> Client {
         password: "pass".into(),
         insecure: true,
         ca_pem: None,
+        thumbprint: None,
         timeout: Duration::from_secs(30),
     })
     .await

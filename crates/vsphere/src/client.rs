@@ -81,6 +81,8 @@ pub struct ConnectOptions {
     pub insecure: bool,
     /// Extra trusted CA certificates, PEM.
     pub ca_pem: Option<Vec<u8>>,
+    /// Trust exactly the certificate with this SHA-1 or SHA-256 thumbprint (`AA:BB:…`).
+    pub thumbprint: Option<String>,
     /// Time allowed for one call.
     pub timeout: Duration,
 }
@@ -127,6 +129,11 @@ impl Client {
         if opts.insecure {
             tracing::warn!(url = %opts.url, "TLS certificate verification is disabled for this vCenter (insecure: true)");
             b = b.danger_accept_invalid_certs(true);
+        }
+        if let Some(t) = &opts.thumbprint {
+            let pin = crate::pin::parse_thumbprint(t).map_err(Error::Invalid)?;
+            b = b
+                .tls_backend_preconfigured(crate::pin::pinned_config(pin).map_err(Error::Invalid)?);
         }
         if let Some(pem) = &opts.ca_pem {
             for cert in reqwest::Certificate::from_pem_bundle(pem)

@@ -4,6 +4,7 @@
 
 mod client;
 pub mod events;
+pub mod pin;
 mod rest;
 pub mod sim;
 pub mod vm;

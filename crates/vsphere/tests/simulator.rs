@@ -12,6 +12,7 @@ fn opts(sim: &Simulator, password: &str) -> ConnectOptions {
         password: password.into(),
         insecure: true,
         ca_pem: None,
+        thumbprint: None,
         timeout: Duration::from_secs(30),
     }
 }
@@ -39,6 +40,21 @@ async fn login_faults_and_tls_verification() {
     assert!(matches!(e, Error::Connection(_)), "{e}");
     let c = connect(&sim).await;
     assert!(!c.content.instance_uuid.is_empty());
+    // A thumbprint pin trusts exactly that certificate, without `insecure`.
+    let mut o = opts(&sim, "pass");
+    o.insecure = false;
+    o.thumbprint = Some(sim.thumbprint.clone());
+    Client::connect(o)
+        .await
+        .expect("the pinned certificate is trusted");
+    let mut o = opts(&sim, "pass");
+    o.insecure = false;
+    o.thumbprint = Some("00:".repeat(19) + "00");
+    let e = Client::connect(o)
+        .await
+        .err()
+        .expect("another thumbprint must fail");
+    assert!(e.to_string().contains("thumbprint"), "{e}");
 }
 
 #[tokio::test]
@@ -450,4 +466,20 @@ async fn create_vm_once() {
         c.create_vm(&spec).await.unwrap(),
         Change::AlreadySo(_)
     ));
+}
+
+#[tokio::test]
+async fn a_ca_bundle_makes_the_certificate_trusted() {
+    let dir = std::env::temp_dir().join(format!("vcsim-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    let arg = format!("-cert-out={}", ca.display());
+    let sim = Simulator::start_with(&[&arg]);
+    let mut o = opts(&sim, "pass");
+    o.insecure = false;
+    o.ca_pem = Some(std::fs::read(&ca).unwrap());
+    Client::connect(o)
+        .await
+        .expect("verified against the CA bundle");
+    let _ = std::fs::remove_dir_all(&dir);
 }

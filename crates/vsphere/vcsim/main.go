@@ -10,16 +10,25 @@
 package main
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha1"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"flag"
 	"fmt"
 	"io"
+	"math/big"
+	"net"
 	"net/url"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/vmware/govmomi/simulator"
 	_ "github.com/vmware/govmomi/vapi/simulator"
@@ -32,6 +41,7 @@ func main() {
 	plain := flag.Bool("plain", false, "serve plain HTTP instead of HTTPS")
 	idle := flag.Duration("session-idle-timeout", 0, "expire idle sessions after this long (0: never)")
 	datastores := flag.Int("ds", 2, "number of datastores")
+	certOut := flag.String("cert-out", "", "write the server certificate (PEM) to this file")
 	flag.Parse()
 
 	if *idle > 0 {
@@ -46,7 +56,20 @@ func main() {
 	m.Service.RegisterEndpoints = true
 	m.Service.Listen = &url.URL{Host: *listen, User: url.UserPassword(*user, *pass)}
 	if !*plain {
-		m.Service.TLS = new(tls.Config)
+		// A fresh P-256 certificate for 127.0.0.1: the simulator's built-in one is RSA-1024,
+		// which modern TLS stacks (rustls/webpki) refuse.
+		cert, certPEM, err := selfSigned()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "vcsim: certificate:", err)
+			os.Exit(1)
+		}
+		if *certOut != "" {
+			if err := os.WriteFile(*certOut, certPEM, 0o644); err != nil {
+				fmt.Fprintln(os.Stderr, "vcsim: -cert-out:", err)
+				os.Exit(1)
+			}
+		}
+		m.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
 	}
 	s := m.Service.NewServer()
 	u := *s.URL
@@ -77,4 +100,57 @@ func main() {
 	<-done
 	s.Close()
 	m.Remove()
+}
+
+// selfSigned makes a CA and a server certificate for 127.0.0.1 signed by it; the CA's PEM
+// is what -cert-out writes (a client's `ca_file`).
+func selfSigned() (tls.Certificate, []byte, error) {
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	caTmpl := x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "vcsim test CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageCertSign,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, &caTmpl, &caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	ca, err := x509.ParseCertificate(caDER)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	tmpl := x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		Subject:      pkix.Name{CommonName: "vcsim.reflex.test"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		DNSNames:     []string{"localhost"},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, &tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
+	return cert, caPEM, err
 }

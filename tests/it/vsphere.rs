@@ -458,3 +458,64 @@ triggers:
     );
     r.stop().await;
 }
+
+#[tokio::test]
+async fn two_vcenters_each_with_its_own_source_and_checkpoint() {
+    let (sim1, sim2) = (Simulator::start(), Simulator::start());
+    let mut rcv = Receiver::start().await;
+    std::env::set_var("REFLEX_IT_VC_PASSWORD", "pass");
+    let r = Reflex::start(&format!(
+        r#"
+vcenters:
+  vc1: {{url: "{}", username: user, password: "${{env:REFLEX_IT_VC_PASSWORD}}", insecure: true}}
+  vc2: {{url: "{}", username: user, password: "${{env:REFLEX_IT_VC_PASSWORD}}", insecure: true}}
+sources:
+  - {{name: vc1-events, type: vcenter, vcenter: vc1, poll_interval: 100ms}}
+  - {{name: vc2-events, type: vcenter, vcenter: vc2, poll_interval: 100ms}}
+triggers:
+  - name: off
+    filters: [{{exact: {{type: com.vmware.vsphere.VmPoweredOffEvent.v0}}}}]
+    action: {{type: http, url: "{}"}}
+"#,
+        sim1.url,
+        sim2.url,
+        rcv.url()
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for sim in [&sim1, &sim2] {
+        let c = client(sim).await;
+        let vm = c
+            .find_vm(&VmSelector::Name("DC0_H0_VM0".into()))
+            .await
+            .unwrap();
+        c.power(&vm, PowerOp::Off).await.unwrap();
+    }
+    let mut sources = vec![
+        rcv.next(10).await.headers["ce-source"]
+            .to_str()
+            .unwrap()
+            .to_string(),
+        rcv.next(10).await.headers["ce-source"]
+            .to_str()
+            .unwrap()
+            .to_string(),
+    ];
+    sources.sort();
+    let mut want = vec![sim1.url.clone(), sim2.url.clone()];
+    want.sort();
+    assert_eq!(sources, want);
+    let dir = r.stop().await;
+    let store =
+        reflex::store::Store::open(&dir.path().join("reflex.db"), Duration::from_secs(60)).unwrap();
+    for s in ["vc1-events", "vc2-events"] {
+        assert!(
+            store
+                .checkpoint(s)
+                .await
+                .unwrap()
+                .is_some_and(|(k, _)| k > 0),
+            "{s} has no checkpoint"
+        );
+    }
+}

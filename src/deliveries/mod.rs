@@ -187,24 +187,26 @@ impl Dispatcher {
         self.running[job.trigger] -= 1;
         let trigger = &self.router.triggers[job.trigger];
         job.attempts = record.n;
-        let (state, next_at) = match &error {
-            None => {
+        let state = next_state(
+            &error,
+            job.attempts - job.attempt_base,
+            trigger.policy.max_attempts,
+        );
+        let next_at = match state {
+            State::Succeeded => {
                 self.metrics.delivery_latency(
                     &trigger.name,
                     (now_ms() - job.received_at).max(0) as f64 / 1000.0,
                 );
-                (State::Succeeded, None)
+                None
             }
-            Some(e) if e.permanent => (State::Dead, None),
-            Some(_) if job.attempts - job.attempt_base >= trigger.policy.max_attempts => {
-                (State::Dead, None)
-            }
-            Some(_) => {
+            State::Retrying => {
                 let delay = trigger
                     .policy
                     .retry_delay(job.attempts - job.attempt_base + 1);
-                (State::Retrying, Some(now_ms() + delay.as_millis() as i64))
+                Some(now_ms() + delay.as_millis() as i64)
             }
+            _ => None,
         };
         self.metrics.delivery(&trigger.name, state.as_str());
         match (&error, state) {
@@ -281,17 +283,8 @@ impl Dispatcher {
                     self.running[done.job.trigger] -= 1;
                     let Done { job, record, error } = done;
                     // Record the finished attempt; a retry is left for the next start.
-                    let state = match &error {
-                        None => State::Succeeded,
-                        Some(e) if e.permanent => State::Dead,
-                        Some(_)
-                            if record.n - job.attempt_base
-                                >= self.router.triggers[job.trigger].policy.max_attempts =>
-                        {
-                            State::Dead
-                        }
-                        Some(_) => State::Retrying,
-                    };
+                    let max = self.router.triggers[job.trigger].policy.max_attempts;
+                    let state = next_state(&error, record.n - job.attempt_base, max);
                     self.store.finish_attempt(job.id, record, state, None).await;
                 }
                 Ok(Some(Err(_))) => {}
@@ -307,6 +300,17 @@ impl Dispatcher {
             }
         }
         self.store.flush().await;
+    }
+}
+
+/// The state after an attempt: succeeded, dead (permanent error or out of attempts since
+/// the last replay), or retrying.
+fn next_state(error: &Option<ActionError>, attempts_in_budget: u32, max_attempts: u32) -> State {
+    match error {
+        None => State::Succeeded,
+        Some(e) if e.permanent => State::Dead,
+        Some(_) if attempts_in_budget >= max_attempts => State::Dead,
+        Some(_) => State::Retrying,
     }
 }
 

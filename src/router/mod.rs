@@ -124,6 +124,8 @@ impl Router {
             candidates.sort_unstable();
         }
         let mut view = None;
+        // The template context, converted once per event and shared by the key templates.
+        let mut tpl_ctx: Option<minijinja::Value> = None;
         let mut out = Vec::new();
         for i in candidates {
             let t = &self.triggers[i];
@@ -149,8 +151,13 @@ impl Router {
                     }
                 }
             }
-            let render =
-                |tpl: &Template| -> Result<String, String> { tpl.render(ctx.expect("view built")) };
+            if (t.policy.ordering_key.is_some() || t.policy.throttle.is_some()) && tpl_ctx.is_none()
+            {
+                tpl_ctx = Some(Template::context(ctx.expect("view built")));
+            }
+            let render = |tpl: &Template| -> Result<String, String> {
+                tpl.render_value(tpl_ctx.as_ref().expect("context built"))
+            };
             let ordering_key = match t.policy.ordering_key.as_ref().map(render).transpose() {
                 Ok(k) => k,
                 Err(e) => {

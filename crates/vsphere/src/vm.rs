@@ -192,6 +192,17 @@ impl Client {
     ) -> Result<Change, Error> {
         let want = if connected { "true" } else { "false" };
         let nics = self.nics(vm).await?;
+        if let Some(ks) = keys {
+            let found: Vec<i64> = nics
+                .iter()
+                .filter_map(|n| n.child_text("key").and_then(|k| k.parse().ok()))
+                .collect();
+            if let Some(missing) = ks.iter().find(|k| !found.contains(k)) {
+                return Err(Error::NotFound(format!(
+                    "network adapter with key {missing} on {vm}"
+                )));
+            }
+        }
         if nics.is_empty() {
             return Ok(Change::AlreadySo(format!("{vm} has no network adapter")));
         }
@@ -231,19 +242,6 @@ impl Client {
                         ..nic
                     }),
             );
-        }
-        if let Some(ks) = keys {
-            let found: Vec<i64> = self
-                .nics(vm)
-                .await?
-                .iter()
-                .filter_map(|n| n.child_text("key").and_then(|k| k.parse().ok()))
-                .collect();
-            if let Some(missing) = ks.iter().find(|k| !found.contains(k)) {
-                return Err(Error::NotFound(format!(
-                    "network adapter with key {missing} on {vm}"
-                )));
-            }
         }
         if changed.is_empty() {
             return Ok(Change::AlreadySo(format!(

@@ -111,7 +111,11 @@ pub async fn run(
         sources,
         vcenters,
     } = compiled;
-    let store = store::Store::open(&config.store.path, config.store.dedup_window.0)
+    let dedup = store::DedupLimits {
+        window: config.store.dedup_window.0,
+        max_keys: config.store.dedup_max_keys,
+    };
+    let store = store::Store::open(&config.store.path, dedup)
         .with_context(|| format!("opening the store at {}", config.store.path.display()))?;
     let metrics = Arc::new(telemetry::Metrics::new());
     let (dispatch_tx, dispatch_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -210,7 +214,7 @@ pub async fn run(
     let retention = store::Retention {
         max_age: config.store.retention.max_age.map(|d| d.0),
         max_events: config.store.retention.max_events,
-        dedup_window: config.store.dedup_window.0,
+        dedup,
     };
     let pruner = {
         let store = store.clone();

@@ -100,6 +100,9 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// A repeated (source, id) within this window is accepted but not delivered again.
     pub dedup_window: Duration,
+    /// Most dedup keys remembered (each costs 20–40 bytes of memory); beyond it the oldest
+    /// are forgotten early, with a warning.
+    pub dedup_max_keys: usize,
     /// How long and how many events to keep in history.
     pub retention: RetentionConfig,
 }
@@ -109,6 +112,7 @@ impl Default for StoreConfig {
         StoreConfig {
             path: PathBuf::from("reflex-data/reflex.db"),
             dedup_window: Duration(std::time::Duration::from_secs(3600)),
+            dedup_max_keys: crate::store::DedupLimits::DEFAULT_MAX_KEYS,
             retention: RetentionConfig::default(),
         }
     }

@@ -2,8 +2,12 @@
 //! throttle windows in one SQLite database (WAL, `synchronous=FULL`). One writer thread
 //! applies every write in batches: one fsync commits many events (group commit).
 
+mod dedup;
 mod schema;
 
+pub use dedup::DedupLimits;
+
+use dedup::Dedup;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -190,8 +194,8 @@ pub struct Retention {
     pub max_age: Option<Duration>,
     /// Most events kept.
     pub max_events: Option<u64>,
-    /// Dedup window to keep.
-    pub dedup_window: Duration,
+    /// Dedup keys to keep.
+    pub dedup: DedupLimits,
 }
 
 /// Handle to the store; cheap to clone.
@@ -225,7 +229,7 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
 impl Store {
     /// Opens (creating if needed) the store and starts its writer thread. Deliveries left
     /// `running` by a crash return to `pending`.
-    pub fn open(path: &Path, dedup_window: Duration) -> Result<Store, StoreError> {
+    pub fn open(path: &Path, dedup: DedupLimits) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
                 path: path.display().to_string(),
@@ -247,12 +251,13 @@ impl Store {
         conn.pragma_update(None, "wal_autocheckpoint", 8000)
             .map_err(err)?;
         let reader = open(path)?;
+        let keys = load_dedup(&conn, dedup).map_err(err)?;
+        let window_ms = keys.window_ms();
         let (tx, rx) = mpsc::channel(65_536);
         let writer_path = path.to_path_buf();
-        let window_ms = dedup_window.as_millis() as i64;
         std::thread::Builder::new()
             .name("reflex-store-writer".into())
-            .spawn(move || writer(conn, rx, writer_path, window_ms))
+            .spawn(move || writer(conn, rx, writer_path, keys))
             .map_err(|source| StoreError::Io {
                 path: path.display().to_string(),
                 source,
@@ -438,7 +443,7 @@ enum Reply {
     Flush(oneshot::Sender<()>),
 }
 
-fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, window_ms: i64) {
+fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, mut keys: Dedup) {
     let p = path.display().to_string();
     let sqlite_err = |source| StoreError::Sqlite {
         path: p.clone(),
@@ -453,13 +458,15 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, windo
             }
         }
         let mut replies = Vec::with_capacity(batch.len());
+        let now = now_ms();
+        keys.expire(now);
+        let mut added = Vec::new();
         let result = (|| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
-            let now = now_ms();
             for op in batch {
                 match op {
                     Op::Ingest(events, reply) => {
-                        let r = ingest(&tx, events, now, window_ms);
+                        let r = ingest(&tx, events, now, &mut keys, &mut added);
                         replies.push(Reply::Ingest(reply, r));
                     }
                     Op::Running(id) => {
@@ -490,7 +497,7 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, windo
                         replies.push(Reply::Replay(reply, r));
                     }
                     Op::Prune(r, reply) => {
-                        let res = prune(&tx, r, now);
+                        let res = prune(&tx, r, now, &keys);
                         replies.push(Reply::Prune(reply, res));
                     }
                     Op::Flush(reply) => replies.push(Reply::Flush(reply)),
@@ -506,6 +513,11 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, windo
             }
             tx.commit()
         })();
+        if result.is_err() {
+            for k in added {
+                keys.remove(k);
+            }
+        }
         for reply in replies {
             match reply {
                 Reply::Ingest(tx, r) => {
@@ -546,17 +558,46 @@ fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
 }
 
+/// Reads back the keys of the dedup window at start-up.
+fn load_dedup(conn: &Connection, limits: DedupLimits) -> rusqlite::Result<Dedup> {
+    let mut keys = Dedup::new(limits);
+    let now = now_ms();
+    let tx = conn.unchecked_transaction()?;
+    let from = first_kept_key(&tx, now, &keys, limits.max_keys)?;
+    let mut st = tx.prepare("SELECT at, key FROM dedup_keys WHERE seq > ?1 ORDER BY seq")?;
+    let mut rows = st.query([from])?;
+    while let Some(r) = rows.next()? {
+        let at: i64 = r.get(0)?;
+        let key: Vec<u8> = r.get(1)?;
+        if let Ok(k) = <[u8; 16]>::try_from(key.as_slice()) {
+            keys.insert(u128::from_le_bytes(k), at);
+        }
+    }
+    keys.expire(now);
+    Ok(keys)
+}
+
+/// The last `dedup_keys` seq that is out of the window or beyond the key limit.
+fn first_kept_key(
+    tx: &Connection,
+    now: i64,
+    keys: &Dedup,
+    max_keys: usize,
+) -> rusqlite::Result<i64> {
+    let by_age = last_seq_before(tx, "dedup_keys", "at", now - keys.window_ms())?;
+    let max: Option<i64> = tx.query_row("SELECT MAX(seq) FROM dedup_keys", [], |r| r.get(0))?;
+    Ok(by_age.max(max.unwrap_or(0) - max_keys as i64))
+}
+
 fn ingest(
     tx: &rusqlite::Transaction<'_>,
     events: Vec<NewEvent>,
     now: i64,
-    window_ms: i64,
+    keys: &mut Dedup,
+    added: &mut Vec<dedup::Key>,
 ) -> rusqlite::Result<Vec<Stored>> {
     let mut out = Vec::with_capacity(events.len());
-    let mut dedup = tx.prepare_cached(
-        "INSERT INTO dedup(source, id, seen_at) VALUES (?1, ?2, ?3)
-         ON CONFLICT(source, id) DO UPDATE SET seen_at = excluded.seen_at WHERE dedup.seen_at < ?4",
-    )?;
+    let mut remember = tx.prepare_cached("INSERT INTO dedup_keys(at, key) VALUES (?1, ?2)")?;
     let mut ins_event = tx.prepare_cached(
         "INSERT INTO events(source_name, ce_source, ce_id, type, subject, received_at, body) VALUES (?1,?2,?3,?4,?5,?6,?7)",
     )?;
@@ -569,7 +610,8 @@ fn ingest(
          VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?5)",
     )?;
     for e in events {
-        if dedup.execute(params![e.ce_source, e.ce_id, now, now - window_ms])? == 0 {
+        let key = dedup::key(&e.ce_source, &e.ce_id);
+        if keys.contains(key) {
             out.push(Stored {
                 seq: 0,
                 duplicate: true,
@@ -577,6 +619,9 @@ fn ingest(
             });
             continue;
         }
+        remember.execute(params![now, key.to_le_bytes()])?;
+        keys.insert(key, now);
+        added.push(key);
         ins_event.execute(params![
             e.source_name,
             e.ce_source,
@@ -649,17 +694,23 @@ fn replay(tx: &rusqlite::Transaction<'_>, id: i64, now: i64) -> Result<OpenDeliv
 /// The highest seq received before `before_ms`, by binary search over seq: `received_at`
 /// grows with seq (one writer stamps each batch), so no index on it is kept, which saves a
 /// B-tree update on every ingested event.
-fn last_seq_before(tx: &rusqlite::Transaction<'_>, before_ms: i64) -> rusqlite::Result<i64> {
-    let (min, max): (Option<i64>, Option<i64>) =
-        tx.query_row("SELECT MIN(seq), MAX(seq) FROM events", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
+fn last_seq_before(
+    tx: &Connection,
+    table: &str,
+    time: &str,
+    before_ms: i64,
+) -> rusqlite::Result<i64> {
+    let (min, max): (Option<i64>, Option<i64>) = tx.query_row(
+        &format!("SELECT MIN(seq), MAX(seq) FROM {table}"),
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     let (Some(mut lo), Some(mut hi)) = (min, max) else {
         return Ok(0);
     };
-    let mut at = tx.prepare_cached(
-        "SELECT seq, received_at FROM events WHERE seq >= ?1 ORDER BY seq LIMIT 1",
-    )?;
+    let mut at = tx.prepare_cached(&format!(
+        "SELECT seq, {time} FROM {table} WHERE seq >= ?1 ORDER BY seq LIMIT 1"
+    ))?;
     let mut first = |seq: i64| -> rusqlite::Result<(i64, i64)> {
         at.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
     };
@@ -681,11 +732,16 @@ fn last_seq_before(tx: &rusqlite::Transaction<'_>, before_ms: i64) -> rusqlite::
     Ok(best)
 }
 
-fn prune(tx: &rusqlite::Transaction<'_>, r: Retention, now: i64) -> rusqlite::Result<u64> {
+fn prune(
+    tx: &rusqlite::Transaction<'_>,
+    r: Retention,
+    now: i64,
+    keys: &Dedup,
+) -> rusqlite::Result<u64> {
     let mut cutoff_seq: i64 = 0;
     if let Some(age) = r.max_age {
         let before = now - age.as_millis() as i64;
-        cutoff_seq = cutoff_seq.max(last_seq_before(tx, before)?);
+        cutoff_seq = cutoff_seq.max(last_seq_before(tx, "events", "received_at", before)?);
     }
     if let Some(max) = r.max_events {
         let s: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
@@ -709,10 +765,8 @@ fn prune(tx: &rusqlite::Transaction<'_>, r: Retention, now: i64) -> rusqlite::Re
             [cutoff_seq],
         )? as u64;
     }
-    tx.execute(
-        "DELETE FROM dedup WHERE seen_at < ?1",
-        [now - r.dedup_window.as_millis() as i64],
-    )?;
+    let forgotten = first_kept_key(tx, now, keys, r.dedup.max_keys)?;
+    tx.execute("DELETE FROM dedup_keys WHERE seq <= ?1", [forgotten])?;
     tx.execute("DELETE FROM throttles WHERE until < ?1", [now])?;
     Ok(removed)
 }
@@ -750,7 +804,11 @@ mod tests {
     #[tokio::test]
     async fn retention_keeps_unfinished_work_and_dedup_expires() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db"), Duration::from_millis(200)).unwrap();
+        let store = Store::open(
+            &dir.path().join("s.db"),
+            DedupLimits::window(Duration::from_millis(200)),
+        )
+        .unwrap();
         // Five finished events (no deliveries) and one with a pending delivery, oldest.
         store
             .ingest(vec![event("pending", Some("fn"))])
@@ -765,7 +823,7 @@ mod tests {
         let r = Retention {
             max_age: None,
             max_events: Some(2),
-            dedup_window: Duration::from_millis(200),
+            dedup: DedupLimits::window(Duration::from_millis(200)),
         };
         let removed = store.prune(r).await.unwrap();
         assert_eq!(
@@ -778,7 +836,7 @@ mod tests {
         let r = Retention {
             max_age: Some(Duration::ZERO),
             max_events: None,
-            dedup_window: Duration::from_millis(200),
+            dedup: DedupLimits::window(Duration::from_millis(200)),
         };
         tokio::time::sleep(Duration::from_millis(5)).await;
         store.prune(r).await.unwrap();
@@ -793,9 +851,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn dedup_keys_survive_a_restart_and_the_key_limit_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let limits = DedupLimits {
+            window: Duration::from_secs(60),
+            max_keys: 3,
+        };
+        {
+            let store = Store::open(&path, limits).unwrap();
+            let first = store
+                .ingest(vec![event("a", None), event("a", None)])
+                .await
+                .unwrap();
+            assert!(
+                !first[0].duplicate && first[1].duplicate,
+                "a repeat in one batch"
+            );
+            store.ingest(vec![event("b", None)]).await.unwrap();
+            store.flush().await;
+        }
+        let store = Store::open(&path, limits).unwrap();
+        let again = store
+            .ingest(vec![event("a", None), event("b", None), event("c", None)])
+            .await
+            .unwrap();
+        assert!(again[0].duplicate && again[1].duplicate && !again[2].duplicate);
+        // Retention trims the persisted keys to the limit: the newest three stay.
+        for id in ["d", "e"] {
+            store.ingest(vec![event(id, None)]).await.unwrap();
+        }
+        let r = Retention {
+            max_age: None,
+            max_events: None,
+            dedup: limits,
+        };
+        store.prune(r).await.unwrap();
+        assert_eq!(count(&store, "dedup_keys").await, 3);
+    }
+
+    #[tokio::test]
     async fn retention_by_age_finds_the_cutoff() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db"), Duration::from_secs(60)).unwrap();
+        let store = Store::open(
+            &dir.path().join("s.db"),
+            DedupLimits::window(Duration::from_secs(60)),
+        )
+        .unwrap();
         for i in 0..37 {
             store
                 .ingest(vec![event(&format!("old{i}"), None)])
@@ -812,7 +914,7 @@ mod tests {
         let r = Retention {
             max_age: Some(Duration::from_millis(200)),
             max_events: None,
-            dedup_window: Duration::from_secs(60),
+            dedup: DedupLimits::window(Duration::from_secs(60)),
         };
         assert_eq!(store.prune(r).await.unwrap(), 37);
         assert_eq!(count(&store, "events").await, 23);
@@ -822,7 +924,11 @@ mod tests {
     #[tokio::test]
     async fn replay_only_dead_or_throttled() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db"), Duration::from_secs(60)).unwrap();
+        let store = Store::open(
+            &dir.path().join("s.db"),
+            DedupLimits::window(Duration::from_secs(60)),
+        )
+        .unwrap();
         let s = store.ingest(vec![event("a", Some("fn"))]).await.unwrap();
         let id = s[0].deliveries[0].0;
         assert!(matches!(

@@ -13,12 +13,12 @@ CREATE TABLE IF NOT EXISTS events (
     body TEXT NOT NULL
 );
 DROP INDEX IF EXISTS events_received;
-CREATE TABLE IF NOT EXISTS dedup (
-    source TEXT NOT NULL,
-    id TEXT NOT NULL,
-    seen_at INTEGER NOT NULL,
-    PRIMARY KEY (source, id)
-) WITHOUT ROWID;
+DROP TABLE IF EXISTS dedup;
+CREATE TABLE IF NOT EXISTS dedup_keys (
+    seq INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    key BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY,
     event_seq INTEGER NOT NULL,

@@ -586,8 +586,11 @@ async fn shutdown_drains_running_attempts() {
     // Stop while the attempt runs: it finishes and is recorded before run() returns.
     let dir = r.stop().await;
     assert_eq!(rcv.next(1).await.headers["ce-id"], "d-1");
-    let store =
-        reflex::store::Store::open(&dir.path().join("reflex.db"), Duration::from_secs(60)).unwrap();
+    let store = reflex::store::Store::open(
+        &dir.path().join("reflex.db"),
+        reflex::store::DedupLimits::window(Duration::from_secs(60)),
+    )
+    .unwrap();
     let state: String = store
         .read(|c| c.query_row("SELECT state FROM deliveries", [], |r| r.get(0)))
         .await

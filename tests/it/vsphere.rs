@@ -506,8 +506,11 @@ triggers:
     want.sort();
     assert_eq!(sources, want);
     let dir = r.stop().await;
-    let store =
-        reflex::store::Store::open(&dir.path().join("reflex.db"), Duration::from_secs(60)).unwrap();
+    let store = reflex::store::Store::open(
+        &dir.path().join("reflex.db"),
+        reflex::store::DedupLimits::window(Duration::from_secs(60)),
+    )
+    .unwrap();
     for s in ["vc1-events", "vc2-events"] {
         assert!(
             store

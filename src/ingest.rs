@@ -1,7 +1,7 @@
 //! The ingest path every source shares: admission (bounded), routing, one durable write of
 //! the events with their deliveries, then hand-off to the dispatcher.
 
-use crate::deliveries::Job;
+use crate::deliveries::{Admission, Job};
 use crate::router::Router;
 use crate::store::{NewDelivery, NewEvent, State, Store, StoreError};
 use crate::telemetry::Metrics;
@@ -35,7 +35,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
     capacity: usize,
-    dispatch: mpsc::UnboundedSender<Job>,
+    dispatch: mpsc::UnboundedSender<Admission>,
 }
 
 /// Handle to the ingest path; cheap to clone.
@@ -49,7 +49,7 @@ impl Ingest {
         router: Arc<Router>,
         metrics: Arc<Metrics>,
         capacity: usize,
-        dispatch: mpsc::UnboundedSender<Job>,
+        dispatch: mpsc::UnboundedSender<Admission>,
     ) -> Ingest {
         Ingest(Arc::new(Inner {
             store,
@@ -142,7 +142,7 @@ impl Ingest {
                     inner.metrics.delivery(trigger, "throttled");
                     continue;
                 }
-                let _ = inner.dispatch.send(Job {
+                let _ = inner.dispatch.send(Admission::Ingested(Job {
                     id,
                     trigger: m.trigger,
                     event: event.clone(),
@@ -151,7 +151,7 @@ impl Ingest {
                     ordering_key: m.ordering_key,
                     received_at,
                     not_before: None,
-                });
+                }));
             }
         }
         Ok(accepted)

@@ -141,42 +141,14 @@ pub async fn run(
         secrets: Arc::new(serde_json::Value::Object(secrets)),
         vcenters: vcenters.clone(),
     };
-    let mut dispatcher = deliveries::Dispatcher::new(
+    let dispatcher = deliveries::Dispatcher::new(
         router.clone(),
         store.clone(),
         ctx,
         metrics.clone(),
         dispatch_rx,
+        config.store.deliveries_in_memory,
     );
-
-    // Recover what a previous run left: pending, retrying and interrupted deliveries.
-    let open = store
-        .open_deliveries()
-        .await
-        .context("reading open deliveries")?;
-    let recovered = open.len();
-    for d in open {
-        let (id, attempts) = (d.id, d.attempts);
-        match deliveries::Job::from_open(d, &router) {
-            Ok(job) => dispatcher.admit(job),
-            Err(why) => {
-                tracing::warn!(delivery = id, "{why}; dead-lettered");
-                let rec = store::AttemptRecord {
-                    n: attempts + 1,
-                    started_at: store::now_ms(),
-                    duration_ms: 0,
-                    outcome: "failed".into(),
-                    detail: why,
-                };
-                store
-                    .finish_attempt(id, rec, store::State::Dead, None)
-                    .await;
-            }
-        }
-    }
-    if recovered > 0 {
-        tracing::info!(recovered, "resuming deliveries from the store");
-    }
 
     let state = Arc::new(api::AppState {
         store: store.clone(),

@@ -114,7 +114,7 @@ impl Metrics {
         );
         registry.register(
             "queue_depth",
-            "Deliveries waiting or running",
+            "Deliveries held in memory (waiting, scheduled or running); past store.deliveries_in_memory the rest wait in the store",
             m.queue_depth.clone(),
         );
         registry.register(

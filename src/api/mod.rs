@@ -2,7 +2,7 @@
 //! token is configured every `/api/*` request must carry it.
 
 use crate::config::Secret;
-use crate::deliveries::Job;
+use crate::deliveries::{Admission, Job};
 use crate::ingest::Ingest;
 use crate::router::Router as TriggerRouter;
 use crate::sources::auth::AuthConfig;
@@ -34,7 +34,7 @@ pub struct AppState {
     /// The ingest path (for `POST /api/v1/events`).
     pub ingest: Ingest,
     /// Replayed deliveries go here.
-    pub dispatch: mpsc::UnboundedSender<Job>,
+    pub dispatch: mpsc::UnboundedSender<Admission>,
     /// The API token, if any.
     pub token: Option<Secret>,
     /// Set once start-up recovery is done.
@@ -267,7 +267,7 @@ async fn replay(AxState(s): AxState<Shared>, Path(id): Path<i64>) -> Response {
     match s.store.replay(id).await {
         Ok(open) => match Job::from_open(open, &s.router) {
             Ok(job) => {
-                let _ = s.dispatch.send(job);
+                let _ = s.dispatch.send(Admission::Replayed(job));
                 (
                     StatusCode::ACCEPTED,
                     Json(json!({"id": id, "state": "pending"})),

@@ -103,6 +103,9 @@ pub struct StoreConfig {
     /// Most dedup keys remembered (each costs 20–40 bytes of memory); beyond it the oldest
     /// are forgotten early, with a warning.
     pub dedup_max_keys: usize,
+    /// Most open deliveries held in memory; the rest wait in the store and are read back
+    /// in order as room frees up.
+    pub deliveries_in_memory: usize,
     /// How long and how many events to keep in history.
     pub retention: RetentionConfig,
 }
@@ -113,6 +116,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("reflex-data/reflex.db"),
             dedup_window: Duration(std::time::Duration::from_secs(3600)),
             dedup_max_keys: crate::store::DedupLimits::DEFAULT_MAX_KEYS,
+            deliveries_in_memory: 10_000,
             retention: RetentionConfig::default(),
         }
     }

@@ -1,6 +1,10 @@
 //! Deliveries: the dispatcher runs each (event, trigger) match as attempts, with the
 //! trigger's concurrency limit, ordering key, timeout and retry schedule, and records every
 //! attempt. Nothing is dropped: a delivery ends succeeded, dead (replayable) or throttled.
+//!
+//! Memory is bounded: at most `store.deliveries_in_memory` open deliveries are held. Past
+//! that, the rest wait in the store (where they already are) and are read back in id order
+//! as room frees up, so a slow action or a long outage cannot exhaust memory.
 
 use crate::actions::{ActionContext, ActionError};
 use crate::router::Router;
@@ -8,7 +12,7 @@ use crate::store::{now_ms, AttemptRecord, OpenDelivery, State, Store};
 use crate::telemetry::Metrics;
 use cloudevents::Event;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -58,6 +62,24 @@ impl Job {
     }
 }
 
+/// How a job reaches the dispatcher.
+#[derive(Debug)]
+pub enum Admission {
+    /// Just ingested: its id is newer than any delivery read back from the store.
+    Ingested(Job),
+    /// A dead or throttled delivery made pending again.
+    Replayed(Job),
+}
+
+/// Open deliveries may be waiting in the store, not in memory: they are read back in passes
+/// over the ids.
+struct Backlog {
+    /// Last id read in this pass.
+    cursor: i64,
+    /// A delivery at or below the cursor was left in the store: another pass is needed.
+    behind: bool,
+}
+
 struct Timed(i64, u64, Job);
 impl PartialEq for Timed {
     fn eq(&self, o: &Self) -> bool {
@@ -88,24 +110,30 @@ pub struct Dispatcher {
     store: Store,
     ctx: ActionContext,
     metrics: Arc<Metrics>,
-    rx: mpsc::UnboundedReceiver<Job>,
+    rx: mpsc::UnboundedReceiver<Admission>,
     ready: Vec<VecDeque<Job>>,
     running: Vec<usize>,
     keys: HashMap<(usize, String), VecDeque<Job>>,
     timers: BinaryHeap<Reverse<Timed>>,
     timer_seq: u64,
     tasks: JoinSet<Done>,
-    held: usize,
+    held: HashSet<i64>,
+    max_held: usize,
+    backlog: Option<Backlog>,
+    /// Highest id read back from the store; an ingested job at or below it is held already.
+    max_read: i64,
 }
 
 impl Dispatcher {
-    /// Creates a dispatcher fed by `rx`.
+    /// Creates a dispatcher fed by `rx` that holds at most `max_held` deliveries. It starts
+    /// by reading back what a previous run left open (pending, retrying, interrupted).
     pub fn new(
         router: Arc<Router>,
         store: Store,
         ctx: ActionContext,
         metrics: Arc<Metrics>,
-        rx: mpsc::UnboundedReceiver<Job>,
+        rx: mpsc::UnboundedReceiver<Admission>,
+        max_held: usize,
     ) -> Dispatcher {
         let n = router.triggers.len();
         Dispatcher {
@@ -120,13 +148,44 @@ impl Dispatcher {
             timers: BinaryHeap::new(),
             timer_seq: 0,
             tasks: JoinSet::new(),
-            held: 0,
+            held: HashSet::new(),
+            max_held: max_held.max(1),
+            backlog: Some(Backlog {
+                cursor: 0,
+                behind: false,
+            }),
+            max_read: 0,
         }
     }
 
-    /// Admits a job (from ingest, start-up recovery or replay).
-    pub fn admit(&mut self, job: Job) {
-        self.held += 1;
+    /// Takes a job from ingest or replay, or leaves it in the store when memory is full.
+    fn admit(&mut self, admission: Admission) {
+        let (job, replayed) = match admission {
+            Admission::Ingested(job) => (job, false),
+            Admission::Replayed(job) => (job, true),
+        };
+        if (!replayed && job.id <= self.max_read) || self.held.contains(&job.id) {
+            return; // read back from the store already
+        }
+        if self.backlog.is_none() && self.held.len() >= self.max_held {
+            tracing::warn!(
+                held = self.held.len(),
+                "more open deliveries than store.deliveries_in_memory; the rest wait in the store"
+            );
+            self.backlog = Some(Backlog {
+                cursor: 0,
+                behind: false,
+            });
+        }
+        if let Some(b) = &mut self.backlog {
+            b.behind |= job.id <= b.cursor;
+            return;
+        }
+        self.hold(job);
+    }
+
+    fn hold(&mut self, job: Job) {
+        self.held.insert(job.id);
         if let Some(k) = &job.ordering_key {
             let key = (job.trigger, k.clone());
             if let Some(waiting) = self.keys.get_mut(&key) {
@@ -175,7 +234,7 @@ impl Dispatcher {
                 self.tasks.spawn(attempt(router, store, ctx, job));
             }
         }
-        self.metrics.queue_depth.set(self.held as i64);
+        self.metrics.queue_depth.set(self.held.len() as i64);
     }
 
     async fn complete(&mut self, done: Done) {
@@ -225,8 +284,72 @@ impl Dispatcher {
             job.not_before = next_at;
             self.schedule(job);
         } else {
-            self.held -= 1;
+            self.held.remove(&job.id);
             self.release_key(&job);
+        }
+    }
+
+    /// Reads back open deliveries from the store while there is room, a pass at a time.
+    async fn refill(&mut self) {
+        let room = self.max_held.saturating_sub(self.held.len());
+        let Some(cursor) = self.backlog.as_ref().map(|b| b.cursor) else {
+            return;
+        };
+        if room < (self.max_held / 10).max(1) {
+            return;
+        }
+        // Attempts finished before now must be committed, or they would read as still open.
+        self.store.flush().await;
+        let open = match self.store.open_deliveries(cursor, room).await {
+            Ok(open) => open,
+            Err(e) => {
+                tracing::error!(error = %e, "reading open deliveries back from the store; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return;
+            }
+        };
+        let end_of_pass = open.len() < room;
+        let mut read = 0;
+        let mut cursor = cursor;
+        for d in open {
+            cursor = d.id;
+            self.max_read = self.max_read.max(d.id);
+            if self.held.contains(&d.id) {
+                continue;
+            }
+            let (id, attempts) = (d.id, d.attempts);
+            match Job::from_open(d, &self.router) {
+                Ok(job) => {
+                    read += 1;
+                    self.hold(job);
+                }
+                Err(why) => {
+                    tracing::warn!(delivery = id, "{why}; dead-lettered");
+                    let rec = AttemptRecord {
+                        n: attempts + 1,
+                        started_at: now_ms(),
+                        duration_ms: 0,
+                        outcome: "failed".into(),
+                        detail: why,
+                    };
+                    self.store.finish_attempt(id, rec, State::Dead, None).await;
+                }
+            }
+        }
+        if read > 0 {
+            tracing::info!(read, "open deliveries read back from the store");
+        }
+        let b = self.backlog.as_mut().expect("checked above");
+        b.cursor = cursor;
+        if end_of_pass {
+            if b.behind {
+                *b = Backlog {
+                    cursor: 0,
+                    behind: false,
+                };
+            } else {
+                self.backlog = None;
+            }
         }
     }
 
@@ -234,6 +357,7 @@ impl Dispatcher {
     /// still running are abandoned and stay pending in the store for the next start.
     pub async fn run(mut self, shutdown: CancellationToken, drain: Duration) {
         loop {
+            self.refill().await;
             self.start_ready();
             let next_timer = self.timers.peek().map(|Reverse(t)| t.0);
             let sleep = async {
@@ -254,11 +378,11 @@ impl Dispatcher {
                         Err(e) => tracing::error!(error = %e, "a delivery attempt task failed"),
                     }
                 }
-                job = self.rx.recv() => match job {
-                    Some(job) => {
-                        self.admit(job);
-                        while let Ok(job) = self.rx.try_recv() {
-                            self.admit(job);
+                admission = self.rx.recv() => match admission {
+                    Some(a) => {
+                        self.admit(a);
+                        while let Ok(a) = self.rx.try_recv() {
+                            self.admit(a);
                         }
                     }
                     None => break,

@@ -597,3 +597,93 @@ async fn shutdown_drains_running_attempts() {
         .unwrap();
     assert_eq!(state, "succeeded");
 }
+
+#[tokio::test]
+async fn memory_holds_a_bounded_number_of_deliveries_and_the_rest_wait_in_the_store() {
+    let mut rcv = Receiver::start().await;
+    rcv.delay_ms.store(5, Ordering::SeqCst);
+    let r = Reflex::start(&format!(
+        r#"
+store: {{path: $DIR/reflex.db, deliveries_in_memory: 4}}
+sources:
+  - {{name: ce, type: cloudevents, path: /events}}
+triggers:
+  - name: fn
+    action: {{type: http, url: "{}"}}
+    delivery: {{concurrency: 4, max_attempts: 1, ordering_key: "{{{{ event.data.vm }}}}"}}
+"#,
+        rcv.url()
+    ))
+    .await;
+    // Sample the in-memory depth while 40 events flow through a limit of 4.
+    let peak = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let sampler = {
+        let (client, url, peak) = (r.client.clone(), format!("{}/metrics", r.api), peak.clone());
+        tokio::spawn(async move {
+            loop {
+                let m = client.get(&url).send().await.unwrap().text().await.unwrap();
+                let depth: i64 = m
+                    .lines()
+                    .find_map(|l| l.strip_prefix("reflex_queue_depth "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                peak.fetch_max(depth, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let n = 40;
+    for i in 0..n {
+        let ev = cloudevent(&format!("b-{i}"), "t", json!({"vm": "web-1"}));
+        assert_eq!(post_ce(&r, "/events", ev).await.status(), 202);
+    }
+    let mut order = Vec::new();
+    for _ in 0..n {
+        order.push(
+            rcv.next(10).await.headers["ce-id"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let want: Vec<String> = (0..n).map(|i| format!("b-{i}")).collect();
+    assert_eq!(order, want, "each once, in order of the ordering key");
+    rcv.nothing_for(200).await;
+    sampler.abort();
+    let peak = peak.load(Ordering::SeqCst);
+    assert!((1..=4).contains(&peak), "in-memory depth peaked at {peak}");
+
+    // Dead letters replayed in bulk go through the same bound: each delivered once more.
+    rcv.status.store(500, Ordering::SeqCst);
+    for i in 0..n {
+        let ev = cloudevent(&format!("d-{i}"), "t", json!({"vm": format!("vm-{i}")}));
+        post_ce(&r, "/events", ev).await;
+    }
+    for _ in 0..n {
+        rcv.next(10).await;
+    }
+    let dead = r.wait_deliveries("state=dead", 10, |l| l.len() == n).await;
+    rcv.status.store(200, Ordering::SeqCst);
+    for d in &dead {
+        let resp = r
+            .client
+            .post(format!("{}/api/v1/deliveries/{}/replay", r.api, d["id"]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+    }
+    let mut got = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        let id = rcv.next(10).await.headers["ce-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(got.insert(id.clone()), "{id} delivered twice");
+    }
+    assert!(got.iter().all(|id| id.starts_with("d-")));
+    rcv.nothing_for(300).await;
+    r.wait_deliveries("state=succeeded", 10, |l| l.len() == 2 * n)
+        .await;
+    r.stop().await;
+}

@@ -115,3 +115,14 @@ fn json_schema_describes_the_config() {
         .collect();
     assert!(errors.is_empty(), "{errors:#?}");
 }
+
+#[test]
+fn the_committed_schema_file_is_current() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/reflex.schema.json");
+    let want = serde_json::to_string_pretty(&reflex::config::json_schema()).unwrap() + "\n";
+    let have = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        have == want,
+        "reflex.schema.json is stale: run `cargo run -q -- schema > reflex.schema.json`"
+    );
+}

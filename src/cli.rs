@@ -93,6 +93,11 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Make a running server re-read its configuration file (like SIGHUP).
+    Reload {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -179,7 +184,22 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     wait_for_signal().await;
                     signal.cancel();
                 });
-                reflex::run(compiled, listeners, shutdown).await
+                let reload = reflex::Reload::new(config.clone());
+                let requests = reload.requests.clone();
+                tokio::spawn(async move {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                        return;
+                    };
+                    while hup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        let (answer, _) = tokio::sync::oneshot::channel();
+                        if requests.send(answer).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                reflex::run_with_reload(compiled, listeners, shutdown, Some(reload)).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -241,6 +261,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             trigger,
             api,
         } => runtime()?.block_on(replay(id, all_dead, trigger, api)),
+        Command::Reload { api } => runtime()?.block_on(reload(api)),
     }
 }
 
@@ -418,6 +439,31 @@ async fn replay(
     } else {
         ExitCode::from(1)
     })
+}
+
+async fn reload(api: ApiArgs) -> Result<ExitCode> {
+    let resp = client(&api)
+        .post(format!("{}/api/v1/reload", api.api))
+        .send()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach reflex at {} (is it running? see --api)",
+                api.api
+            )
+        })?;
+    let ok = resp.status().is_success();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if ok {
+        println!("reloading: intake pauses while running deliveries finish, then the new configuration runs");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "reload refused; the running configuration stays:\n{}",
+            body["error"]["message"].as_str().unwrap_or("unknown error")
+        );
+        Ok(ExitCode::from(1))
+    }
 }
 
 async fn wait_for_signal() {

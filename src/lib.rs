@@ -99,144 +99,285 @@ impl Listeners {
 /// How long running deliveries get to finish after shutdown is requested.
 pub const DRAIN: Duration = Duration::from_secs(20);
 
+/// A request to re-read the configuration file; answered once the new file is checked
+/// (`Ok` means the restart on it has begun, `Err` holds every problem found).
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// Where reloads come from: the file to re-read and the requests (SIGHUP, the API).
+pub struct Reload {
+    /// The configuration file.
+    pub path: std::path::PathBuf,
+    /// Sender for the API's `POST /api/v1/reload`.
+    pub requests: tokio::sync::mpsc::Sender<ReloadRequest>,
+    /// Where requests arrive.
+    pub incoming: tokio::sync::mpsc::Receiver<ReloadRequest>,
+}
+
+impl Reload {
+    /// Reloads of the configuration at `path`.
+    pub fn new(path: std::path::PathBuf) -> Reload {
+        let (requests, incoming) = tokio::sync::mpsc::channel(8);
+        Reload {
+            path,
+            requests,
+            incoming,
+        }
+    }
+}
+
 /// Runs reflex until `shutdown` is cancelled, then drains deliveries and returns.
 pub async fn run(
     compiled: Compiled,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Compiled {
-        config,
-        router,
-        sources,
-        vcenters,
-    } = compiled;
-    let dedup = store::DedupLimits {
-        window: config.store.dedup_window.0,
-        max_keys: config.store.dedup_max_keys,
-    };
-    let store = store::Store::open(&config.store.path, dedup)
-        .with_context(|| format!("opening the store at {}", config.store.path.display()))?;
+    run_with_reload(compiled, listeners, shutdown, None).await
+}
+
+/// Like [`run`]; each reload request re-reads the configuration and, when it passes every
+/// check, restarts the pipeline on the same sockets: intake pauses (connections wait in the
+/// listen backlog, none is refused), running deliveries finish, the store is reopened and
+/// open deliveries resume under the new triggers. A file with errors changes nothing.
+pub async fn run_with_reload(
+    mut compiled: Compiled,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    mut reload: Option<Reload>,
+) -> anyhow::Result<()> {
+    let http = listeners.http.into_std()?;
+    let api = listeners.api.into_std()?;
     let metrics = Arc::new(telemetry::Metrics::new());
-    let (dispatch_tx, dispatch_rx) = tokio::sync::mpsc::unbounded_channel();
-    let ingest = ingest::Ingest::new(
-        store.clone(),
-        router.clone(),
-        metrics.clone(),
-        config.http.queue,
-        dispatch_tx.clone(),
-    );
-    let client = reqwest::Client::builder()
-        .user_agent(concat!("reflex/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .context("building the HTTP client")?;
-    let secrets: serde_json::Map<String, serde_json::Value> = config
-        .secrets
-        .iter()
-        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.expose().to_string())))
-        .collect();
-    let ctx = actions::ActionContext {
-        client,
-        ingest: ingest.clone(),
-        secrets: Arc::new(serde_json::Value::Object(secrets)),
-        vcenters: vcenters.clone(),
-    };
-    let dispatcher = deliveries::Dispatcher::new(
-        router.clone(),
-        store.clone(),
-        ctx,
-        metrics.clone(),
-        dispatch_rx,
-        config.store.deliveries_in_memory,
-    );
-
-    let state = Arc::new(api::AppState {
-        store: store.clone(),
-        router: router.clone(),
-        metrics: metrics.clone(),
-        ingest: ingest.clone(),
-        dispatch: dispatch_tx,
-        token: config.api.token.clone(),
-        ready: Default::default(),
-        max_body: config.http.max_body.0,
-    });
-    let (http_routes, pollers) = sources::routes(sources, ingest.clone());
-    let http_routes = http_routes.route("/healthz", axum::routing::get(|| async { "ok\n" }));
-    let api_routes = api::routes(state.clone());
-
-    let stop_http = CancellationToken::new();
-    let http_addr = listeners.http.local_addr()?;
-    let api_addr = listeners.api.local_addr()?;
-    let http_server = {
-        let stop = stop_http.clone();
-        tokio::spawn(async move {
-            axum::serve(listeners.http, http_routes)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
-    };
-    let api_server = {
-        let stop = stop_http.clone();
-        tokio::spawn(async move {
-            axum::serve(listeners.api, api_routes)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
-    };
-    let retention = store::Retention {
-        max_age: config.store.retention.max_age.map(|d| d.0),
-        max_events: config.store.retention.max_events,
-        dedup,
-    };
-    let pruner = {
-        let store = store.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tick.tick() => match store.prune(retention).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(removed = n, "retention: old events removed"),
-                        Err(e) => tracing::warn!(error = %e, "retention failed"),
-                    },
+    loop {
+        let listeners = Listeners {
+            http: TcpListener::from_std(http.try_clone()?)?,
+            api: TcpListener::from_std(api.try_clone()?)?,
+        };
+        let requests = reload.as_ref().map(|r| r.requests.clone());
+        let running = Running::start(compiled, listeners, metrics.clone(), requests).await?;
+        let next = loop {
+            let request = async {
+                match reload.as_mut() {
+                    Some(r) => r.incoming.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break None,
+                Some(answer) = request => {
+                    let path = &reload.as_ref().expect("a request came").path;
+                    match reloaded(path, &running.config) {
+                        Ok(c) => {
+                            let _ = answer.send(Ok(()));
+                            break Some(c);
+                        }
+                        Err(e) => {
+                            tracing::error!("reload refused; the running configuration stays:\n{e}");
+                            let _ = answer.send(Err(e));
+                        }
+                    }
                 }
             }
-        })
-    };
-    let stop_pollers = CancellationToken::new();
-    let mut poller_tasks = Vec::new();
-    for p in pollers {
-        tracing::info!(source = p.name(), "starting the vCenter event source");
-        poller_tasks.push(tokio::spawn(p.run(
-            ingest.clone(),
-            store.clone(),
-            vcenters.clone(),
-            metrics.clone(),
-            stop_pollers.clone(),
-        )));
+        };
+        running.stop(next.is_some()).await;
+        match next {
+            Some(c) => compiled = c,
+            None => return Ok(()),
+        }
     }
-    let dispatcher_stop = CancellationToken::new();
-    let dispatcher_task = tokio::spawn(dispatcher.run(dispatcher_stop.clone(), DRAIN));
-    state.ready.store(true, Ordering::Release);
-    tracing::info!(sources = %http_addr, api = %api_addr, triggers = router.triggers.len(), "reflex is running");
+}
 
-    shutdown.cancelled().await;
-    tracing::info!("shutting down: no new requests; draining deliveries");
-    // Stop accepting first so that every acknowledged event is in the store, then drain.
-    state.ready.store(false, Ordering::Release);
-    stop_http.cancel();
-    stop_pollers.cancel();
-    for t in poller_tasks {
-        let _ = t.await;
+/// Reads the file again; refuses what a restart on the same sockets and store cannot do.
+fn reloaded(path: &std::path::Path, current: &Config) -> Result<Compiled, String> {
+    let c = compile_file(path).map_err(|e| e.to_string())?;
+    let mut fixed = Vec::new();
+    if c.config.http.listen != current.http.listen {
+        fixed.push("http.listen");
     }
-    let _ = http_server.await;
-    let _ = api_server.await;
-    dispatcher_stop.cancel();
-    let _ = dispatcher_task.await;
-    let _ = pruner.await;
-    store.flush().await;
-    tracing::info!("stopped");
-    Ok(())
+    if c.config.api.listen != current.api.listen {
+        fixed.push("api.listen");
+    }
+    if c.config.store.path != current.store.path {
+        fixed.push("store.path");
+    }
+    if !fixed.is_empty() {
+        return Err(format!(
+            "{}: {} cannot change on reload; restart reflex to change them",
+            path.display(),
+            fixed.join(", ")
+        ));
+    }
+    Ok(c)
+}
+
+/// One running pipeline: listeners served, sources polling, the dispatcher, retention.
+struct Running {
+    config: Config,
+    state: Arc<api::AppState>,
+    store: store::Store,
+    stop_http: CancellationToken,
+    stop_tasks: CancellationToken,
+    servers: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+    pollers: Vec<tokio::task::JoinHandle<()>>,
+    pruner: tokio::task::JoinHandle<()>,
+    dispatcher_stop: CancellationToken,
+    dispatcher: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn start(
+        compiled: Compiled,
+        listeners: Listeners,
+        metrics: Arc<telemetry::Metrics>,
+        reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
+    ) -> anyhow::Result<Running> {
+        let Compiled {
+            config,
+            router,
+            sources,
+            vcenters,
+        } = compiled;
+        let dedup = store::DedupLimits {
+            window: config.store.dedup_window.0,
+            max_keys: config.store.dedup_max_keys,
+        };
+        let store = store::Store::open(&config.store.path, dedup)
+            .with_context(|| format!("opening the store at {}", config.store.path.display()))?;
+        let (dispatch_tx, dispatch_rx) = tokio::sync::mpsc::unbounded_channel();
+        let ingest = ingest::Ingest::new(
+            store.clone(),
+            router.clone(),
+            metrics.clone(),
+            config.http.queue,
+            dispatch_tx.clone(),
+        );
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("reflex/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("building the HTTP client")?;
+        let secrets: serde_json::Map<String, serde_json::Value> = config
+            .secrets
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.expose().to_string())))
+            .collect();
+        let ctx = actions::ActionContext {
+            client,
+            ingest: ingest.clone(),
+            secrets: Arc::new(serde_json::Value::Object(secrets)),
+            vcenters: vcenters.clone(),
+        };
+        let dispatcher = deliveries::Dispatcher::new(
+            router.clone(),
+            store.clone(),
+            ctx,
+            metrics.clone(),
+            dispatch_rx,
+            config.store.deliveries_in_memory,
+        );
+
+        let state = Arc::new(api::AppState {
+            store: store.clone(),
+            router: router.clone(),
+            metrics: metrics.clone(),
+            ingest: ingest.clone(),
+            dispatch: dispatch_tx,
+            token: config.api.token.clone(),
+            ready: Default::default(),
+            max_body: config.http.max_body.0,
+            reload,
+        });
+        let (http_routes, pollers) = sources::routes(sources, ingest.clone());
+        let http_routes = http_routes.route("/healthz", axum::routing::get(|| async { "ok\n" }));
+        let api_routes = api::routes(state.clone());
+
+        let stop_http = CancellationToken::new();
+        let http_addr = listeners.http.local_addr()?;
+        let api_addr = listeners.api.local_addr()?;
+        let serve = |l: TcpListener, routes: axum::Router| {
+            let stop = stop_http.clone();
+            tokio::spawn(async move {
+                axum::serve(l, routes)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            })
+        };
+        let servers = vec![
+            serve(listeners.http, http_routes),
+            serve(listeners.api, api_routes),
+        ];
+        let retention = store::Retention {
+            max_age: config.store.retention.max_age.map(|d| d.0),
+            max_events: config.store.retention.max_events,
+            dedup,
+        };
+        let stop_tasks = CancellationToken::new();
+        let pruner = {
+            let store = store.clone();
+            let stop = stop_tasks.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => match store.prune(retention).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(removed = n, "retention: old events removed"),
+                            Err(e) => tracing::warn!(error = %e, "retention failed"),
+                        },
+                    }
+                }
+            })
+        };
+        let mut poller_tasks = Vec::new();
+        for p in pollers {
+            tracing::info!(source = p.name(), "starting the vCenter event source");
+            poller_tasks.push(tokio::spawn(p.run(
+                ingest.clone(),
+                store.clone(),
+                vcenters.clone(),
+                metrics.clone(),
+                stop_tasks.clone(),
+            )));
+        }
+        let dispatcher_stop = CancellationToken::new();
+        let dispatcher = tokio::spawn(dispatcher.run(dispatcher_stop.clone(), DRAIN));
+        state.ready.store(true, Ordering::Release);
+        tracing::info!(sources = %http_addr, api = %api_addr, triggers = router.triggers.len(), "reflex is running");
+        Ok(Running {
+            config,
+            state,
+            store,
+            stop_http,
+            stop_tasks,
+            servers,
+            pollers: poller_tasks,
+            pruner,
+            dispatcher_stop,
+            dispatcher,
+        })
+    }
+
+    /// Stops intake first, so that every acknowledged event is in the store, then drains.
+    async fn stop(self, reloading: bool) {
+        if reloading {
+            tracing::info!("reloading: pausing intake and finishing running deliveries");
+        } else {
+            tracing::info!("shutting down: no new requests; draining deliveries");
+        }
+        self.state.ready.store(false, Ordering::Release);
+        self.stop_http.cancel();
+        self.stop_tasks.cancel();
+        for t in self.pollers {
+            let _ = t.await;
+        }
+        for t in self.servers {
+            let _ = t.await;
+        }
+        self.dispatcher_stop.cancel();
+        let _ = self.dispatcher.await;
+        let _ = self.pruner.await;
+        self.store.flush().await;
+        if !reloading {
+            tracing::info!("stopped");
+        }
+    }
 }

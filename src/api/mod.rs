@@ -41,6 +41,8 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// Largest body for `POST /api/v1/events`.
     pub max_body: usize,
+    /// Where `POST /api/v1/reload` goes; `None` when reflex runs without a file.
+    pub reload: Option<mpsc::Sender<crate::ReloadRequest>>,
 }
 
 type Shared = Arc<AppState>;
@@ -54,6 +56,7 @@ pub fn routes(state: Shared) -> Router {
         .route("/deliveries/{id}", get(show_delivery))
         .route("/deliveries/{id}/replay", post(replay))
         .route("/triggers", get(list_triggers))
+        .route("/reload", post(reload))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -282,6 +285,42 @@ async fn replay(AxState(s): AxState<Shared>, Path(id): Path<i64>) -> Response {
             .into_response(),
         },
         Err(e) => store_error(e),
+    }
+}
+
+async fn reload(AxState(s): AxState<Shared>) -> Response {
+    let Some(tx) = &s.reload else {
+        return Rejection::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "this reflex was not started from a configuration file; nothing to reload",
+        )
+        .into_response();
+    };
+    let (answer, result) = tokio::sync::oneshot::channel();
+    if tx.send(answer).await.is_err() {
+        return Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "reflex is stopping",
+        )
+        .into_response();
+    }
+    match result.await {
+        Ok(Ok(())) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"reload": "started", "detail": "intake pauses while running deliveries finish, then the new configuration runs"})),
+        )
+            .into_response(),
+        Ok(Err(problems)) => {
+            Rejection::new(StatusCode::BAD_REQUEST, "invalid_config", problems).into_response()
+        }
+        Err(_) => Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "reflex is stopping",
+        )
+        .into_response(),
     }
 }
 

@@ -163,6 +163,31 @@ async fn user_path_with_the_real_binary() {
         .unwrap();
     assert!(ok && out.contains("no dead deliveries"), "{out}");
 
+    // SIGHUP re-reads the file: the trigger now calls another URL, on the same sockets.
+    let mut moved = Receiver::start().await;
+    write_config(dir.path(), http, api, &moved.url(), "");
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGHUP) };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let resp = c
+            .post(format!("{}/hooks/alerts", s.http))
+            .json(&json!({"alert": "after_hup", "vm": "web-01", "id": format!("h-{n}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        let to_moved = tokio::time::timeout(Duration::from_millis(200), moved.rx.recv()).await;
+        if to_moved.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+    }
+
     // SIGTERM: a clean, prompt exit.
     unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
     let status = tokio::task::spawn_blocking(move || s.child.wait().unwrap())

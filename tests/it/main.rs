@@ -6,4 +6,5 @@ mod config_errors;
 mod deliveries;
 mod e2e_binary;
 mod ingest_http;
+mod reload;
 mod vsphere;

@@ -1,0 +1,184 @@
+//! Reloading the configuration on the same sockets: events keep flowing, every acknowledged
+//! one is delivered, and a file with errors changes nothing.
+
+use crate::common::{cloudevent, Receiver};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+fn config(dir: &std::path::Path, http: u16, api: u16, url: &str) -> String {
+    format!(
+        r#"
+http: {{listen: "127.0.0.1:{http}"}}
+api: {{listen: "127.0.0.1:{api}"}}
+store: {{path: "{}/reflex.db"}}
+sources:
+  - {{name: ce, type: cloudevents, path: /events}}
+triggers:
+  - name: fn
+    action: {{type: http, url: "{url}"}}
+"#,
+        dir.display()
+    )
+}
+
+fn ids(received: &mut Receiver, into: &mut BTreeSet<String>) {
+    while let Ok(r) = received.rx.try_recv() {
+        into.insert(r.headers["ce-id"].to_str().unwrap().to_string());
+    }
+}
+
+#[tokio::test]
+async fn reload_keeps_every_acknowledged_event_and_refuses_a_bad_file() {
+    let mut old = Receiver::start().await;
+    let mut new = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reflex.yaml");
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (hp, ap) = (
+        http.local_addr().unwrap().port(),
+        api.local_addr().unwrap().port(),
+    );
+    std::fs::write(&path, config(dir.path(), hp, ap, &old.url())).unwrap();
+    let compiled = reflex::compile_file(&path).unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(reflex::run_with_reload(
+        compiled,
+        reflex::Listeners { http, api },
+        shutdown.clone(),
+        Some(reflex::Reload::new(path.clone())),
+    ));
+    let client = reqwest::Client::new();
+    let api_url = format!("http://127.0.0.1:{ap}");
+    for _ in 0..200 {
+        if client
+            .get(format!("{api_url}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A sender posts steadily through the reload.
+    let accepted = Arc::new(Mutex::new(BTreeSet::new()));
+    let refused = Arc::new(Mutex::new(Vec::new()));
+    let sender = {
+        let (client, accepted, refused) = (client.clone(), accepted.clone(), refused.clone());
+        tokio::spawn(async move {
+            for i in 0..300 {
+                let id = format!("r-{i}");
+                let resp = client
+                    .post(format!("http://127.0.0.1:{hp}/events"))
+                    .header("content-type", "application/cloudevents+json")
+                    .body(cloudevent(&id, "t", serde_json::json!({"i": i})))
+                    .send()
+                    .await;
+                match resp {
+                    Ok(r) if r.status() == 202 => {
+                        accepted.lock().unwrap().insert(id);
+                    }
+                    Ok(r) => refused
+                        .lock()
+                        .unwrap()
+                        .push(format!("{id}: HTTP {}", r.status())),
+                    Err(e) => refused.lock().unwrap().push(format!("{id}: {e}")),
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(&path, config(dir.path(), hp, ap, &new.url())).unwrap();
+    let resp = client
+        .post(format!("{api_url}/api/v1/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    sender.await.unwrap();
+
+    // Every acknowledged event reached the old or the new receiver; the new one got the later ones.
+    let accepted = accepted.lock().unwrap().clone();
+    let (mut got_old, mut got_new) = (BTreeSet::new(), BTreeSet::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !accepted.is_subset(&got_old.union(&got_new).cloned().collect()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not delivered: {:?}",
+            accepted
+                .difference(&got_old.union(&got_new).cloned().collect())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        ids(&mut old, &mut got_old);
+        ids(&mut new, &mut got_new);
+    }
+    assert!(
+        accepted.contains("r-299"),
+        "the sender's last event was accepted"
+    );
+    assert!(got_new.contains("r-299") && !got_old.contains("r-299"));
+    assert!(
+        !got_old.is_empty(),
+        "events before the reload went to the old URL"
+    );
+    eprintln!(
+        "reload: {} accepted, {} to the old URL, {} to the new, not accepted: {:?}",
+        accepted.len(),
+        got_old.len(),
+        got_new.len(),
+        refused.lock().unwrap()
+    );
+
+    // A file with errors is refused with its positions; the running configuration stays.
+    std::fs::write(&path, "sources:\n  - {name: ce, type: nope}\n").unwrap();
+    let resp = client
+        .post(format!("{api_url}/api/v1/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["reason"], "invalid_config");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("reflex.yaml:2:"),
+        "{body}"
+    );
+    // So is a file that moves the listener.
+    std::fs::write(&path, config(dir.path(), hp + 1, ap, &new.url())).unwrap();
+    let resp = client
+        .post(format!("{api_url}/api/v1/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("http.listen cannot change"),
+        "{body}"
+    );
+    let resp = client
+        .post(format!("http://127.0.0.1:{hp}/events"))
+        .header("content-type", "application/cloudevents+json")
+        .body(cloudevent("after-bad", "t", serde_json::json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(new.next(5).await.headers["ce-id"], "after-bad");
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -265,7 +265,7 @@ impl Running {
             secrets: Arc::new(serde_json::Value::Object(secrets)),
             vcenters: vcenters.clone(),
         };
-        let dispatcher = deliveries::Dispatcher::new(
+        let mut dispatcher = deliveries::Dispatcher::new(
             router.clone(),
             store.clone(),
             ctx,
@@ -338,6 +338,8 @@ impl Running {
                 stop_tasks.clone(),
             )));
         }
+        // Ready only once what the last run left open is back in hand.
+        dispatcher.recover().await;
         let dispatcher_stop = CancellationToken::new();
         let dispatcher = tokio::spawn(dispatcher.run(dispatcher_stop.clone(), DRAIN));
         state.ready.store(true, Ordering::Release);

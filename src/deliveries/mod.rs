@@ -4,7 +4,9 @@
 //!
 //! Memory is bounded: at most `store.deliveries_in_memory` open deliveries are held. Past
 //! that, the rest wait in the store (where they already are) and are read back in id order
-//! as room frees up, so a slow action or a long outage cannot exhaust memory.
+//! as room frees up, so a slow action or a long outage cannot exhaust memory. A retry due
+//! more than [`PARK_RETRY_AFTER`] ahead waits in the store too (unless an ordering key must
+//! hold its place), so that one failing target does not fill memory and starve the rest.
 
 use crate::actions::{ActionContext, ActionError};
 use crate::router::Router;
@@ -61,6 +63,9 @@ impl Job {
         })
     }
 }
+
+/// Retries due further ahead than this (ms) wait in the store rather than in memory.
+pub const PARK_RETRY_AFTER: i64 = 2_000;
 
 /// How a job reaches the dispatcher.
 #[derive(Debug)]
@@ -122,6 +127,10 @@ pub struct Dispatcher {
     backlog: Option<Backlog>,
     /// Highest id read back from the store; an ingested job at or below it is held already.
     max_read: i64,
+    /// When the earliest retry waiting in the store is due (ms since the epoch).
+    parked_due: Option<i64>,
+    /// More due retries wait in the store than there was room for.
+    parked_left: bool,
 }
 
 impl Dispatcher {
@@ -155,6 +164,8 @@ impl Dispatcher {
                 behind: false,
             }),
             max_read: 0,
+            parked_due: None,
+            parked_left: false,
         }
     }
 
@@ -198,8 +209,14 @@ impl Dispatcher {
     }
 
     fn schedule(&mut self, job: Job) {
+        let now = now_ms();
         match job.not_before {
-            Some(t) if t > now_ms() => {
+            Some(t) if t > now + PARK_RETRY_AFTER && job.ordering_key.is_none() => {
+                // The store has it as `retrying` with this time; it is read back when due.
+                self.held.remove(&job.id);
+                self.parked_due = Some(self.parked_due.map_or(t, |d| d.min(t)));
+            }
+            Some(t) if t > now => {
                 self.timer_seq += 1;
                 self.timers.push(Reverse(Timed(t, self.timer_seq, job)));
             }
@@ -289,68 +306,122 @@ impl Dispatcher {
         }
     }
 
-    /// Reads back open deliveries from the store while there is room, a pass at a time.
+    /// Reads back what waits in the store, while there is room: due retries, then open
+    /// deliveries a pass at a time.
     async fn refill(&mut self) {
-        let room = self.max_held.saturating_sub(self.held.len());
-        let Some(cursor) = self.backlog.as_ref().map(|b| b.cursor) else {
-            return;
-        };
-        if room < (self.max_held / 10).max(1) {
+        self.read_due_retries().await;
+        while self.backlog.is_some() {
+            let room = self.max_held.saturating_sub(self.held.len());
+            if room < (self.max_held / 10).max(1) {
+                return;
+            }
+            let cursor = self.backlog.as_ref().map_or(0, |b| b.cursor);
+            // Attempts finished before now must be committed, or they would read as open.
+            self.store.flush().await;
+            let open = match self.store.open_deliveries(cursor, room).await {
+                Ok(open) => open,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading open deliveries back from the store; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    return;
+                }
+            };
+            let end_of_pass = open.len() < room;
+            let mut cursor = cursor;
+            let before = self.held.len();
+            for d in open {
+                cursor = d.id;
+                self.max_read = self.max_read.max(d.id);
+                self.take_back(d).await;
+            }
+            let read = self.held.len() - before;
+            if read > 0 {
+                tracing::info!(read, "open deliveries read back from the store");
+            }
+            let b = self.backlog.as_mut().expect("the loop checks it");
+            b.cursor = cursor;
+            if end_of_pass {
+                if b.behind {
+                    *b = Backlog {
+                        cursor: 0,
+                        behind: false,
+                    };
+                } else {
+                    self.backlog = None;
+                }
+            }
+            if read > 0 {
+                return; // start these; the next turn of the loop reads on
+            }
+        }
+    }
+
+    /// Reads back the retries that waited in the store and are now due.
+    async fn read_due_retries(&mut self) {
+        let now = now_ms();
+        if !(self.parked_left || self.parked_due.is_some_and(|t| t <= now)) {
             return;
         }
-        // Attempts finished before now must be committed, or they would read as still open.
+        let room = self.max_held.saturating_sub(self.held.len());
+        if room == 0 {
+            // Read them once room frees up (a completion wakes the loop).
+            self.parked_left = true;
+            self.parked_due = None;
+            return;
+        }
         self.store.flush().await;
-        let open = match self.store.open_deliveries(cursor, room).await {
-            Ok(open) => open,
+        // Held retries can be among the due ones: ask for enough to see past them.
+        let due = match self.store.due_retries(now, room + self.held.len()).await {
+            Ok(due) => due,
             Err(e) => {
-                tracing::error!(error = %e, "reading open deliveries back from the store; retrying");
+                tracing::error!(error = %e, "reading due retries back from the store; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 return;
             }
         };
-        let end_of_pass = open.len() < room;
-        let mut read = 0;
-        let mut cursor = cursor;
-        for d in open {
-            cursor = d.id;
-            self.max_read = self.max_read.max(d.id);
-            if self.held.contains(&d.id) {
-                continue;
+        let before = self.held.len();
+        for d in due {
+            if self.held.len() >= self.max_held {
+                break;
             }
-            let (id, attempts) = (d.id, d.attempts);
-            match Job::from_open(d, &self.router) {
-                Ok(job) => {
-                    read += 1;
-                    self.hold(job);
-                }
-                Err(why) => {
-                    tracing::warn!(delivery = id, "{why}; dead-lettered");
-                    let rec = AttemptRecord {
-                        n: attempts + 1,
-                        started_at: now_ms(),
-                        duration_ms: 0,
-                        outcome: "failed".into(),
-                        detail: why,
-                    };
-                    self.store.finish_attempt(id, rec, State::Dead, None).await;
-                }
+            self.take_back(d).await;
+        }
+        self.parked_left = self.held.len() - before == room;
+        self.parked_due = match self.store.next_retry_after(now).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the next retry time from the store");
+                Some(now + 1000)
             }
+        };
+    }
+
+    /// Holds a delivery read from the store, unless held already or no longer runnable.
+    async fn take_back(&mut self, d: OpenDelivery) {
+        if self.held.contains(&d.id) {
+            return;
         }
-        if read > 0 {
-            tracing::info!(read, "open deliveries read back from the store");
-        }
-        let b = self.backlog.as_mut().expect("checked above");
-        b.cursor = cursor;
-        if end_of_pass {
-            if b.behind {
-                *b = Backlog {
-                    cursor: 0,
-                    behind: false,
+        let (id, attempts) = (d.id, d.attempts);
+        match Job::from_open(d, &self.router) {
+            Ok(job) => self.hold(job),
+            Err(why) => {
+                tracing::warn!(delivery = id, "{why}; dead-lettered");
+                let rec = AttemptRecord {
+                    n: attempts + 1,
+                    started_at: now_ms(),
+                    duration_ms: 0,
+                    outcome: "failed".into(),
+                    detail: why,
                 };
-            } else {
-                self.backlog = None;
+                self.store.finish_attempt(id, rec, State::Dead, None).await;
             }
         }
+    }
+
+    /// Reads back what a previous run left open, as far as memory allows; call before
+    /// [`Dispatcher::run`] so that readiness means recovery is done.
+    pub async fn recover(&mut self) {
+        self.refill().await;
     }
 
     /// Runs until `shutdown`, then drains: running attempts get `drain` to finish; those
@@ -359,7 +430,13 @@ impl Dispatcher {
         loop {
             self.refill().await;
             self.start_ready();
-            let next_timer = self.timers.peek().map(|Reverse(t)| t.0);
+            let next_timer = self
+                .timers
+                .peek()
+                .map(|Reverse(t)| t.0)
+                .into_iter()
+                .chain(self.parked_due)
+                .min();
             let sleep = async {
                 match next_timer {
                     Some(t) => {

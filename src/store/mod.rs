@@ -416,6 +416,36 @@ impl Store {
         .await
     }
 
+    /// Up to `limit` retrying deliveries due at `now`, earliest first.
+    pub async fn due_retries(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<OpenDelivery>, StoreError> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
+                 FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                 WHERE d.state = 'retrying' AND d.next_at <= ?1 ORDER BY d.next_at LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![now, limit as i64], open_delivery_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// When the next retrying delivery after `now` is due.
+    pub async fn next_retry_after(&self, now: i64) -> Result<Option<i64>, StoreError> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT MIN(next_at) FROM deliveries WHERE state = 'retrying' AND next_at > ?1",
+                [now],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
     /// Size of the database files in bytes.
     pub fn size_bytes(&self) -> u64 {
         let base = self.path.display().to_string();
@@ -760,11 +790,17 @@ fn prune(
         let s: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
         cutoff_seq = cutoff_seq.max(s.unwrap_or(0) - max as i64);
     }
+    // The newest event and the newest delivery are always kept: SQLite hands out max+1,
+    // and the dispatcher relies on ids never being reused.
+    let newest: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
+    cutoff_seq = cutoff_seq.min(newest.unwrap_or(0) - 1);
     let mut removed = 0;
     if cutoff_seq > 0 {
-        // Events with unfinished deliveries are kept whatever their age.
+        // Events with unfinished deliveries are kept whatever their age, and the newest
+        // delivery's event (so that delivery ids are never reused).
         const KEEP: &str =
-            "SELECT event_seq FROM deliveries WHERE state IN ('pending','running','retrying')";
+            "SELECT event_seq FROM deliveries WHERE state IN ('pending','running','retrying')
+             UNION SELECT event_seq FROM deliveries WHERE id = (SELECT MAX(id) FROM deliveries)";
         tx.execute(
             &format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_seq <= ?1 AND event_seq NOT IN ({KEEP}))"),
             [cutoff_seq],
@@ -853,7 +889,28 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(5)).await;
         store.prune(r).await.unwrap();
-        assert_eq!(count(&store, "events").await, 1);
+        assert_eq!(
+            count(&store, "events").await,
+            2,
+            "the pending one, and the newest (ids are never reused)"
+        );
+        // Even once its delivery is done, the newest delivery and its event stay, so the next
+        // delivery gets a larger id.
+        let first = store.ingest(vec![event("f", Some("fn"))]).await.unwrap();
+        let id = first[0].deliveries[0].0;
+        let rec = AttemptRecord {
+            n: 1,
+            started_at: now_ms(),
+            duration_ms: 1,
+            outcome: "succeeded".into(),
+            detail: String::new(),
+        };
+        store.finish_attempt(id, rec, State::Succeeded, None).await;
+        store.ingest(vec![event("h", None)]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        store.prune(r).await.unwrap();
+        let next = store.ingest(vec![event("g", Some("fn"))]).await.unwrap();
+        assert!(next[0].deliveries[0].0 > id);
         // Within the window a repeat is a duplicate; after it, it is new again.
         let again = store.ingest(vec![event("e4", None)]).await.unwrap();
         assert!(again[0].duplicate);

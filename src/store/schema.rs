@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries(event_seq);
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, id);
+-- Only retrying rows: the hot path (pending, running, succeeded) never touches it.
+CREATE INDEX IF NOT EXISTS deliveries_retry ON deliveries(next_at) WHERE state = 'retrying';
 CREATE TABLE IF NOT EXISTS attempts (
     delivery_id INTEGER NOT NULL,
     n INTEGER NOT NULL,

@@ -687,3 +687,136 @@ triggers:
         .await;
     r.stop().await;
 }
+
+#[tokio::test]
+async fn a_failing_target_does_not_starve_other_triggers() {
+    let mut failing = Receiver::start().await;
+    failing.status.store(500, Ordering::SeqCst);
+    let mut ok = Receiver::start().await;
+    // Retries 2.5–5 s ahead wait in the store, not in the 4 places in memory.
+    let r = Reflex::start(&format!(
+        r#"
+store: {{path: $DIR/reflex.db, deliveries_in_memory: 4}}
+sources:
+  - {{name: ce, type: cloudevents, path: /events}}
+triggers:
+  - name: failing
+    filters: [{{exact: {{type: t.fail}}}}]
+    action: {{type: http, url: "{}"}}
+    delivery: {{max_attempts: 2, backoff: 5s}}
+  - name: ok
+    filters: [{{exact: {{type: t.ok}}}}]
+    action: {{type: http, url: "{}"}}
+"#,
+        failing.url(),
+        ok.url()
+    ))
+    .await;
+    for i in 0..10 {
+        post_ce(
+            &r,
+            "/events",
+            cloudevent(&format!("f-{i}"), "t.fail", json!({})),
+        )
+        .await;
+    }
+    for _ in 0..10 {
+        failing.next(5).await;
+    }
+    for i in 0..10 {
+        post_ce(
+            &r,
+            "/events",
+            cloudevent(&format!("k-{i}"), "t.ok", json!({})),
+        )
+        .await;
+    }
+    let mut got = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let id = ok.next(2).await.headers["ce-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        got.insert(id);
+    }
+    assert_eq!(
+        got.len(),
+        10,
+        "the other trigger ran while the retries waited"
+    );
+    // The parked retries come back when due: a second attempt each, then dead.
+    let mut second = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let id = failing.next(10).await.headers["ce-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(second.insert(id.clone()), "{id} retried twice");
+    }
+    r.wait_deliveries("state=dead", 5, |l| l.len() == 10).await;
+    failing.nothing_for(300).await;
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn start_up_reads_past_deliveries_of_a_removed_trigger() {
+    use reflex::store::{DedupLimits, NewDelivery, NewEvent, Store};
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    {
+        // A previous run left 12 open deliveries of a trigger that is gone, then 3 of `fn`.
+        let store = Store::open(
+            &dir.path().join("reflex.db"),
+            DedupLimits::window(Duration::from_secs(60)),
+        )
+        .unwrap();
+        for (i, trigger) in (0..15).map(|i| (i, if i < 12 { "gone" } else { "fn" })) {
+            let body = cloudevent(&format!("s-{i}"), "t", json!({}));
+            store
+                .ingest(vec![NewEvent {
+                    source_name: "ce".into(),
+                    ce_source: "/test".into(),
+                    ce_id: format!("s-{i}"),
+                    ty: "t".into(),
+                    subject: None,
+                    body,
+                    deliveries: vec![NewDelivery {
+                        trigger: trigger.into(),
+                        ordering_key: None,
+                        throttle: None,
+                    }],
+                }])
+                .await
+                .unwrap();
+        }
+        store.flush().await;
+    }
+    let mut rcv = Receiver::start().await;
+    let r = Reflex::start_in(
+        &format!(
+            "store: {{path: $DIR/reflex.db, deliveries_in_memory: 4}}\n{}",
+            config(&format!(
+                "  - name: fn\n    action: {{type: http, url: \"{}\"}}\n",
+                rcv.url()
+            ))
+        ),
+        dir,
+    )
+    .await;
+    // Ready means recovered: whole chunks of dead letters do not stop the pass.
+    let mut got = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        got.insert(
+            rcv.next(5).await.headers["ce-id"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(got, ["s-12", "s-13", "s-14"].map(String::from).into());
+    let dead = r.wait_deliveries("state=dead", 5, |l| l.len() == 12).await;
+    assert!(dead[0]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("trigger `gone` is no longer configured"));
+    r.stop().await;
+}

@@ -82,13 +82,81 @@ impl JsonSchema for ByteSize {
     }
 }
 
+/// A rate written as `10/s`, `100/min` or `500/h`: at most that many, evenly spaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    /// How many.
+    pub count: u32,
+    /// Per this period.
+    pub per: std::time::Duration,
+}
+
+impl Rate {
+    /// The spacing between two starts.
+    pub fn interval(&self) -> std::time::Duration {
+        self.per / self.count.max(1)
+    }
+}
+
+fn parse_rate(s: &str) -> Option<Rate> {
+    let (n, unit) = s.split_once('/')?;
+    let count: u32 = n.trim().parse().ok().filter(|n| *n > 0)?;
+    let per = match unit.trim() {
+        "s" | "sec" | "second" => std::time::Duration::from_secs(1),
+        "m" | "min" | "minute" => std::time::Duration::from_secs(60),
+        "h" | "hour" => std::time::Duration::from_secs(3600),
+        other => humantime::parse_duration(other).ok()?,
+    };
+    (!per.is_zero()).then_some(Rate { count, per })
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        parse_rate(&raw).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid rate `{raw}`; expected a positive count per period, e.g. `10/s`, `100/min`, `500/h`, `3/10s`"
+            ))
+        })
+    }
+}
+
+impl JsonSchema for Rate {
+    fn schema_name() -> Cow<'static, str> {
+        "Rate".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^ *[1-9][0-9]* */ *([0-9]+ ?(ms|s|m|h|d)|s|sec|second|m|min|minute|h|hour) *$",
+            "description": "A rate such as `10/s`, `100/min`, `500/h` or `3/10s`"
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn sizes() {
-        assert_eq!(super::parse_size("1MiB"), Some(1 << 20));
-        assert_eq!(super::parse_size("512KiB"), Some(512 << 10));
-        assert_eq!(super::parse_size("10"), Some(10));
-        assert_eq!(super::parse_size("10 parsecs"), None);
+        assert_eq!(parse_size("1MiB"), Some(1 << 20));
+        assert_eq!(parse_size("512KiB"), Some(512 << 10));
+        assert_eq!(parse_size("10"), Some(10));
+        assert_eq!(parse_size("10 parsecs"), None);
+    }
+
+    #[test]
+    fn rates() {
+        let r = parse_rate("10/s").unwrap();
+        assert_eq!(r.interval(), std::time::Duration::from_millis(100));
+        assert_eq!(parse_rate("3/10s").unwrap().interval().as_millis(), 3333);
+        assert_eq!(
+            parse_rate("120/min").unwrap().interval(),
+            std::time::Duration::from_millis(500)
+        );
+        assert!(parse_rate("0/s").is_none());
+        assert!(parse_rate("10").is_none());
+        assert!(parse_rate("10/fortnight").is_none());
     }
 }

@@ -4,7 +4,7 @@
 mod duration;
 pub mod secret;
 
-pub use duration::{ByteSize, Duration};
+pub use duration::{ByteSize, Duration, Rate};
 pub use secret::Secret;
 
 use crate::actions::ActionConfig;
@@ -222,6 +222,9 @@ pub struct DeliveryConfig {
     pub timeout: Duration,
     /// Attempts of this trigger running at once.
     pub concurrency: usize,
+    /// Most attempts started per period, evenly spaced (e.g. `10/s`, `100/min`), to spare
+    /// the API an action calls; retries count.
+    pub rate: Option<Rate>,
     /// Template of a key; deliveries with the same key run one at a time, in order.
     #[schemars(with = "Option<String>")]
     pub ordering_key: Option<Text>,
@@ -237,6 +240,7 @@ impl Default for DeliveryConfig {
             max_backoff: Duration(std::time::Duration::from_secs(300)),
             timeout: Duration(std::time::Duration::from_secs(30)),
             concurrency: 16,
+            rate: None,
             ordering_key: None,
             throttle: None,
         }

@@ -118,6 +118,8 @@ pub struct Dispatcher {
     rx: mpsc::UnboundedReceiver<Admission>,
     ready: Vec<VecDeque<Job>>,
     running: Vec<usize>,
+    /// Per trigger with a rate: the earliest time the next attempt may start.
+    next_start: Vec<Option<tokio::time::Instant>>,
     keys: HashMap<(usize, String), VecDeque<Job>>,
     timers: BinaryHeap<Reverse<Timed>>,
     timer_seq: u64,
@@ -153,6 +155,7 @@ impl Dispatcher {
             rx,
             ready: (0..n).map(|_| VecDeque::new()).collect(),
             running: vec![0; n],
+            next_start: vec![None; n],
             keys: HashMap::new(),
             timers: BinaryHeap::new(),
             timer_seq: 0,
@@ -237,13 +240,24 @@ impl Dispatcher {
         }
     }
 
-    fn start_ready(&mut self) {
+    /// Starts what the concurrency limits and rates allow; returns when a rate next allows
+    /// a start that is waiting.
+    fn start_ready(&mut self) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        let mut wake: Option<tokio::time::Instant> = None;
         for t in 0..self.ready.len() {
-            let limit = self.router.triggers[t].policy.concurrency;
-            while self.running[t] < limit {
-                let Some(job) = self.ready[t].pop_front() else {
-                    break;
-                };
+            let policy = &self.router.triggers[t].policy;
+            let (limit, spacing) = (policy.concurrency, policy.spacing);
+            while self.running[t] < limit && !self.ready[t].is_empty() {
+                if let Some(spacing) = spacing {
+                    let next = self.next_start[t].unwrap_or(now);
+                    if next > now {
+                        wake = Some(wake.map_or(next, |w| w.min(next)));
+                        break;
+                    }
+                    self.next_start[t] = Some(next.max(now) + spacing);
+                }
+                let job = self.ready[t].pop_front().expect("not empty");
                 self.running[t] += 1;
                 let router = self.router.clone();
                 let store = self.store.clone();
@@ -252,6 +266,7 @@ impl Dispatcher {
             }
         }
         self.metrics.queue_depth.set(self.held.len() as i64);
+        wake
     }
 
     async fn complete(&mut self, done: Done) {
@@ -429,7 +444,7 @@ impl Dispatcher {
     pub async fn run(mut self, shutdown: CancellationToken, drain: Duration) {
         loop {
             self.refill().await;
-            self.start_ready();
+            let rate_wake = self.start_ready();
             let next_timer = self
                 .timers
                 .peek()
@@ -446,9 +461,16 @@ impl Dispatcher {
                     None => std::future::pending().await,
                 }
             };
+            let rate_sleep = async {
+                match rate_wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                _ = rate_sleep => {}
                 Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     match done {
                         Ok(done) => self.complete(done).await,

@@ -27,6 +27,8 @@ pub struct DeliveryPolicy {
     pub timeout: Duration,
     /// Attempts running at once.
     pub concurrency: usize,
+    /// Least time between two attempt starts (from `rate`).
+    pub spacing: Option<Duration>,
     /// Key template for one-at-a-time, in-order delivery.
     pub ordering_key: Option<Template>,
     /// Key template and window for `once_within` throttling.
@@ -251,6 +253,7 @@ fn compile_trigger(t: &TriggerConfig, config: &Config, diags: &mut Diagnostics) 
         max_backoff: d.max_backoff.0,
         timeout: d.timeout.0,
         concurrency: d.concurrency.max(1),
+        spacing: d.rate.map(|r| r.interval()),
         ordering_key,
         throttle,
     };
@@ -382,6 +385,7 @@ triggers:
             max_backoff: Duration::from_secs(8),
             timeout: Duration::from_secs(1),
             concurrency: 1,
+            spacing: None,
             ordering_key: None,
             throttle: None,
         };

@@ -820,3 +820,34 @@ async fn start_up_reads_past_deliveries_of_a_removed_trigger() {
         .contains("trigger `gone` is no longer configured"));
     r.stop().await;
 }
+
+#[tokio::test]
+async fn rate_spaces_attempt_starts() {
+    let mut rcv = Receiver::start().await;
+    let r = Reflex::start(&config(&format!(
+        "  - name: fn\n    action: {{type: http, url: \"{}\"}}\n    delivery: {{concurrency: 16, rate: 20/s}}\n",
+        rcv.url()
+    )))
+    .await;
+    for i in 0..10 {
+        post_ce(
+            &r,
+            "/events",
+            cloudevent(&format!("rt-{i}"), "t", json!({})),
+        )
+        .await;
+    }
+    let mut at = Vec::new();
+    for _ in 0..10 {
+        rcv.next(5).await;
+        at.push(std::time::Instant::now());
+    }
+    let gaps: Vec<u128> = at.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+    let span = (at[9] - at[0]).as_millis();
+    assert!(
+        span >= 400,
+        "10 starts at 20/s take 450 ms; took {span} ms ({gaps:?})"
+    );
+    assert!(gaps.iter().all(|g| *g >= 30), "evenly spaced: {gaps:?}");
+    r.stop().await;
+}

@@ -99,6 +99,9 @@ impl Listeners {
 /// How long running deliveries get to finish after shutdown is requested.
 pub const DRAIN: Duration = Duration::from_secs(20);
 
+/// How long requests in progress get to finish once the listeners stop accepting.
+const HTTP_DRAIN: Duration = Duration::from_secs(10);
+
 /// A request to re-read the configuration file; answered once the new file is checked
 /// (`Ok` means the restart on it has begun, `Err` holds every problem found).
 pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<(), String>>;
@@ -147,13 +150,43 @@ pub async fn run_with_reload(
     let http = listeners.http.into_std()?;
     let api = listeners.api.into_std()?;
     let metrics = Arc::new(telemetry::Metrics::new());
+    let mut restarting = false;
     loop {
         let listeners = Listeners {
             http: TcpListener::from_std(http.try_clone()?)?,
             api: TcpListener::from_std(api.try_clone()?)?,
         };
         let requests = reload.as_ref().map(|r| r.requests.clone());
-        let running = Running::start(compiled, listeners, metrics.clone(), requests).await?;
+        let running = match Running::start(compiled, listeners, metrics.clone(), requests).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The file passed its checks; what failed is the machine (disk, descriptors).
+                let path = match &reload {
+                    Some(r) if restarting => r.path.clone(),
+                    _ => return Err(e),
+                };
+                tracing::error!("the pipeline could not restart: {e:#}; retrying in 2 s");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+                compiled = loop {
+                    match compile_file(&path) {
+                        Ok(c) => break c,
+                        Err(e) => {
+                            tracing::error!(
+                                "the pipeline is stopped until the file is fixed:\n{e}"
+                            );
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return Ok(()),
+                                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                            }
+                        }
+                    }
+                };
+                continue;
+            }
+        };
         let next = loop {
             let request = async {
                 match reload.as_mut() {
@@ -162,6 +195,7 @@ pub async fn run_with_reload(
                 }
             };
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break None,
                 Some(answer) = request => {
                     let path = &reload.as_ref().expect("a request came").path;
@@ -178,10 +212,32 @@ pub async fn run_with_reload(
                 }
             }
         };
-        running.stop(next.is_some()).await;
+        // Requests that come while stopping are refused at once: an API handler waiting
+        // for an answer would hold up the graceful shutdown of the server it runs on.
+        let stopping = running.stop(next.is_some());
+        tokio::pin!(stopping);
+        loop {
+            let request = async {
+                match reload.as_mut() {
+                    Some(r) => r.incoming.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut stopping => break,
+                Some(answer) = request => {
+                    let _ = answer.send(Err(
+                        "a reload or shutdown is in progress; ask again once it is done".into(),
+                    ));
+                }
+            }
+        }
         match next {
-            Some(c) => compiled = c,
-            None => return Ok(()),
+            Some(c) if !shutdown.is_cancelled() => {
+                compiled = c;
+                restarting = true;
+            }
+            _ => return Ok(()),
         }
     }
 }
@@ -371,8 +427,13 @@ impl Running {
         for t in self.pollers {
             let _ = t.await;
         }
+        // A client that never finishes its request must not hold up the stop.
         for t in self.servers {
-            let _ = t.await;
+            let abort = t.abort_handle();
+            if tokio::time::timeout(HTTP_DRAIN, t).await.is_err() {
+                tracing::warn!("requests still open after {HTTP_DRAIN:?}; closing them");
+                abort.abort();
+            }
         }
         self.dispatcher_stop.cancel();
         let _ = self.dispatcher.await;

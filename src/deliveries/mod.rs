@@ -333,7 +333,8 @@ impl Dispatcher {
             let cursor = self.backlog.as_ref().map_or(0, |b| b.cursor);
             // Attempts finished before now must be committed, or they would read as open.
             self.store.flush().await;
-            let open = match self.store.open_deliveries(cursor, room).await {
+            let due_by = now_ms() + PARK_RETRY_AFTER;
+            let open = match self.store.open_deliveries(cursor, room, due_by).await {
                 Ok(open) => open,
                 Err(e) => {
                     tracing::error!(error = %e, "reading open deliveries back from the store; retrying");
@@ -356,6 +357,8 @@ impl Dispatcher {
             let b = self.backlog.as_mut().expect("the loop checks it");
             b.cursor = cursor;
             if end_of_pass {
+                // The pass skipped later retries: learn when the first is due.
+                self.parked_left = true;
                 if b.behind {
                     *b = Backlog {
                         cursor: 0,
@@ -505,10 +508,16 @@ impl Dispatcher {
                 Ok(Some(Ok(done))) => {
                     self.running[done.job.trigger] -= 1;
                     let Done { job, record, error } = done;
-                    // Record the finished attempt; a retry is left for the next start.
-                    let max = self.router.triggers[job.trigger].policy.max_attempts;
-                    let state = next_state(&error, record.n - job.attempt_base, max);
-                    self.store.finish_attempt(job.id, record, state, None).await;
+                    // Record the finished attempt; a retry is left, with its backoff, for the
+                    // next start.
+                    let policy = &self.router.triggers[job.trigger].policy;
+                    let in_budget = record.n - job.attempt_base;
+                    let state = next_state(&error, in_budget, policy.max_attempts);
+                    let next_at = (state == State::Retrying)
+                        .then(|| now_ms() + policy.retry_delay(in_budget + 1).as_millis() as i64);
+                    self.store
+                        .finish_attempt(job.id, record, state, next_at)
+                        .await;
                 }
                 Ok(Some(Err(_))) => {}
                 Ok(None) => break,
@@ -518,6 +527,8 @@ impl Dispatcher {
                         "drain timeout; unfinished deliveries stay pending for the next start"
                     );
                     self.tasks.abort_all();
+                    // Let the aborted tasks go before the last flush: none may write after it.
+                    while self.tasks.join_next().await.is_some() {}
                     break;
                 }
             }

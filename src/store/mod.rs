@@ -389,22 +389,30 @@ impl Store {
         .map_err(|_| StoreError::Closed)?
     }
 
-    /// Up to `limit` deliveries still to do (pending or retrying) with an id above `after`,
-    /// in id order. Each state is read along its index, so a large history costs nothing.
+    /// Up to `limit` deliveries still to do with an id above `after`, in id order: pending
+    /// ones, and retrying ones due by `due_by` or holding an ordering key (later retries
+    /// are read by [`Store::due_retries`] when due). Each state is read along its index, so
+    /// a large history costs nothing.
     pub async fn open_deliveries(
         &self,
         after: i64,
         limit: usize,
+        due_by: i64,
     ) -> Result<Vec<OpenDelivery>, StoreError> {
         self.read(move |c| {
             let mut st = c.prepare_cached(
                 "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
                  FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                 WHERE d.state = ?1 AND d.id > ?2 ORDER BY d.id LIMIT ?3",
+                 WHERE d.state = ?1 AND d.id > ?2
+                   AND (d.state = 'pending' OR d.next_at IS NULL OR d.next_at <= ?4 OR d.ordering_key IS NOT NULL)
+                 ORDER BY d.id LIMIT ?3",
             )?;
             let mut all = Vec::new();
             for state in ["pending", "retrying"] {
-                let rows = st.query_map(params![state, after, limit as i64], open_delivery_row)?;
+                let rows = st.query_map(
+                    params![state, after, limit as i64, due_by],
+                    open_delivery_row,
+                )?;
                 for r in rows {
                     all.push(r?);
                 }
@@ -426,7 +434,8 @@ impl Store {
             let mut st = c.prepare_cached(
                 "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
                  FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                 WHERE d.state = 'retrying' AND d.next_at <= ?1 ORDER BY d.next_at LIMIT ?2",
+                 WHERE d.state = 'retrying' AND d.next_at <= ?1 AND d.ordering_key IS NULL
+                 ORDER BY d.next_at LIMIT ?2",
             )?;
             let rows = st.query_map(params![now, limit as i64], open_delivery_row)?;
             rows.collect()
@@ -438,7 +447,8 @@ impl Store {
     pub async fn next_retry_after(&self, now: i64) -> Result<Option<i64>, StoreError> {
         self.read(move |c| {
             c.query_row(
-                "SELECT MIN(next_at) FROM deliveries WHERE state = 'retrying' AND next_at > ?1",
+                "SELECT MIN(next_at) FROM deliveries
+                 WHERE state = 'retrying' AND next_at > ?1 AND ordering_key IS NULL",
                 [now],
                 |r| r.get(0),
             )
@@ -1019,6 +1029,9 @@ mod tests {
         store.finish_attempt(id, rec, State::Dead, None).await;
         let open = store.replay(id).await.unwrap();
         assert_eq!((open.attempts, open.attempt_base), (1, 1));
-        assert_eq!(store.open_deliveries(0, 10).await.unwrap().len(), 1);
+        assert_eq!(
+            store.open_deliveries(0, 10, i64::MAX).await.unwrap().len(),
+            1
+        );
     }
 }

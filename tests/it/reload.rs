@@ -179,6 +179,42 @@ async fn reload_keeps_every_acknowledged_event_and_refuses_a_bad_file() {
     assert_eq!(resp.status(), 202);
     assert_eq!(new.next(5).await.headers["ce-id"], "after-bad");
 
+    // Two reloads at once: each gets an answer (the second may be told one is in progress),
+    // and the server carries on.
+    std::fs::write(&path, config(dir.path(), hp, ap, &old.url())).unwrap();
+    let post = || client.post(format!("{api_url}/api/v1/reload")).send();
+    let (a, b) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(post(), post())
+    })
+    .await
+    .expect("concurrent reloads were answered");
+    // A request caught on a connection that the graceful stop closes gets an error and can
+    // be sent again; none waits forever.
+    let codes: Vec<u16> = [a, b]
+        .into_iter()
+        .filter_map(|r| r.ok().map(|r| r.status().as_u16()))
+        .collect();
+    assert!(codes.contains(&202), "{codes:?}");
+    assert!(codes.iter().all(|c| [202, 400].contains(c)), "{codes:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = client
+            .post(format!("http://127.0.0.1:{hp}/events"))
+            .header("content-type", "application/cloudevents+json")
+            .body(cloudevent("after-two", "t", serde_json::json!({})))
+            .send()
+            .await;
+        if resp.is_ok_and(|r| r.status() == 202) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no intake after two reloads"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(old.next(5).await.headers["ce-id"], "after-two");
+
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }

@@ -93,11 +93,59 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Follow new events as they arrive (Ctrl-C stops).
+    Tail {
+        #[command(flatten)]
+        filter: EventFilter,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Make a running server re-read its configuration file (like SIGHUP).
     Reload {
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+/// Event search (events list, tail).
+#[derive(clap::Args, Default)]
+struct EventFilter {
+    /// Only this type (events).
+    #[arg(long = "type")]
+    ty: Option<String>,
+    /// Only this subject (events).
+    #[arg(long)]
+    subject: Option<String>,
+    /// Only this CloudEvents source (events).
+    #[arg(long)]
+    source: Option<String>,
+    /// Only events containing this text, in attributes or data (events).
+    #[arg(short, long = "query")]
+    q: Option<String>,
+    /// Only events received at or after this RFC 3339 time (events).
+    #[arg(long)]
+    since: Option<String>,
+}
+
+impl EventFilter {
+    fn query(&self) -> String {
+        let mut q = String::new();
+        for (k, v) in [
+            ("type", &self.ty),
+            ("subject", &self.subject),
+            ("source", &self.source),
+            ("q", &self.q),
+            ("since", &self.since),
+        ] {
+            if let Some(v) = v {
+                q.push_str(&format!("&{k}={}", urlencode(v)));
+            }
+        }
+        q
+    }
 }
 
 #[derive(Subcommand)]
@@ -110,9 +158,8 @@ enum ListShow {
         /// Only this trigger (deliveries).
         #[arg(long)]
         trigger: Option<String>,
-        /// Only this type (events).
-        #[arg(long = "type")]
-        ty: Option<String>,
+        #[command(flatten)]
+        filter: EventFilter,
         /// How many.
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -262,6 +309,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             api,
         } => runtime()?.block_on(replay(id, all_dead, trigger, api)),
         Command::Reload { api } => runtime()?.block_on(reload(api)),
+        Command::Tail { filter, json, api } => runtime()?.block_on(tail(filter, json, api)),
     }
 }
 
@@ -303,7 +351,7 @@ async fn list_show(kind: &str, cmd: Option<ListShow>, api: ApiArgs) -> Result<Ex
     let cmd = cmd.unwrap_or(ListShow::List {
         state: None,
         trigger: None,
-        ty: None,
+        filter: EventFilter::default(),
         limit: 50,
         json: false,
     });
@@ -315,34 +363,25 @@ async fn list_show(kind: &str, cmd: Option<ListShow>, api: ApiArgs) -> Result<Ex
         ListShow::List {
             state,
             trigger,
-            ty,
+            filter,
             limit,
             json,
         } => {
             let mut q = format!("?limit={limit}");
-            for (k, v) in [("state", state), ("trigger", trigger), ("type", ty)] {
+            for (k, v) in [("state", state), ("trigger", trigger)] {
                 if let Some(v) = v {
                     q.push_str(&format!("&{k}={}", urlencode(&v)));
                 }
             }
+            q.push_str(&filter.query());
             let v = get(&api, &format!("/api/v1/{kind}{q}")).await?;
             let rows = v[kind].as_array().cloned().unwrap_or_default();
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else if kind == "events" {
-                println!(
-                    "{:>8}  {:<25}  {:<40}  {:<20}  ID",
-                    "SEQ", "RECEIVED", "TYPE", "SUBJECT"
-                );
+                print_event_header();
                 for r in rows {
-                    println!(
-                        "{:>8}  {:<25}  {:<40}  {:<20}  {}",
-                        r["seq"],
-                        s(&r["received_at"]),
-                        s(&r["type"]),
-                        s(&r["subject"]),
-                        s(&r["id"])
-                    );
+                    print_event(&r);
                 }
             } else {
                 println!(
@@ -364,6 +403,64 @@ async fn list_show(kind: &str, cmd: Option<ListShow>, api: ApiArgs) -> Result<Ex
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_event_header() {
+    println!(
+        "{:>8}  {:<25}  {:<40}  {:<20}  ID",
+        "SEQ", "RECEIVED", "TYPE", "SUBJECT"
+    );
+}
+
+fn print_event(r: &Value) {
+    println!(
+        "{:>8}  {:<25}  {:<40}  {:<20}  {}",
+        r["seq"],
+        s(&r["received_at"]),
+        s(&r["type"]),
+        s(&r["subject"]),
+        s(&r["id"])
+    );
+}
+
+/// Follows new events as they are stored, until interrupted.
+async fn tail(filter: EventFilter, json: bool, api: ApiArgs) -> Result<ExitCode> {
+    use std::io::Write;
+    // Start after the newest event stored now, whatever the filter.
+    let newest = get(&api, "/api/v1/events?limit=1").await?;
+    let mut after = newest["events"][0]["seq"].as_i64().unwrap_or(0);
+    let search = filter.query();
+    if !json {
+        print_event_header();
+    }
+    loop {
+        // Up to the newest event now, so that events the filter skips are not scanned again.
+        let newest = get(&api, "/api/v1/events?limit=1").await?;
+        let upto = newest["events"][0]["seq"].as_i64().unwrap_or(after);
+        let q = format!(
+            "/api/v1/events?after={after}&before={}&limit=1000{search}",
+            upto + 1
+        );
+        let rows = get(&api, &q).await?["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for r in &rows {
+            if json {
+                println!("{r}");
+            } else {
+                print_event(r);
+            }
+        }
+        std::io::stdout().flush()?;
+        match rows.last() {
+            Some(last) if rows.len() == 1000 => after = last["seq"].as_i64().unwrap_or(upto),
+            _ => {
+                after = upto.max(after);
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
 }
 
 fn s(v: &Value) -> String {

@@ -131,24 +131,70 @@ fn ms_to_rfc3339(ms: i64) -> String {
 struct ListQuery {
     limit: Option<u32>,
     before: Option<i64>,
+    /// Events after this seq, oldest first (for following new events).
+    after: Option<i64>,
     state: Option<String>,
     trigger: Option<String>,
     #[serde(rename = "type")]
     ty: Option<String>,
+    subject: Option<String>,
+    source: Option<String>,
+    id: Option<String>,
+    /// Text anywhere in the event (attributes and data).
+    q: Option<String>,
+    /// Received at or after this time (RFC 3339).
+    since: Option<String>,
 }
 
 async fn list_events(AxState(s): AxState<Shared>, Query(q): Query<ListQuery>) -> Response {
     let limit = q.limit.unwrap_or(50).min(1000);
+    let since = match q.since.as_deref().map(chrono::DateTime::parse_from_rfc3339) {
+        None => None,
+        Some(Ok(t)) => Some(t.timestamp_millis()),
+        Some(Err(e)) => {
+            return bad_request(format!(
+                "since: {e}; expected an RFC 3339 time such as 2026-11-25T08:00:00Z"
+            ))
+        }
+    };
+    // Newest first below `before`, or oldest first above `after` (to follow new events).
+    let (bound, order, from) = match q.after {
+        Some(after) => ("seq > ?1 AND seq < ?9", "ASC", after),
+        None => (
+            "seq < ?1 AND seq < ?9",
+            "DESC",
+            q.before.unwrap_or(i64::MAX),
+        ),
+    };
     let before = q.before.unwrap_or(i64::MAX);
-    let ty = q.ty.clone();
+    // `q` is matched as plain text: LIKE's wildcards in it are escaped.
+    let text = q.q.as_ref().map(|t| {
+        format!(
+            "%{}%",
+            t.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        )
+    });
+    let (ty, subject, source, id) = (
+        q.ty.clone(),
+        q.subject.clone(),
+        q.source.clone(),
+        q.id.clone(),
+    );
     let r = s
         .store
         .read(move |c| {
-            let mut st = c.prepare_cached(
+            let mut st = c.prepare_cached(&format!(
                 "SELECT seq, ce_id, ce_source, type, subject, source_name, received_at FROM events
-                 WHERE seq < ?1 AND (?2 IS NULL OR type = ?2) ORDER BY seq DESC LIMIT ?3",
-            )?;
-            let rows = st.query_map(rusqlite::params![before, ty, limit], |r| {
+                 WHERE {bound} AND (?2 IS NULL OR type = ?2) AND (?3 IS NULL OR subject = ?3)
+                   AND (?4 IS NULL OR ce_source = ?4) AND (?5 IS NULL OR ce_id = ?5)
+                   AND (?6 IS NULL OR body LIKE ?6 ESCAPE '\\') AND (?7 IS NULL OR received_at >= ?7)
+                 ORDER BY seq {order} LIMIT ?8"
+            ))?;
+            let params =
+                rusqlite::params![from, ty, subject, source, id, text, since, limit, before];
+            let rows = st.query_map(params, |r| {
                 Ok(json!({
                     "seq": r.get::<_, i64>(0)?, "id": r.get::<_, String>(1)?, "source": r.get::<_, String>(2)?,
                     "type": r.get::<_, String>(3)?, "subject": r.get::<_, Option<String>>(4)?,

@@ -163,6 +163,63 @@ async fn user_path_with_the_real_binary() {
         .unwrap();
     assert!(ok && out.contains("no dead deliveries"), "{out}");
 
+    // `reflex tail` follows new events that match its filter. It starts after the newest
+    // event stored when it starts, so send until it shows one.
+    struct Tail(std::process::Child);
+    impl Drop for Tail {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut tail = Tail(
+        Command::new(BIN)
+            .args(["tail", "--type", "alert.tailed", "--json"])
+            .env("REFLEX_API", &s.api)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = tail.0.stdout.take().unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "tail printed nothing"
+        );
+        let n = next_n();
+        for (alert, id) in [("other", format!("o-{n}")), ("tailed", format!("t-{n}"))] {
+            let resp = c
+                .post(format!("{}/hooks/alerts", s.http))
+                .json(&json!({"alert": alert, "vm": "web-02", "id": id}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 202);
+        }
+        if let Ok(Some(line)) = tokio::time::timeout(Duration::from_millis(700), lines.recv()).await
+        {
+            break line;
+        }
+    };
+    let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(ev["type"], "alert.tailed", "{ev}");
+    drop(tail);
+    while tokio::time::timeout(Duration::from_millis(300), rcv.rx.recv())
+        .await
+        .is_ok()
+    {}
+
     // SIGHUP re-reads the file: the trigger now calls another URL, on the same sockets.
     let mut moved = Receiver::start().await;
     write_config(dir.path(), http, api, &moved.url(), "");
@@ -290,4 +347,11 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// A fresh id for each event a test sends in a loop.
+fn next_n() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
 }

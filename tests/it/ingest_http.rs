@@ -367,3 +367,87 @@ api:
     );
     r.stop().await;
 }
+
+#[tokio::test]
+async fn event_history_search() {
+    let r = start().await;
+    let events = [
+        (
+            "s-1",
+            "vm.alarm",
+            "web-1",
+            json!({"alarm": "VM CPU Usage", "status": "red"}),
+        ),
+        (
+            "s-2",
+            "vm.alarm",
+            "web-2",
+            json!({"alarm": "VM Memory Usage", "status": "yellow"}),
+        ),
+        (
+            "s-3",
+            "host.maintenance",
+            "esx-1",
+            json!({"note": "100% busy"}),
+        ),
+        (
+            "s-4",
+            "vm.alarm",
+            "web-1",
+            json!({"alarm": "VM Storage Usage", "status": "red"}),
+        ),
+    ];
+    for (id, ty, subject, data) in &events {
+        let mut ce: serde_json::Value =
+            serde_json::from_str(&cloudevent(id, ty, data.clone())).unwrap();
+        ce["subject"] = json!(subject);
+        assert_eq!(post_ce(&r, "/events", ce.to_string()).await.status(), 202);
+    }
+    let ids = |v: serde_json::Value| -> Vec<String> {
+        v["events"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let get = |q: &'static str| {
+        let path = format!("/api/v1/events?{q}");
+        let r = &r;
+        async move { r.api_get(&path).await }
+    };
+    assert_eq!(ids(get("type=vm.alarm").await), ["s-4", "s-2", "s-1"]);
+    assert_eq!(
+        ids(get("type=vm.alarm&subject=web-1").await),
+        ["s-4", "s-1"]
+    );
+    assert_eq!(
+        ids(get("q=memory%20usage").await),
+        ["s-2"],
+        "text, any case"
+    );
+    assert_eq!(ids(get("q=%25").await), ["s-3"], "`%` is matched as itself");
+    assert_eq!(ids(get("source=/test&id=s-3").await), ["s-3"]);
+    assert_eq!(
+        ids(get("since=2000-01-01T00:00:00Z&limit=2").await),
+        ["s-4", "s-3"]
+    );
+    assert!(ids(get("since=2999-01-01T00:00:00Z").await).is_empty());
+    // Following new events: oldest first after a seq.
+    let all = get("limit=10").await;
+    let first = all["events"][3]["seq"].as_i64().unwrap();
+    let after = r
+        .api_get(&format!("/api/v1/events?after={first}&type=vm.alarm"))
+        .await;
+    assert_eq!(ids(after), ["s-2", "s-4"]);
+    let resp = r
+        .client
+        .get(format!("{}/api/v1/events?since=yesterday", r.api))
+        .send()
+        .await
+        .unwrap();
+    let (status, e) = error_reason(resp).await;
+    assert_eq!(status, 400);
+    assert!(e["message"].as_str().unwrap().contains("RFC 3339"), "{e}");
+    r.stop().await;
+}

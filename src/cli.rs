@@ -435,16 +435,28 @@ async fn tail(filter: EventFilter, json: bool, api: ApiArgs) -> Result<ExitCode>
     }
     loop {
         // Up to the newest event now, so that events the filter skips are not scanned again.
-        let newest = get(&api, "/api/v1/events?limit=1").await?;
+        let newest = match get(&api, "/api/v1/events?limit=1").await {
+            Ok(v) => v,
+            Err(e) => {
+                // A reload or restart is a moment's gap: keep following.
+                eprintln!("{e:#}; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         let upto = newest["events"][0]["seq"].as_i64().unwrap_or(after);
         let q = format!(
             "/api/v1/events?after={after}&before={}&limit=1000{search}",
             upto + 1
         );
-        let rows = get(&api, &q).await?["events"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        let rows = match get(&api, &q).await {
+            Ok(v) => v["events"].as_array().cloned().unwrap_or_default(),
+            Err(e) => {
+                eprintln!("{e:#}; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         for r in &rows {
             if json {
                 println!("{r}");

@@ -18,6 +18,9 @@ pub enum IngestError {
     /// The store failed; nothing was acknowledged.
     #[error("the event could not be stored: {0}")]
     Store(#[from] StoreError),
+    /// The pipeline is stopping (shutdown or reload); the sender should retry.
+    #[error("reflex is stopping or reloading; retry shortly")]
+    Stopping,
 }
 
 /// The result for one accepted event.
@@ -35,6 +38,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
     capacity: usize,
+    stopping: std::sync::atomic::AtomicBool,
     dispatch: mpsc::UnboundedSender<Admission>,
 }
 
@@ -57,8 +61,19 @@ impl Ingest {
             metrics,
             permits: Arc::new(Semaphore::new(capacity)),
             capacity,
+            stopping: Default::default(),
             dispatch,
         }))
+    }
+
+    /// Refuses new events from now on and waits until those in progress are stored, so
+    /// that nothing is acknowledged after the pipeline that would deliver it has stopped.
+    pub async fn close(&self) {
+        let inner = &self.0;
+        inner
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        let _all = inner.permits.acquire_many(inner.capacity as u32).await;
     }
 
     /// The metrics, for sources to count rejections.
@@ -73,6 +88,9 @@ impl Ingest {
         events: Vec<Event>,
     ) -> Result<Vec<Accepted>, IngestError> {
         let inner = &self.0;
+        if inner.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(IngestError::Stopping);
+        }
         let n = events.len();
         let _permit = inner
             .permits
@@ -155,5 +173,44 @@ impl Ingest {
             }
         }
         Ok(accepted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudevents::EventBuilder;
+
+    #[tokio::test]
+    async fn closed_ingest_refuses_and_acknowledges_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            &dir.path().join("s.db"),
+            crate::store::DedupLimits::window(std::time::Duration::from_secs(60)),
+        )
+        .unwrap();
+        let config = crate::config::parse("t.yaml", "sources: []\n").unwrap();
+        let router = Arc::new(Router::build(&config, &mut Default::default()));
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let ingest = Ingest::new(store.clone(), router, Arc::new(Metrics::new()), 8, tx);
+        let event = |id: &str| {
+            cloudevents::EventBuilderV10::new()
+                .id(id)
+                .source("/t")
+                .ty("t")
+                .build()
+                .unwrap()
+        };
+        assert!(ingest.submit("t", vec![event("a")]).await.is_ok());
+        ingest.close().await;
+        assert!(matches!(
+            ingest.submit("t", vec![event("b")]).await,
+            Err(IngestError::Stopping)
+        ));
+        let stored: i64 = store
+            .read(|c| c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(stored, 1);
     }
 }

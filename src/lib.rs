@@ -150,6 +150,7 @@ pub async fn run_with_reload(
     let http = listeners.http.into_std()?;
     let api = listeners.api.into_std()?;
     let metrics = Arc::new(telemetry::Metrics::new());
+    let fixed = Fixed::of(&compiled.config);
     let mut restarting = false;
     loop {
         let listeners = Listeners {
@@ -170,8 +171,16 @@ pub async fn run_with_reload(
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                 }
+                // Requests that came meanwhile are answered: this start reads the file anew.
+                if let Some(r) = reload.as_mut() {
+                    while let Ok(answer) = r.incoming.try_recv() {
+                        let _ = answer.send(Err(
+                            "the pipeline is restarting; ask again once it runs".into(),
+                        ));
+                    }
+                }
                 compiled = loop {
-                    match compile_file(&path) {
+                    match reloaded(&path, &fixed) {
                         Ok(c) => break c,
                         Err(e) => {
                             tracing::error!(
@@ -199,7 +208,7 @@ pub async fn run_with_reload(
                 _ = shutdown.cancelled() => break None,
                 Some(answer) = request => {
                     let path = &reload.as_ref().expect("a request came").path;
-                    match reloaded(path, &running.config) {
+                    match reloaded(path, &fixed) {
                         Ok(c) => {
                             let _ = answer.send(Ok(()));
                             break Some(c);
@@ -226,6 +235,7 @@ pub async fn run_with_reload(
             tokio::select! {
                 _ = &mut stopping => break,
                 Some(answer) = request => {
+                    tracing::warn!("reload refused: a reload or shutdown is in progress");
                     let _ = answer.send(Err(
                         "a reload or shutdown is in progress; ask again once it is done".into(),
                     ));
@@ -242,17 +252,34 @@ pub async fn run_with_reload(
     }
 }
 
+/// What a reload cannot change: the sockets and the store.
+struct Fixed {
+    http: std::net::SocketAddr,
+    api: std::net::SocketAddr,
+    store: std::path::PathBuf,
+}
+
+impl Fixed {
+    fn of(c: &Config) -> Fixed {
+        Fixed {
+            http: c.http.listen,
+            api: c.api.listen,
+            store: c.store.path.clone(),
+        }
+    }
+}
+
 /// Reads the file again; refuses what a restart on the same sockets and store cannot do.
-fn reloaded(path: &std::path::Path, current: &Config) -> Result<Compiled, String> {
+fn reloaded(path: &std::path::Path, current: &Fixed) -> Result<Compiled, String> {
     let c = compile_file(path).map_err(|e| e.to_string())?;
     let mut fixed = Vec::new();
-    if c.config.http.listen != current.http.listen {
+    if c.config.http.listen != current.http {
         fixed.push("http.listen");
     }
-    if c.config.api.listen != current.api.listen {
+    if c.config.api.listen != current.api {
         fixed.push("api.listen");
     }
-    if c.config.store.path != current.store.path {
+    if c.config.store.path != current.store {
         fixed.push("store.path");
     }
     if !fixed.is_empty() {
@@ -267,7 +294,7 @@ fn reloaded(path: &std::path::Path, current: &Config) -> Result<Compiled, String
 
 /// One running pipeline: listeners served, sources polling, the dispatcher, retention.
 struct Running {
-    config: Config,
+    ingest: ingest::Ingest,
     state: Arc<api::AppState>,
     store: store::Store,
     stop_http: CancellationToken,
@@ -401,7 +428,7 @@ impl Running {
         state.ready.store(true, Ordering::Release);
         tracing::info!(sources = %http_addr, api = %api_addr, triggers = router.triggers.len(), "reflex is running");
         Ok(Running {
-            config,
+            ingest,
             state,
             store,
             stop_http,
@@ -427,16 +454,23 @@ impl Running {
         for t in self.pollers {
             let _ = t.await;
         }
-        // A client that never finishes its request must not hold up the stop.
+        // A client that never finishes its request must not hold up the stop: after the
+        // deadline the servers stop waiting for it, and `close` below refuses its event.
+        let deadline = tokio::time::Instant::now() + HTTP_DRAIN;
         for t in self.servers {
             let abort = t.abort_handle();
-            if tokio::time::timeout(HTTP_DRAIN, t).await.is_err() {
-                tracing::warn!("requests still open after {HTTP_DRAIN:?}; closing them");
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                tracing::warn!(
+                    "requests still open after {HTTP_DRAIN:?}; their events will be refused (503)"
+                );
                 abort.abort();
             }
         }
         self.dispatcher_stop.cancel();
         let _ = self.dispatcher.await;
+        // Emits of draining attempts could still ingest; from here on nothing is acknowledged
+        // that this pipeline would not deliver (the next start reads what is stored).
+        self.ingest.close().await;
         let _ = self.pruner.await;
         self.store.flush().await;
         if !reloading {

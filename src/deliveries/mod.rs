@@ -64,6 +64,9 @@ impl Job {
     }
 }
 
+/// How late a rate-limited start may be made up for (about two timer ticks).
+const RATE_SLACK: Duration = Duration::from_millis(2);
+
 /// Retries due further ahead than this (ms) wait in the store rather than in memory.
 pub const PARK_RETRY_AFTER: i64 = 2_000;
 
@@ -255,7 +258,10 @@ impl Dispatcher {
                         wake = Some(wake.map_or(next, |w| w.min(next)));
                         break;
                     }
-                    self.next_start[t] = Some(next.max(now) + spacing);
+                    // Lateness of up to one timer tick is made up (so rates above 1000/s
+                    // hold), never more: an idle trigger does not save up a burst.
+                    let floor = now.checked_sub(RATE_SLACK).unwrap_or(now);
+                    self.next_start[t] = Some(next.max(floor) + spacing);
                 }
                 let job = self.ready[t].pop_front().expect("not empty");
                 self.running[t] += 1;

@@ -90,6 +90,15 @@ pub async fn submit(ingest: &Ingest, source: &str, events: Vec<Event>) -> Respon
             )
             .into_response()
         }
+        Err(IngestError::Stopping) => {
+            ingest.metrics().event_rejected(source, "stopping");
+            Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "stopping",
+                "reflex is stopping or reloading; the event was not accepted, retry shortly",
+            )
+            .into_response()
+        }
         Err(IngestError::Store(e)) => {
             ingest.metrics().event_rejected(source, "store");
             tracing::error!(source, error = %e, "cannot store events");

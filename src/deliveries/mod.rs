@@ -6,7 +6,9 @@
 //! that, the rest wait in the store (where they already are) and are read back in id order
 //! as room frees up, so a slow action or a long outage cannot exhaust memory. A retry due
 //! more than [`PARK_RETRY_AFTER`] ahead waits in the store too (unless an ordering key must
-//! hold its place), so that one failing target does not fill memory and starve the rest.
+//! hold its place), and so does a start that a trigger's rate puts off that far (or past
+//! half the memory), so that one failing or rate-limited target does not fill memory and
+//! starve the rest.
 
 use crate::actions::{ActionContext, ActionError};
 use crate::router::Router;
@@ -136,6 +138,8 @@ pub struct Dispatcher {
     parked_due: Option<i64>,
     /// More due retries wait in the store than there was room for.
     parked_left: bool,
+    /// Starts put off by a rate, to record in the store.
+    deferred: Vec<(i64, i64)>,
 }
 
 impl Dispatcher {
@@ -172,6 +176,7 @@ impl Dispatcher {
             max_read: 0,
             parked_due: None,
             parked_left: false,
+            deferred: Vec::new(),
         }
     }
 
@@ -226,7 +231,35 @@ impl Dispatcher {
                 self.timer_seq += 1;
                 self.timers.push(Reverse(Timed(t, self.timer_seq, job)));
             }
-            _ => self.ready[job.trigger].push_back(job),
+            _ => self.enqueue(job),
+        }
+    }
+
+    /// Queues a job to start; one that its trigger's rate would start more than
+    /// [`PARK_RETRY_AFTER`] from now, or past half the memory, waits in the store instead.
+    fn enqueue(&mut self, job: Job) {
+        let t = job.trigger;
+        if let (Some(spacing), None) = (self.router.triggers[t].policy.spacing, &job.ordering_key) {
+            let now = tokio::time::Instant::now();
+            let first = self.next_start[t].unwrap_or(now).max(now);
+            let queued = u32::try_from(self.ready[t].len()).unwrap_or(u32::MAX);
+            let wait = (first - now).saturating_add(spacing.saturating_mul(queued));
+            let park = Duration::from_millis(PARK_RETRY_AFTER as u64);
+            if wait > park || self.ready[t].len() >= self.max_held / 2 {
+                let at = now_ms() + wait.as_millis().min(i64::MAX as u128) as i64;
+                self.held.remove(&job.id);
+                self.deferred.push((job.id, at));
+                self.parked_due = Some(self.parked_due.map_or(at, |d| d.min(at)));
+                return;
+            }
+        }
+        self.ready[t].push_back(job);
+    }
+
+    /// Sends the put-off starts to the store (before any read of it, which flushes first).
+    async fn send_deferred(&mut self) {
+        for (id, at) in std::mem::take(&mut self.deferred) {
+            self.store.defer(id, at).await;
         }
     }
 
@@ -330,6 +363,7 @@ impl Dispatcher {
     /// Reads back what waits in the store, while there is room: due retries, then open
     /// deliveries a pass at a time.
     async fn refill(&mut self) {
+        self.send_deferred().await;
         self.read_due_retries().await;
         while self.backlog.is_some() {
             let room = self.max_held.saturating_sub(self.held.len());
@@ -395,7 +429,7 @@ impl Dispatcher {
         }
         self.store.flush().await;
         // Held retries can be among the due ones: ask for enough to see past them.
-        let due = match self.store.due_retries(now, room + self.held.len()).await {
+        let due = match self.store.due_deliveries(now, room + self.held.len()).await {
             Ok(due) => due,
             Err(e) => {
                 tracing::error!(error = %e, "reading due retries back from the store; retrying");
@@ -411,13 +445,16 @@ impl Dispatcher {
             self.take_back(d).await;
         }
         self.parked_left = self.held.len() - before == room;
-        self.parked_due = match self.store.next_retry_after(now).await {
+        // Starts put off just now are not in the store yet: they count too.
+        let local = self.deferred.iter().map(|d| d.1).min();
+        let stored = match self.store.next_due_after(now).await {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(error = %e, "reading the next retry time from the store");
                 Some(now + 1000)
             }
         };
+        self.parked_due = stored.into_iter().chain(local).min();
     }
 
     /// Holds a delivery read from the store, unless held already or no longer runnable.
@@ -454,6 +491,7 @@ impl Dispatcher {
         loop {
             self.refill().await;
             let rate_wake = self.start_ready();
+            self.send_deferred().await;
             let next_timer = self
                 .timers
                 .peek()

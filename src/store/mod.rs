@@ -175,6 +175,7 @@ enum Op {
         oneshot::Sender<Result<Vec<Stored>, StoreError>>,
     ),
     Running(i64),
+    Defer(i64, i64),
     Finish {
         id: i64,
         attempt: AttemptRecord,
@@ -283,6 +284,11 @@ impl Store {
     /// Marks a delivery running (not awaited: a crash leaves it pending, which is correct).
     pub async fn mark_running(&self, id: i64) {
         let _ = self.tx.send(Op::Running(id)).await;
+    }
+
+    /// Puts off an open delivery until `at` (not awaited: a crash leaves it due at once).
+    pub async fn defer(&self, id: i64, at: i64) {
+        let _ = self.tx.send(Op::Defer(id, at)).await;
     }
 
     /// Records an attempt and the delivery's new state.
@@ -404,7 +410,7 @@ impl Store {
                 "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
                  FROM deliveries d JOIN events e ON e.seq = d.event_seq
                  WHERE d.state = ?1 AND d.id > ?2
-                   AND (d.state = 'pending' OR d.next_at IS NULL OR d.next_at <= ?4 OR d.ordering_key IS NOT NULL)
+                   AND (d.next_at IS NULL OR d.next_at <= ?4 OR d.ordering_key IS NOT NULL)
                  ORDER BY d.id LIMIT ?3",
             )?;
             let mut all = Vec::new();
@@ -424,8 +430,9 @@ impl Store {
         .await
     }
 
-    /// Up to `limit` retrying deliveries due at `now`, earliest first.
-    pub async fn due_retries(
+    /// Up to `limit` open deliveries put off until `now` or earlier (retries, and starts a
+    /// rate put off), earliest first.
+    pub async fn due_deliveries(
         &self,
         now: i64,
         limit: usize,
@@ -434,7 +441,8 @@ impl Store {
             let mut st = c.prepare_cached(
                 "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
                  FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                 WHERE d.state = 'retrying' AND d.next_at <= ?1 AND d.ordering_key IS NULL
+                 WHERE d.state IN ('pending','retrying') AND d.next_at IS NOT NULL
+                   AND d.next_at <= ?1 AND d.ordering_key IS NULL
                  ORDER BY d.next_at LIMIT ?2",
             )?;
             let rows = st.query_map(params![now, limit as i64], open_delivery_row)?;
@@ -443,12 +451,13 @@ impl Store {
         .await
     }
 
-    /// When the next retrying delivery after `now` is due.
-    pub async fn next_retry_after(&self, now: i64) -> Result<Option<i64>, StoreError> {
+    /// When the next delivery put off beyond `now` is due.
+    pub async fn next_due_after(&self, now: i64) -> Result<Option<i64>, StoreError> {
         self.read(move |c| {
             c.query_row(
                 "SELECT MIN(next_at) FROM deliveries
-                 WHERE state = 'retrying' AND next_at > ?1 AND ordering_key IS NULL",
+                 WHERE state IN ('pending','retrying') AND next_at IS NOT NULL
+                   AND next_at > ?1 AND ordering_key IS NULL",
                 [now],
                 |r| r.get(0),
             )
@@ -526,6 +535,12 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, mut k
                         tx.execute(
                             "UPDATE deliveries SET state='running', updated_at=?2 WHERE id=?1 AND state IN ('pending','retrying')",
                             params![id, now],
+                        )?;
+                    }
+                    Op::Defer(id, at) => {
+                        tx.execute(
+                            "UPDATE deliveries SET next_at=?2 WHERE id=?1 AND state IN ('pending','retrying')",
+                            params![id, at],
                         )?;
                     }
                     Op::Finish {

@@ -34,8 +34,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries(event_seq);
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, id);
--- Only retrying rows: the hot path (pending, running, succeeded) never touches it.
-CREATE INDEX IF NOT EXISTS deliveries_retry ON deliveries(next_at) WHERE state = 'retrying';
+-- Deliveries waiting for a time (retries, and starts a rate puts off): the hot path
+-- (pending with no time, running, succeeded) never touches it.
+DROP INDEX IF EXISTS deliveries_retry;
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(next_at)
+    WHERE state IN ('pending','retrying') AND next_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS attempts (
     delivery_id INTEGER NOT NULL,
     n INTEGER NOT NULL,

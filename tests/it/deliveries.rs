@@ -851,3 +851,64 @@ async fn rate_spaces_attempt_starts() {
     assert!(gaps.iter().all(|g| *g >= 30), "evenly spaced: {gaps:?}");
     r.stop().await;
 }
+
+#[tokio::test]
+async fn a_rate_limited_trigger_does_not_fill_memory() {
+    let mut slow = Receiver::start().await;
+    let mut fast = Receiver::start().await;
+    // 20 starts at 5/s take 4 s; with 10 places in memory, the fast trigger still runs at once.
+    let r = Reflex::start(&format!(
+        r#"
+store: {{path: $DIR/reflex.db, deliveries_in_memory: 10}}
+sources:
+  - {{name: ce, type: cloudevents, path: /events}}
+triggers:
+  - name: slow
+    filters: [{{exact: {{type: t.slow}}}}]
+    action: {{type: http, url: "{}"}}
+    delivery: {{rate: 5/s}}
+  - name: fast
+    filters: [{{exact: {{type: t.fast}}}}]
+    action: {{type: http, url: "{}"}}
+"#,
+        slow.url(),
+        fast.url()
+    ))
+    .await;
+    for i in 0..20 {
+        post_ce(
+            &r,
+            "/events",
+            cloudevent(&format!("sl-{i}"), "t.slow", json!({})),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = std::time::Instant::now();
+    for i in 0..5 {
+        post_ce(
+            &r,
+            "/events",
+            cloudevent(&format!("fa-{i}"), "t.fast", json!({})),
+        )
+        .await;
+    }
+    for _ in 0..5 {
+        fast.next(5).await;
+    }
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_millis(800),
+        "the fast trigger waited {took:?}"
+    );
+    let mut got = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let id = slow.next(10).await.headers["ce-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(got.insert(id.clone()), "{id} twice");
+    }
+    slow.nothing_for(300).await;
+    r.stop().await;
+}

@@ -33,7 +33,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The ingest path (for `POST /api/v1/events`).
     pub ingest: Ingest,
-    /// Replayed deliveries go here.
+    /// Ingested deliveries and replay rescans go here.
     pub dispatch: mpsc::UnboundedSender<Admission>,
     /// The API token, if any.
     pub token: Option<Secret>,
@@ -313,16 +313,18 @@ async fn show_delivery(AxState(s): AxState<Shared>, Path(id): Path<i64>) -> Resp
 }
 
 async fn replay(AxState(s): AxState<Shared>, Path(id): Path<i64>) -> Response {
-    match s.store.replay(id).await {
+    let result = s.store.replay(id).await;
+    if result.is_ok() {
+        // The dispatcher reads it back from the store; one with no trigger is dead-lettered.
+        let _ = s.dispatch.send(Admission::Rescan);
+    }
+    match result {
         Ok(open) => match Job::from_open(open, &s.router) {
-            Ok(job) => {
-                let _ = s.dispatch.send(Admission::Replayed(job));
-                (
-                    StatusCode::ACCEPTED,
-                    Json(json!({"id": id, "state": "pending"})),
-                )
-                    .into_response()
-            }
+            Ok(_) => (
+                StatusCode::ACCEPTED,
+                Json(json!({"id": id, "state": "pending"})),
+            )
+                .into_response(),
             Err(why) => Rejection::new(
                 StatusCode::CONFLICT,
                 "conflict",

@@ -77,8 +77,9 @@ pub const PARK_RETRY_AFTER: i64 = 2_000;
 pub enum Admission {
     /// Just ingested: its id is newer than any delivery read back from the store.
     Ingested(Job),
-    /// A dead or throttled delivery made pending again.
-    Replayed(Job),
+    /// Deliveries were made pending again in the store (replay): read them back from there,
+    /// so that a replay is run once even if a pass already found it.
+    Rescan,
 }
 
 /// Open deliveries may be waiting in the store, not in memory: they are read back in passes
@@ -180,13 +181,25 @@ impl Dispatcher {
         }
     }
 
-    /// Takes a job from ingest or replay, or leaves it in the store when memory is full.
+    /// Takes a job from ingest, or leaves it in the store when memory is full; a rescan
+    /// starts a pass over the store (or asks the current one for another).
     fn admit(&mut self, admission: Admission) {
-        let (job, replayed) = match admission {
-            Admission::Ingested(job) => (job, false),
-            Admission::Replayed(job) => (job, true),
+        let job = match admission {
+            Admission::Ingested(job) => job,
+            Admission::Rescan => {
+                match &mut self.backlog {
+                    Some(b) => b.behind = true,
+                    None => {
+                        self.backlog = Some(Backlog {
+                            cursor: 0,
+                            behind: false,
+                        })
+                    }
+                }
+                return;
+            }
         };
-        if (!replayed && job.id <= self.max_read) || self.held.contains(&job.id) {
+        if job.id <= self.max_read || self.held.contains(&job.id) {
             return; // read back from the store already
         }
         if self.backlog.is_none() && self.held.len() >= self.max_held {

@@ -99,9 +99,6 @@ impl Listeners {
 /// How long running deliveries get to finish after shutdown is requested.
 pub const DRAIN: Duration = Duration::from_secs(20);
 
-/// How long requests in progress get to finish once the listeners stop accepting.
-const HTTP_DRAIN: Duration = Duration::from_secs(10);
-
 /// A request to re-read the configuration file; answered once the new file is checked
 /// (`Ok` means the restart on it has begun, `Err` holds every problem found).
 pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<(), String>>;
@@ -294,6 +291,7 @@ fn reloaded(path: &std::path::Path, current: &Fixed) -> Result<Compiled, String>
 
 /// One running pipeline: listeners served, sources polling, the dispatcher, retention.
 struct Running {
+    http_drain: Duration,
     ingest: ingest::Ingest,
     state: Arc<api::AppState>,
     store: store::Store,
@@ -428,6 +426,7 @@ impl Running {
         state.ready.store(true, Ordering::Release);
         tracing::info!(sources = %http_addr, api = %api_addr, triggers = router.triggers.len(), "reflex is running");
         Ok(Running {
+            http_drain: config.http.drain.0,
             ingest,
             state,
             store,
@@ -456,12 +455,13 @@ impl Running {
         }
         // A client that never finishes its request must not hold up the stop: after the
         // deadline the servers stop waiting for it, and `close` below refuses its event.
-        let deadline = tokio::time::Instant::now() + HTTP_DRAIN;
+        let deadline = tokio::time::Instant::now() + self.http_drain;
         for t in self.servers {
             let abort = t.abort_handle();
             if tokio::time::timeout_at(deadline, t).await.is_err() {
                 tracing::warn!(
-                    "requests still open after {HTTP_DRAIN:?}; their events will be refused (503)"
+                    "requests still open after {:?}; their events will be refused (503)",
+                    self.http_drain
                 );
                 abort.abort();
             }

@@ -61,6 +61,9 @@ pub struct HttpConfig {
     pub max_body: ByteSize,
     /// Events waiting to be made durable before new requests get `503`.
     pub queue: usize,
+    /// How long requests in progress get to finish when reflex stops or reloads; events of
+    /// those still open after it are refused with `503` (the sender retries).
+    pub drain: Duration,
 }
 
 impl Default for HttpConfig {
@@ -69,6 +72,7 @@ impl Default for HttpConfig {
             listen: "127.0.0.1:8080".parse().expect("static address"),
             max_body: ByteSize(1024 * 1024),
             queue: 20_000,
+            drain: Duration(std::time::Duration::from_secs(10)),
         }
     }
 }

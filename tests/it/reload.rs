@@ -218,3 +218,99 @@ async fn reload_keeps_every_acknowledged_event_and_refuses_a_bad_file() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_request_that_outlives_the_drain_is_refused_not_lost() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rcv = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reflex.yaml");
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (hp, ap) = (
+        http.local_addr().unwrap().port(),
+        api.local_addr().unwrap().port(),
+    );
+    let write = |url: &str| {
+        let text = config(dir.path(), hp, ap, url).replace(
+            &format!("listen: \"127.0.0.1:{hp}\""),
+            &format!("listen: \"127.0.0.1:{hp}\", drain: 300ms"),
+        );
+        std::fs::write(&path, text).unwrap();
+    };
+    write(&rcv.url());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(reflex::run_with_reload(
+        reflex::compile_file(&path).unwrap(),
+        reflex::Listeners { http, api },
+        shutdown.clone(),
+        Some(reflex::Reload::new(path.clone())),
+    ));
+    let client = reqwest::Client::new();
+    let api_url = format!("http://127.0.0.1:{ap}");
+    let ready = || async {
+        for _ in 0..200 {
+            if client
+                .get(format!("{api_url}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("not ready");
+    };
+    ready().await;
+
+    // A sender starts a request and stalls half-way through the body.
+    let body = cloudevent("straggler", "t", serde_json::json!({"pad": "x".repeat(64)}));
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", hp))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /events HTTP/1.1\r\nhost: x\r\ncontent-type: application/cloudevents+json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body.as_bytes()[..20]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // A reload happens; the drain gives up on the stalled request after 300 ms.
+    write(&rcv.url());
+    let resp = client
+        .post(format!("{api_url}/api/v1/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ready().await;
+
+    // The sender finishes: refused (retry), not acknowledged by a pipeline that is gone.
+    conn.write_all(&body.as_bytes()[20..]).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 503"),
+        "a straggler must not be acknowledged: {answer}"
+    );
+    let found: serde_json::Value = client
+        .get(format!("{api_url}/api/v1/events?id=straggler"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        found["events"],
+        serde_json::json!([]),
+        "nothing stored, so nothing to lose"
+    );
+    eprintln!("straggler answer: {:?}", answer.lines().next());
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}

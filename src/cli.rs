@@ -286,12 +286,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 .body(ev.to_string())
                 .send()
                 .await
-                .with_context(|| {
-                    format!(
-                        "cannot reach reflex at {} (is it running? see --api)",
-                        api.api
-                    )
-                })?;
+                .with_context(|| unreachable(&api))?;
             let status = resp.status();
             let body: Value = resp.json().await.unwrap_or(Value::Null);
             if !status.is_success() {
@@ -325,12 +320,7 @@ async fn get(api: &ApiArgs, path: &str) -> Result<Value> {
         .get(format!("{}{path}", api.api))
         .send()
         .await
-        .with_context(|| {
-            format!(
-                "cannot reach reflex at {} (is it running? see --api)",
-                api.api
-            )
-        })?;
+        .with_context(|| unreachable(api))?;
     let status = resp.status();
     let body: Value = resp
         .json()
@@ -435,23 +425,23 @@ async fn tail(filter: EventFilter, json: bool, api: ApiArgs) -> Result<ExitCode>
     }
     loop {
         // Up to the newest event now, so that events the filter skips are not scanned again.
-        let newest = match get(&api, "/api/v1/events?limit=1").await {
-            Ok(v) => v,
+        let page = async {
+            let newest = get(&api, "/api/v1/events?limit=1").await?;
+            let upto = newest["events"][0]["seq"].as_i64().unwrap_or(after);
+            let q = format!(
+                "/api/v1/events?after={after}&before={}&limit=1000{search}",
+                upto + 1
+            );
+            let rows = get(&api, &q).await?["events"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            anyhow::Ok((upto, rows))
+        };
+        let (upto, rows) = match page.await {
+            Ok(p) => p,
             Err(e) => {
                 // A reload or restart is a moment's gap: keep following.
-                eprintln!("{e:#}; retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        let upto = newest["events"][0]["seq"].as_i64().unwrap_or(after);
-        let q = format!(
-            "/api/v1/events?after={after}&before={}&limit=1000{search}",
-            upto + 1
-        );
-        let rows = match get(&api, &q).await {
-            Ok(v) => v["events"].as_array().cloned().unwrap_or_default(),
-            Err(e) => {
                 eprintln!("{e:#}; retrying");
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 continue;
@@ -473,6 +463,14 @@ async fn tail(filter: EventFilter, json: bool, api: ApiArgs) -> Result<ExitCode>
             }
         }
     }
+}
+
+/// Why a command could not talk to the server.
+fn unreachable(api: &ApiArgs) -> String {
+    format!(
+        "cannot reach reflex at {} (is it running? see --api)",
+        api.api
+    )
 }
 
 fn s(v: &Value) -> String {
@@ -521,7 +519,7 @@ async fn replay(
             .post(format!("{}/api/v1/deliveries/{id}/replay", api.api))
             .send()
             .await
-            .with_context(|| format!("cannot reach reflex at {}", api.api))?;
+            .with_context(|| unreachable(&api))?;
         if resp.status().is_success() {
             if total > 1 {
                 eprint!("\rreplayed {}/{total}", i + 1);
@@ -555,12 +553,7 @@ async fn reload(api: ApiArgs) -> Result<ExitCode> {
         .post(format!("{}/api/v1/reload", api.api))
         .send()
         .await
-        .with_context(|| {
-            format!(
-                "cannot reach reflex at {} (is it running? see --api)",
-                api.api
-            )
-        })?;
+        .with_context(|| unreachable(&api))?;
     let ok = resp.status().is_success();
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     if ok {

@@ -24,6 +24,82 @@ triggers:
     )
 }
 
+/// reflex running from a file, with reloads, on two port-0 listeners.
+struct FromFile {
+    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    hp: u16,
+    ap: u16,
+    client: reqwest::Client,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl FromFile {
+    /// Starts on the file that `write(dir, http_port, api_port)` returns.
+    async fn start(write: impl Fn(&std::path::Path, u16, u16) -> String) -> FromFile {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reflex.yaml");
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (hp, ap) = (
+            http.local_addr().unwrap().port(),
+            api.local_addr().unwrap().port(),
+        );
+        std::fs::write(&path, write(dir.path(), hp, ap)).unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(reflex::run_with_reload(
+            reflex::compile_file(&path).unwrap(),
+            reflex::Listeners { http, api },
+            shutdown.clone(),
+            Some(reflex::Reload::new(path.clone())),
+        ));
+        let f = FromFile {
+            dir,
+            path,
+            hp,
+            ap,
+            client: reqwest::Client::new(),
+            shutdown,
+            task,
+        };
+        f.ready().await;
+        f
+    }
+
+    fn api(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ap)
+    }
+
+    async fn ready(&self) {
+        for _ in 0..200 {
+            let r = self
+                .client
+                .get(format!("{}/readyz", self.api()))
+                .send()
+                .await;
+            if r.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("reflex did not become ready");
+    }
+
+    async fn reload(&self) -> reqwest::Response {
+        self.client
+            .post(format!("{}/api/v1/reload", self.api()))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 fn ids(received: &mut Receiver, into: &mut BTreeSet<String>) {
     while let Ok(r) = received.rx.try_recv() {
         into.insert(r.headers["ce-id"].to_str().unwrap().to_string());
@@ -34,42 +110,15 @@ fn ids(received: &mut Receiver, into: &mut BTreeSet<String>) {
 async fn reload_keeps_every_acknowledged_event_and_refuses_a_bad_file() {
     let mut old = Receiver::start().await;
     let mut new = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("reflex.yaml");
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (hp, ap) = (
-        http.local_addr().unwrap().port(),
-        api.local_addr().unwrap().port(),
-    );
-    std::fs::write(&path, config(dir.path(), hp, ap, &old.url())).unwrap();
-    let compiled = reflex::compile_file(&path).unwrap();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(reflex::run_with_reload(
-        compiled,
-        reflex::Listeners { http, api },
-        shutdown.clone(),
-        Some(reflex::Reload::new(path.clone())),
-    ));
-    let client = reqwest::Client::new();
-    let api_url = format!("http://127.0.0.1:{ap}");
-    for _ in 0..200 {
-        if client
-            .get(format!("{api_url}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let r = FromFile::start(|dir, hp, ap| config(dir, hp, ap, &old.url())).await;
+    let (dir, path, hp, ap) = (r.dir.path(), r.path.clone(), r.hp, r.ap);
+    let (client, api_url) = (&r.client, r.api());
 
     // A sender posts steadily through the reload.
     let accepted = Arc::new(Mutex::new(BTreeSet::new()));
     let refused = Arc::new(Mutex::new(Vec::new()));
     let sender = {
-        let (client, accepted, refused) = (client.clone(), accepted.clone(), refused.clone());
+        let (client, accepted, refused) = (r.client.clone(), accepted.clone(), refused.clone());
         tokio::spawn(async move {
             for i in 0..300 {
                 let id = format!("r-{i}");
@@ -94,12 +143,8 @@ async fn reload_keeps_every_acknowledged_event_and_refuses_a_bad_file() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    std::fs::write(&path, config(dir.path(), hp, ap, &new.url())).unwrap();
-    let resp = client
-        .post(format!("{api_url}/api/v1/reload"))
-        .send()
-        .await
-        .unwrap();
+    std::fs::write(&path, config(dir, hp, ap, &new.url())).unwrap();
+    let resp = r.reload().await;
     assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
     sender.await.unwrap();
 
@@ -138,11 +183,7 @@ async fn reload_keeps_every_acknowledged_event_and_refuses_a_bad_file() {
 
     // A file with errors is refused with its positions; the running configuration stays.
     std::fs::write(&path, "sources:\n  - {name: ce, type: nope}\n").unwrap();
-    let resp = client
-        .post(format!("{api_url}/api/v1/reload"))
-        .send()
-        .await
-        .unwrap();
+    let resp = r.reload().await;
     assert_eq!(resp.status(), 400);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["reason"], "invalid_config");
@@ -154,12 +195,8 @@ async fn reload_keeps_every_acknowledged_event_and_refuses_a_bad_file() {
         "{body}"
     );
     // So is a file that moves the listener.
-    std::fs::write(&path, config(dir.path(), hp + 1, ap, &new.url())).unwrap();
-    let resp = client
-        .post(format!("{api_url}/api/v1/reload"))
-        .send()
-        .await
-        .unwrap();
+    std::fs::write(&path, config(dir, hp + 1, ap, &new.url())).unwrap();
+    let resp = r.reload().await;
     assert_eq!(resp.status(), 400);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert!(
@@ -181,7 +218,7 @@ async fn reload_keeps_every_acknowledged_event_and_refuses_a_bad_file() {
 
     // Two reloads at once: each gets an answer (the second may be told one is in progress),
     // and the server carries on.
-    std::fs::write(&path, config(dir.path(), hp, ap, &old.url())).unwrap();
+    std::fs::write(&path, config(dir, hp, ap, &old.url())).unwrap();
     let post = || client.post(format!("{api_url}/api/v1/reload")).send();
     let (a, b) = tokio::time::timeout(Duration::from_secs(30), async {
         tokio::join!(post(), post())
@@ -215,54 +252,22 @@ async fn reload_keeps_every_acknowledged_event_and_refuses_a_bad_file() {
     }
     assert_eq!(old.next(5).await.headers["ce-id"], "after-two");
 
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    r.stop().await;
 }
 
 #[tokio::test]
 async fn a_request_that_outlives_the_drain_is_refused_not_lost() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rcv = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("reflex.yaml");
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (hp, ap) = (
-        http.local_addr().unwrap().port(),
-        api.local_addr().unwrap().port(),
-    );
-    let write = |url: &str| {
-        let text = config(dir.path(), hp, ap, url).replace(
+    // Requests in progress get 300 ms when the pipeline stops.
+    let with_drain = |dir: &std::path::Path, hp: u16, ap: u16| {
+        config(dir, hp, ap, &rcv.url()).replace(
             &format!("listen: \"127.0.0.1:{hp}\""),
             &format!("listen: \"127.0.0.1:{hp}\", drain: 300ms"),
-        );
-        std::fs::write(&path, text).unwrap();
+        )
     };
-    write(&rcv.url());
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(reflex::run_with_reload(
-        reflex::compile_file(&path).unwrap(),
-        reflex::Listeners { http, api },
-        shutdown.clone(),
-        Some(reflex::Reload::new(path.clone())),
-    ));
-    let client = reqwest::Client::new();
-    let api_url = format!("http://127.0.0.1:{ap}");
-    let ready = || async {
-        for _ in 0..200 {
-            if client
-                .get(format!("{api_url}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("not ready");
-    };
-    ready().await;
+    let r = FromFile::start(with_drain).await;
+    let (hp, client, api_url) = (r.hp, &r.client, r.api());
 
     // A sender starts a request and stalls half-way through the body.
     let body = cloudevent("straggler", "t", serde_json::json!({"pad": "x".repeat(64)}));
@@ -278,15 +283,10 @@ async fn a_request_that_outlives_the_drain_is_refused_not_lost() {
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     // A reload happens; the drain gives up on the stalled request after 300 ms.
-    write(&rcv.url());
-    let resp = client
-        .post(format!("{api_url}/api/v1/reload"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 202);
+    std::fs::write(&r.path, with_drain(r.dir.path(), r.hp, r.ap)).unwrap();
+    assert_eq!(r.reload().await.status(), 202);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    ready().await;
+    r.ready().await;
 
     // The sender finishes: refused (retry), not acknowledged by a pipeline that is gone.
     conn.write_all(&body.as_bytes()[20..]).await.unwrap();
@@ -311,6 +311,5 @@ async fn a_request_that_outlives_the_drain_is_refused_not_lost() {
         "nothing stored, so nothing to lose"
     );
     eprintln!("straggler answer: {:?}", answer.lines().next());
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    r.stop().await;
 }

@@ -381,10 +381,10 @@ async fn list_show(kind: &str, cmd: Option<ListShow>, api: ApiArgs) -> Result<Ex
                 for r in rows {
                     println!(
                         "{:>8}  {:<20}  {:<10}  {:>8}  {:<36}  {}",
-                        r["id"],
+                        r["id"].to_string(),
                         s(&r["trigger"]),
                         s(&r["state"]),
-                        r["attempts"],
+                        r["attempts"].to_string(),
                         s(&r["event_id"]),
                         s(&r["last_error"])
                     );
@@ -397,15 +397,15 @@ async fn list_show(kind: &str, cmd: Option<ListShow>, api: ApiArgs) -> Result<Ex
 
 fn print_event_header() {
     println!(
-        "{:>8}  {:<25}  {:<40}  {:<20}  ID",
+        "{:>8}  {:<29}  {:<40}  {:<20}  ID",
         "SEQ", "RECEIVED", "TYPE", "SUBJECT"
     );
 }
 
 fn print_event(r: &Value) {
     println!(
-        "{:>8}  {:<25}  {:<40}  {:<20}  {}",
-        r["seq"],
+        "{:>8}  {:<29}  {:<40}  {:<20}  {}",
+        r["seq"].to_string(),
         s(&r["received_at"]),
         s(&r["type"]),
         s(&r["subject"]),

@@ -130,6 +130,9 @@ pub struct Dispatcher {
     timers: BinaryHeap<Reverse<Timed>>,
     timer_seq: u64,
     tasks: JoinSet<Done>,
+    /// The job of each running attempt task, and when it started (ms since the epoch): a
+    /// task that panics or is abandoned at shutdown still gets its attempt recorded.
+    in_flight: HashMap<tokio::task::Id, (Job, i64)>,
     held: HashSet<i64>,
     max_held: usize,
     backlog: Option<Backlog>,
@@ -168,6 +171,7 @@ impl Dispatcher {
             timers: BinaryHeap::new(),
             timer_seq: 0,
             tasks: JoinSet::new(),
+            in_flight: HashMap::new(),
             held: HashSet::new(),
             max_held: max_held.max(1),
             backlog: Some(Backlog {
@@ -314,7 +318,8 @@ impl Dispatcher {
                 let router = self.router.clone();
                 let store = self.store.clone();
                 let ctx = self.ctx.clone();
-                self.tasks.spawn(attempt(router, store, ctx, job));
+                let task = self.tasks.spawn(attempt(router, store, ctx, job.clone()));
+                self.in_flight.insert(task.id(), (job, now_ms()));
             }
         }
         self.metrics.queue_depth.set(self.held.len() as i64);
@@ -531,10 +536,19 @@ impl Dispatcher {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = rate_sleep => {}
-                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
-                    match done {
-                        Ok(done) => self.complete(done).await,
-                        Err(e) => tracing::error!(error = %e, "a delivery attempt task failed"),
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    match joined {
+                        Ok((task, done)) => {
+                            self.in_flight.remove(&task);
+                            self.complete(done).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "a delivery attempt task failed");
+                            if let Some((job, started)) = self.in_flight.remove(&e.id()) {
+                                let why = format!("the attempt stopped unexpectedly ({e}); it will be retried");
+                                self.complete(unfinished(job, started, "failed", why)).await;
+                            }
+                        }
                     }
                 }
                 admission = self.rx.recv() => match admission {
@@ -561,28 +575,32 @@ impl Dispatcher {
         }
         let deadline = tokio::time::Instant::now() + drain;
         while !self.tasks.is_empty() {
-            match tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
-                Ok(Some(Ok(done))) => {
-                    self.running[done.job.trigger] -= 1;
-                    let Done { job, record, error } = done;
-                    // Record the finished attempt; a retry is left, with its backoff, for the
-                    // next start.
-                    let policy = &self.router.triggers[job.trigger].policy;
-                    let in_budget = record.n - job.attempt_base;
-                    let state = next_state(&error, in_budget, policy.max_attempts);
-                    let next_at = (state == State::Retrying)
-                        .then(|| now_ms() + policy.retry_delay(in_budget + 1).as_millis() as i64);
-                    self.store
-                        .finish_attempt(job.id, record, state, next_at)
-                        .await;
+            match tokio::time::timeout_at(deadline, self.tasks.join_next_with_id()).await {
+                Ok(Some(Ok((task, done)))) => {
+                    self.in_flight.remove(&task);
+                    self.record_drained(done).await;
                 }
-                Ok(Some(Err(_))) => {}
+                Ok(Some(Err(e))) => {
+                    if let Some((job, started)) = self.in_flight.remove(&e.id()) {
+                        let why =
+                            format!("the attempt stopped unexpectedly ({e}); it will be retried");
+                        self.record_drained(unfinished(job, started, "failed", why))
+                            .await;
+                    }
+                }
                 Ok(None) => break,
                 Err(_) => {
                     tracing::warn!(
                         abandoned = self.tasks.len(),
-                        "drain timeout; unfinished deliveries stay pending for the next start"
+                        "drain timeout; the attempts still running are recorded as interrupted and run again at the next start"
                     );
+                    for (_, (job, started)) in std::mem::take(&mut self.in_flight) {
+                        let why = format!(
+                            "interrupted: reflex stopped or reloaded while the attempt ran (still running after {drain:?}); it will be retried"
+                        );
+                        self.record_drained(unfinished(job, started, "interrupted", why))
+                            .await;
+                    }
                     self.tasks.abort_all();
                     // Let the aborted tasks go before the last flush: none may write after it.
                     while self.tasks.join_next().await.is_some() {}
@@ -591,6 +609,38 @@ impl Dispatcher {
             }
         }
         self.store.flush().await;
+    }
+}
+
+impl Dispatcher {
+    /// Records an attempt that finished (or was cut off) while draining; a retry is left,
+    /// with its backoff, for the next start.
+    async fn record_drained(&mut self, done: Done) {
+        let Done { job, record, error } = done;
+        self.running[job.trigger] -= 1;
+        let policy = &self.router.triggers[job.trigger].policy;
+        let in_budget = record.n - job.attempt_base;
+        let state = next_state(&error, in_budget, policy.max_attempts);
+        let next_at = (state == State::Retrying)
+            .then(|| now_ms() + policy.retry_delay(in_budget + 1).as_millis() as i64);
+        self.store
+            .finish_attempt(job.id, record, state, next_at)
+            .await;
+    }
+}
+
+/// The record of an attempt whose task did not return (it panicked, or was abandoned).
+fn unfinished(job: Job, started_at: i64, outcome: &str, detail: String) -> Done {
+    Done {
+        record: AttemptRecord {
+            n: job.attempts + 1,
+            started_at,
+            duration_ms: (now_ms() - started_at).max(0),
+            outcome: outcome.into(),
+            detail: detail.clone(),
+        },
+        job,
+        error: Some(ActionError::transient(detail)),
     }
 }
 

@@ -914,3 +914,45 @@ triggers:
     slow.nothing_for(300).await;
     r.stop().await;
 }
+
+#[tokio::test]
+async fn an_attempt_cut_off_by_the_drain_is_recorded_and_runs_again() {
+    // The attempt outlives the 20 s drain of a stop; it is recorded as interrupted and the
+    // next start runs it again.
+    let slow = config(
+        "  - name: fn\n    action: {type: exec, command: /bin/sh, args: [\"-c\", \"sleep 40\"]}\n    delivery: {timeout: 60s, backoff: 100ms}\n",
+    );
+    let r = Reflex::start(&slow).await;
+    post_ce(&r, "/events", cloudevent("cut-1", "t", json!({}))).await;
+    r.wait_deliveries("state=running", 5, |l| l.len() == 1)
+        .await;
+    let dir = r.stop().await;
+    {
+        let store = reflex::store::Store::open(
+            &dir.path().join("reflex.db"),
+            reflex::store::DedupLimits::window(Duration::from_secs(60)),
+        )
+        .unwrap();
+        let (state, outcome): (String, String) = store
+            .read(|c| {
+                c.query_row(
+                    "SELECT d.state, a.outcome FROM deliveries d JOIN attempts a ON a.delivery_id = d.id",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (state.as_str(), outcome.as_str()),
+            ("retrying", "interrupted")
+        );
+    }
+    let quick = slow.replace("sleep 40", "true");
+    let r = Reflex::start_in(&quick, dir).await;
+    let ok = r
+        .wait_deliveries("state=succeeded", 10, |l| l.len() == 1)
+        .await;
+    assert_eq!(ok[0]["attempts"], 2);
+    r.stop().await;
+}

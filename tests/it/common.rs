@@ -18,6 +18,13 @@ pub struct Received {
     pub body: Bytes,
 }
 
+impl Received {
+    /// The CloudEvent id (`ce-id` header) of a binary-mode delivery.
+    pub fn id(&self) -> String {
+        self.headers["ce-id"].to_str().unwrap().to_string()
+    }
+}
+
 /// A port-0 HTTP server that records requests and answers with a switchable status.
 pub struct Receiver {
     pub addr: SocketAddr,
@@ -229,4 +236,12 @@ pub async fn post_ce(r: &Reflex, path: &str, body: String) -> reqwest::Response 
         .send()
         .await
         .unwrap()
+}
+
+/// POSTs `n` CloudEvents of type `ty` with empty data, ids `PREFIX-0`, `PREFIX-1`…
+pub async fn post_many(r: &Reflex, prefix: &str, ty: &str, n: usize) {
+    for i in 0..n {
+        let ev = cloudevent(&format!("{prefix}-{i}"), ty, serde_json::json!({}));
+        assert_eq!(post_ce(r, "/events", ev).await.status(), 202);
+    }
 }

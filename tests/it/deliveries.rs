@@ -1,7 +1,7 @@
 //! Deliveries against a real HTTP receiver: modes, retries, dead letters and replay,
 //! timeouts, ordering, throttling, chains, exec, and recovery after a restart.
 
-use crate::common::{cloudevent, post_ce, Receiver, Reflex};
+use crate::common::{cloudevent, post_ce, post_many, Receiver, Reflex};
 use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -194,12 +194,7 @@ async fn ordering_key_runs_one_at_a_time_in_order() {
     }
     let mut order = Vec::new();
     for _ in 0..10 {
-        order.push(
-            rcv.next(5).await.headers["ce-id"]
-                .to_str()
-                .unwrap()
-                .to_string(),
-        );
+        order.push(rcv.next(5).await.id());
     }
     let want: Vec<String> = (0..10).map(|i| format!("o-{i}")).collect();
     assert_eq!(order, want);
@@ -260,16 +255,8 @@ async fn throttle_once_within_per_key() {
         cloudevent("b-0", "t", json!({"vm": "web-2"})),
     )
     .await;
-    let mut got = vec![rcv.next(5).await.headers["ce-id"]
-        .to_str()
-        .unwrap()
-        .to_string()];
-    got.push(
-        rcv.next(5).await.headers["ce-id"]
-            .to_str()
-            .unwrap()
-            .to_string(),
-    );
+    let mut got = vec![rcv.next(5).await.id()];
+    got.push(rcv.next(5).await.id());
     got.sort();
     assert_eq!(got, vec!["a-0", "b-0"]);
     rcv.nothing_for(300).await;
@@ -558,9 +545,7 @@ async fn concurrency_limit_holds() {
         "  - name: fn\n    action: {{type: http, url: \"http://{addr}/\"}}\n    delivery: {{concurrency: 2}}\n"
     )))
     .await;
-    for i in 0..8 {
-        post_ce(&r, "/events", cloudevent(&format!("c-{i}"), "t", json!({}))).await;
-    }
+    post_many(&r, "c", "t", 8).await;
     r.wait_deliveries("state=succeeded", 10, |l| l.len() == 8)
         .await;
     assert_eq!(done.load(Ordering::SeqCst), 8);
@@ -639,12 +624,7 @@ triggers:
     }
     let mut order = Vec::new();
     for _ in 0..n {
-        order.push(
-            rcv.next(10).await.headers["ce-id"]
-                .to_str()
-                .unwrap()
-                .to_string(),
-        );
+        order.push(rcv.next(10).await.id());
     }
     let want: Vec<String> = (0..n).map(|i| format!("b-{i}")).collect();
     assert_eq!(order, want, "each once, in order of the ordering key");
@@ -675,10 +655,7 @@ triggers:
     }
     let mut got = std::collections::BTreeSet::new();
     for _ in 0..n {
-        let id = rcv.next(10).await.headers["ce-id"]
-            .to_str()
-            .unwrap()
-            .to_string();
+        let id = rcv.next(10).await.id();
         assert!(got.insert(id.clone()), "{id} delivered twice");
     }
     assert!(got.iter().all(|id| id.starts_with("d-")));
@@ -712,31 +689,14 @@ triggers:
         ok.url()
     ))
     .await;
-    for i in 0..10 {
-        post_ce(
-            &r,
-            "/events",
-            cloudevent(&format!("f-{i}"), "t.fail", json!({})),
-        )
-        .await;
-    }
+    post_many(&r, "f", "t.fail", 10).await;
     for _ in 0..10 {
         failing.next(5).await;
     }
-    for i in 0..10 {
-        post_ce(
-            &r,
-            "/events",
-            cloudevent(&format!("k-{i}"), "t.ok", json!({})),
-        )
-        .await;
-    }
+    post_many(&r, "k", "t.ok", 10).await;
     let mut got = std::collections::BTreeSet::new();
     for _ in 0..10 {
-        let id = ok.next(2).await.headers["ce-id"]
-            .to_str()
-            .unwrap()
-            .to_string();
+        let id = ok.next(2).await.id();
         got.insert(id);
     }
     assert_eq!(
@@ -747,10 +707,7 @@ triggers:
     // The parked retries come back when due: a second attempt each, then dead.
     let mut second = std::collections::BTreeSet::new();
     for _ in 0..10 {
-        let id = failing.next(10).await.headers["ce-id"]
-            .to_str()
-            .unwrap()
-            .to_string();
+        let id = failing.next(10).await.id();
         assert!(second.insert(id.clone()), "{id} retried twice");
     }
     r.wait_deliveries("state=dead", 5, |l| l.len() == 10).await;
@@ -805,12 +762,7 @@ async fn start_up_reads_past_deliveries_of_a_removed_trigger() {
     // Ready means recovered: whole chunks of dead letters do not stop the pass.
     let mut got = std::collections::BTreeSet::new();
     for _ in 0..3 {
-        got.insert(
-            rcv.next(5).await.headers["ce-id"]
-                .to_str()
-                .unwrap()
-                .to_string(),
-        );
+        got.insert(rcv.next(5).await.id());
     }
     assert_eq!(got, ["s-12", "s-13", "s-14"].map(String::from).into());
     let dead = r.wait_deliveries("state=dead", 5, |l| l.len() == 12).await;
@@ -829,14 +781,7 @@ async fn rate_spaces_attempt_starts() {
         rcv.url()
     )))
     .await;
-    for i in 0..10 {
-        post_ce(
-            &r,
-            "/events",
-            cloudevent(&format!("rt-{i}"), "t", json!({})),
-        )
-        .await;
-    }
+    post_many(&r, "rt", "t", 10).await;
     let mut at = Vec::new();
     for _ in 0..10 {
         rcv.next(5).await;
@@ -877,24 +822,10 @@ triggers:
         fast.url()
     ))
     .await;
-    for i in 0..20 {
-        post_ce(
-            &r,
-            "/events",
-            cloudevent(&format!("sl-{i}"), "t.slow", json!({})),
-        )
-        .await;
-    }
+    post_many(&r, "sl", "t.slow", 20).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t0 = std::time::Instant::now();
-    for i in 0..5 {
-        post_ce(
-            &r,
-            "/events",
-            cloudevent(&format!("fa-{i}"), "t.fast", json!({})),
-        )
-        .await;
-    }
+    post_many(&r, "fa", "t.fast", 5).await;
     for _ in 0..5 {
         fast.next(5).await;
     }
@@ -905,10 +836,7 @@ triggers:
     );
     let mut got = std::collections::BTreeSet::new();
     for _ in 0..20 {
-        let id = slow.next(10).await.headers["ce-id"]
-            .to_str()
-            .unwrap()
-            .to_string();
+        let id = slow.next(10).await.id();
         assert!(got.insert(id.clone()), "{id} twice");
     }
     slow.nothing_for(300).await;

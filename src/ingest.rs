@@ -33,7 +33,7 @@ pub struct Accepted {
 }
 
 struct Inner {
-    store: Store,
+    store: Arc<dyn Store>,
     router: Arc<Router>,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
@@ -49,7 +49,7 @@ pub struct Ingest(Arc<Inner>);
 impl Ingest {
     /// Creates the ingest path with room for `capacity` events not yet durable.
     pub fn new(
-        store: Store,
+        store: Arc<dyn Store>,
         router: Arc<Router>,
         metrics: Arc<Metrics>,
         capacity: usize,
@@ -184,11 +184,13 @@ mod tests {
     #[tokio::test]
     async fn closed_ingest_refuses_and_acknowledges_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            &dir.path().join("s.db"),
-            crate::store::DedupLimits::window(std::time::Duration::from_secs(60)),
-        )
-        .unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::sqlite::SqliteStore::open(
+                &dir.path().join("s.db"),
+                crate::store::DedupLimits::window(std::time::Duration::from_secs(60)),
+            )
+            .unwrap(),
+        );
         let config = crate::config::parse("t.yaml", "sources: []\n").unwrap();
         let router = Arc::new(Router::build(&config, &mut Default::default()));
         let (tx, _rx) = mpsc::unbounded_channel();
@@ -207,10 +209,10 @@ mod tests {
             ingest.submit("t", vec![event("b")]).await,
             Err(IngestError::Stopping)
         ));
-        let stored: i64 = store
-            .read(|c| c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)))
-            .await
-            .unwrap();
-        assert_eq!(stored, 1);
+        let q = crate::store::EventQuery {
+            limit: 10,
+            ..Default::default()
+        };
+        assert_eq!(store.events(q).await.unwrap().len(), 1);
     }
 }

@@ -253,7 +253,7 @@ pub async fn run_with_reload(
 struct Fixed {
     http: std::net::SocketAddr,
     api: std::net::SocketAddr,
-    store: std::path::PathBuf,
+    store: (std::path::PathBuf, Option<String>),
 }
 
 impl Fixed {
@@ -261,7 +261,10 @@ impl Fixed {
         Fixed {
             http: c.http.listen,
             api: c.api.listen,
-            store: c.store.path.clone(),
+            store: (
+                c.store.path.clone(),
+                c.store.url.as_ref().map(|u| u.expose().to_string()),
+            ),
         }
     }
 }
@@ -276,8 +279,11 @@ fn reloaded(path: &std::path::Path, current: &Fixed) -> Result<Compiled, String>
     if c.config.api.listen != current.api {
         fixed.push("api.listen");
     }
-    if c.config.store.path != current.store {
+    if c.config.store.path != current.store.0 {
         fixed.push("store.path");
+    }
+    if c.config.store.url.as_ref().map(|u| u.expose()) != current.store.1.as_deref() {
+        fixed.push("store.url");
     }
     if !fixed.is_empty() {
         return Err(format!(
@@ -294,7 +300,7 @@ struct Running {
     http_drain: Duration,
     ingest: ingest::Ingest,
     state: Arc<api::AppState>,
-    store: store::Store,
+    store: Arc<dyn store::Store>,
     stop_http: CancellationToken,
     stop_tasks: CancellationToken,
     servers: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -321,8 +327,13 @@ impl Running {
             window: config.store.dedup_window.0,
             max_keys: config.store.dedup_max_keys,
         };
-        let store = store::Store::open(&config.store.path, dedup)
-            .with_context(|| format!("opening the store at {}", config.store.path.display()))?;
+        let backend = store::Backend::open(&config.store, listeners.api.local_addr()?)
+            .await
+            .with_context(|| match &config.store.url {
+                Some(_) => "opening the PostgreSQL store (store.url)".to_string(),
+                None => format!("opening the store at {}", config.store.path.display()),
+            })?;
+        let store = backend.store.clone();
         let (dispatch_tx, dispatch_rx) = tokio::sync::mpsc::unbounded_channel();
         let ingest = ingest::Ingest::new(
             store.clone(),
@@ -348,7 +359,7 @@ impl Running {
         };
         let mut dispatcher = deliveries::Dispatcher::new(
             router.clone(),
-            store.clone(),
+            backend.bus.clone(),
             ctx,
             metrics.clone(),
             dispatch_rx,
@@ -356,7 +367,7 @@ impl Running {
         );
 
         let state = Arc::new(api::AppState {
-            store: store.clone(),
+            backend: backend.clone(),
             router: router.clone(),
             metrics: metrics.clone(),
             ingest: ingest.clone(),

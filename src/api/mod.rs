@@ -7,7 +7,9 @@ use crate::ingest::Ingest;
 use crate::router::Router as TriggerRouter;
 use crate::sources::auth::AuthConfig;
 use crate::sources::util::{reject, submit, Rejection};
-use crate::store::{State, Store, StoreError};
+use crate::store::{
+    Backend, DeliveryQuery, DeliveryRecord, EventQuery, EventSummary, State, StoreError,
+};
 use crate::telemetry::Metrics;
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State as AxState};
@@ -16,7 +18,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use rusqlite::OptionalExtension;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,8 +26,8 @@ use tokio::sync::mpsc;
 
 /// What the API handlers share.
 pub struct AppState {
-    /// The store.
-    pub store: Store,
+    /// The store and the bus.
+    pub backend: Backend,
     /// The triggers.
     pub router: Arc<TriggerRouter>,
     /// Metrics.
@@ -90,7 +91,9 @@ async fn readyz(AxState(s): AxState<Shared>) -> Response {
 }
 
 async fn metrics(AxState(s): AxState<Shared>) -> Response {
-    s.metrics.store_bytes.set(s.store.size_bytes());
+    if let Some(bytes) = s.backend.store.size_bytes().await {
+        s.metrics.store_bytes.set(bytes);
+    }
     (
         [(
             "content-type",
@@ -111,6 +114,9 @@ fn store_error(e: StoreError) -> Response {
         .into_response(),
         StoreError::Conflict(msg) => {
             Rejection::new(StatusCode::CONFLICT, "conflict", msg).into_response()
+        }
+        e if e.is_unavailable() => {
+            Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()).into_response()
         }
         e => Rejection::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
             .into_response(),
@@ -147,7 +153,6 @@ struct ListQuery {
 }
 
 async fn list_events(AxState(s): AxState<Shared>, Query(q): Query<ListQuery>) -> Response {
-    let limit = q.limit.unwrap_or(50).min(1000);
     let since = match q.since.as_deref().map(chrono::DateTime::parse_from_rfc3339) {
         None => None,
         Some(Ok(t)) => Some(t.timestamp_millis()),
@@ -157,163 +162,97 @@ async fn list_events(AxState(s): AxState<Shared>, Query(q): Query<ListQuery>) ->
             ))
         }
     };
-    // Newest first below `before`, or oldest first above `after` (to follow new events).
-    let (bound, order, from) = match q.after {
-        Some(after) => ("seq > ?1 AND seq < ?9", "ASC", after),
-        None => (
-            "seq < ?1 AND seq < ?9",
-            "DESC",
-            q.before.unwrap_or(i64::MAX),
-        ),
+    let query = EventQuery {
+        limit: q.limit.unwrap_or(50).min(1000),
+        before: q.before,
+        after: q.after,
+        ty: q.ty,
+        subject: q.subject,
+        source: q.source,
+        id: q.id,
+        text: q.q,
+        since,
     };
-    let before = q.before.unwrap_or(i64::MAX);
-    // `q` is matched as plain text: LIKE's wildcards in it are escaped.
-    let text = q.q.as_ref().map(|t| {
-        format!(
-            "%{}%",
-            t.replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_")
-        )
-    });
-    let (ty, subject, source, id) = (
-        q.ty.clone(),
-        q.subject.clone(),
-        q.source.clone(),
-        q.id.clone(),
-    );
-    let r = s
-        .store
-        .read(move |c| {
-            let mut st = c.prepare_cached(&format!(
-                "SELECT seq, ce_id, ce_source, type, subject, source_name, received_at FROM events
-                 WHERE {bound} AND (?2 IS NULL OR type = ?2) AND (?3 IS NULL OR subject = ?3)
-                   AND (?4 IS NULL OR ce_source = ?4) AND (?5 IS NULL OR ce_id = ?5)
-                   AND (?6 IS NULL OR body LIKE ?6 ESCAPE '\\') AND (?7 IS NULL OR received_at >= ?7)
-                 ORDER BY seq {order} LIMIT ?8"
-            ))?;
-            let params =
-                rusqlite::params![from, ty, subject, source, id, text, since, limit, before];
-            let rows = st.query_map(params, |r| {
-                Ok(json!({
-                    "seq": r.get::<_, i64>(0)?, "id": r.get::<_, String>(1)?, "source": r.get::<_, String>(2)?,
-                    "type": r.get::<_, String>(3)?, "subject": r.get::<_, Option<String>>(4)?,
-                    "received_by": r.get::<_, String>(5)?, "received_at": ms_to_rfc3339(r.get(6)?),
-                }))
-            })?;
-            rows.collect::<rusqlite::Result<Vec<Value>>>()
-        })
-        .await;
-    match r {
-        Ok(v) => Json(json!({ "events": v })).into_response(),
+    match s.backend.store.events(query).await {
+        Ok(v) => {
+            let v: Vec<Value> = v.iter().map(event_json).collect();
+            Json(json!({ "events": v })).into_response()
+        }
         Err(e) => store_error(e),
     }
 }
 
+fn event_json(e: &EventSummary) -> Value {
+    json!({
+        "seq": e.seq, "id": e.id, "source": e.source, "type": e.ty, "subject": e.subject,
+        "received_by": e.received_by, "received_at": ms_to_rfc3339(e.received_at),
+    })
+}
+
 async fn show_event(AxState(s): AxState<Shared>, Path(seq): Path<i64>) -> Response {
-    let r = s
-        .store
-        .read(move |c| {
-            let ev = c
-                .query_row(
-                    "SELECT seq, source_name, received_at, body FROM events WHERE seq=?1",
-                    [seq],
-                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?)),
-                )
-                .optional()?;
-            let Some((seq, source_name, received_at, body)) = ev else { return Ok(None) };
-            let mut st = c.prepare_cached("SELECT id, trigger, state, attempts, last_error FROM deliveries WHERE event_seq=?1 ORDER BY id")?;
-            let deliveries = st
-                .query_map([seq], |r| {
-                    Ok(json!({"id": r.get::<_, i64>(0)?, "trigger": r.get::<_, String>(1)?, "state": r.get::<_, String>(2)?,
-                              "attempts": r.get::<_, i64>(3)?, "last_error": r.get::<_, Option<String>>(4)?}))
-                })?
-                .collect::<rusqlite::Result<Vec<Value>>>()?;
-            let event: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
-            Ok(Some(json!({"seq": seq, "received_by": source_name, "received_at": ms_to_rfc3339(received_at), "event": event, "deliveries": deliveries})))
-        })
-        .await;
-    match r {
-        Ok(Some(v)) => Json(v).into_response(),
+    match s.backend.store.event(seq).await {
+        Ok(Some(e)) => {
+            let deliveries: Vec<Value> = e
+                .deliveries
+                .iter()
+                .map(|d| json!({"id": d.id, "trigger": d.trigger, "state": d.state, "attempts": d.attempts, "last_error": d.last_error}))
+                .collect();
+            let event: Value = serde_json::from_str(&e.body).unwrap_or(Value::String(e.body));
+            Json(json!({"seq": e.seq, "received_by": e.received_by, "received_at": ms_to_rfc3339(e.received_at), "event": event, "deliveries": deliveries})).into_response()
+        }
         Ok(None) => store_error(StoreError::NotFound(format!("event {seq}"))),
         Err(e) => store_error(e),
     }
 }
 
-fn delivery_json(r: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
-    Ok(json!({
-        "id": r.get::<_, i64>(0)?, "event_seq": r.get::<_, i64>(1)?, "trigger": r.get::<_, String>(2)?,
-        "state": r.get::<_, String>(3)?, "attempts": r.get::<_, i64>(4)?, "ordering_key": r.get::<_, Option<String>>(5)?,
-        "next_attempt_at": r.get::<_, Option<i64>>(6)?.map(ms_to_rfc3339), "created_at": ms_to_rfc3339(r.get(7)?),
-        "updated_at": ms_to_rfc3339(r.get(8)?), "last_error": r.get::<_, Option<String>>(9)?,
-        "event_id": r.get::<_, String>(10)?, "event_type": r.get::<_, String>(11)?,
-    }))
+fn delivery_json(d: &DeliveryRecord) -> Value {
+    json!({
+        "id": d.id, "event_seq": d.event_seq, "trigger": d.trigger, "state": d.state,
+        "attempts": d.attempts, "ordering_key": d.ordering_key,
+        "next_attempt_at": d.next_at.map(ms_to_rfc3339), "created_at": ms_to_rfc3339(d.created_at),
+        "updated_at": ms_to_rfc3339(d.updated_at), "last_error": d.last_error,
+        "event_id": d.event_id, "event_type": d.event_type,
+    })
 }
 
-const DELIVERY_COLUMNS: &str = "d.id, d.event_seq, d.trigger, d.state, d.attempts, d.ordering_key, d.next_at, d.created_at, d.updated_at, d.last_error, e.ce_id, e.type";
-
 async fn list_deliveries(AxState(s): AxState<Shared>, Query(q): Query<ListQuery>) -> Response {
-    if let Some(st) = &q.state {
-        if State::parse(st).is_none() {
-            return bad_request(format!("unknown state `{st}`; expected pending, running, retrying, succeeded, dead or throttled"));
+    let state = match q.state.as_deref().map(|st| (st, State::parse(st))) {
+        None => None,
+        Some((_, Some(state))) => Some(state),
+        Some((st, None)) => return bad_request(format!("unknown state `{st}`; expected pending, running, retrying, succeeded, dead or throttled")),
+    };
+    let query = DeliveryQuery {
+        limit: q.limit.unwrap_or(50).min(1000),
+        before: q.before,
+        state,
+        trigger: q.trigger,
+    };
+    match s.backend.store.deliveries(query).await {
+        Ok(v) => {
+            let v: Vec<Value> = v.iter().map(delivery_json).collect();
+            Json(json!({ "deliveries": v })).into_response()
         }
-    }
-    let limit = q.limit.unwrap_or(50).min(1000);
-    let before = q.before.unwrap_or(i64::MAX);
-    let (state, trigger) = (q.state.clone(), q.trigger.clone());
-    let r = s
-        .store
-        .read(move |c| {
-            let mut st = c.prepare_cached(&format!(
-                "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                 WHERE d.id < ?1 AND (?2 IS NULL OR d.state = ?2) AND (?3 IS NULL OR d.trigger = ?3)
-                 ORDER BY d.id DESC LIMIT ?4"
-            ))?;
-            let rows = st.query_map(
-                rusqlite::params![before, state, trigger, limit],
-                delivery_json,
-            )?;
-            rows.collect::<rusqlite::Result<Vec<Value>>>()
-        })
-        .await;
-    match r {
-        Ok(v) => Json(json!({ "deliveries": v })).into_response(),
         Err(e) => store_error(e),
     }
 }
 
 async fn show_delivery(AxState(s): AxState<Shared>, Path(id): Path<i64>) -> Response {
-    let r = s
-        .store
-        .read(move |c| {
-            let d = c
-                .query_row(
-                    &format!("SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id=?1"),
-                    [id],
-                    delivery_json,
-                )
-                .optional()?;
-            let Some(mut d) = d else { return Ok(None) };
-            let mut st = c.prepare_cached("SELECT n, started_at, duration_ms, outcome, detail FROM attempts WHERE delivery_id=?1 ORDER BY n")?;
-            let attempts = st
-                .query_map([id], |r| {
-                    Ok(json!({"n": r.get::<_, i64>(0)?, "started_at": ms_to_rfc3339(r.get(1)?), "duration_ms": r.get::<_, i64>(2)?,
-                              "outcome": r.get::<_, String>(3)?, "detail": r.get::<_, String>(4)?}))
-                })?
-                .collect::<rusqlite::Result<Vec<Value>>>()?;
-            d["attempt_log"] = Value::Array(attempts);
-            Ok(Some(d))
-        })
-        .await;
-    match r {
-        Ok(Some(v)) => Json(v).into_response(),
+    match s.backend.store.delivery(id).await {
+        Ok(Some((d, attempts))) => {
+            let mut v = delivery_json(&d);
+            v["attempt_log"] = attempts
+                .iter()
+                .map(|a| json!({"n": a.n, "started_at": ms_to_rfc3339(a.started_at), "duration_ms": a.duration_ms, "outcome": a.outcome, "detail": a.detail}))
+                .collect();
+            Json(v).into_response()
+        }
         Ok(None) => store_error(StoreError::NotFound(format!("delivery {id}"))),
         Err(e) => store_error(e),
     }
 }
 
 async fn replay(AxState(s): AxState<Shared>, Path(id): Path<i64>) -> Response {
-    let result = s.store.replay(id).await;
+    let result = s.backend.bus.replay(id).await;
     if result.is_ok() {
         // The dispatcher reads it back from the store; one with no trigger is dead-lettered.
         let _ = s.dispatch.send(Admission::Rescan);

@@ -30,7 +30,7 @@ pub struct Config {
     /// The management API, metrics and health endpoints.
     #[serde(default)]
     pub api: ApiConfig,
-    /// The embedded durable store (events, deliveries, attempts).
+    /// The durable store (events, deliveries, attempts): embedded SQLite or PostgreSQL.
     #[serde(default)]
     pub store: StoreConfig,
     /// Logging.
@@ -96,12 +96,23 @@ impl Default for ApiConfig {
     }
 }
 
-/// The embedded store.
+/// The store: embedded SQLite by default, or a PostgreSQL server shared by several nodes.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// The SQLite database file (created with its directory).
+    /// The SQLite database file (created with its directory); unused when `url` is set.
     pub path: PathBuf,
+    /// A PostgreSQL server instead of the embedded file, e.g.
+    /// `postgres://reflex:${env:PGPASSWORD}@db.example.com/reflex?sslmode=require`. Every
+    /// node with the same URL shares events, deliveries, history and checkpoints.
+    pub url: Option<Secret>,
+    /// Most connections to PostgreSQL this node opens.
+    pub pool_size: usize,
+    /// How long a node keeps a delivery it runs, or a source that must run once, without
+    /// renewing its lease; after it, another node takes over (PostgreSQL only).
+    pub lease: Duration,
+    /// This node's name among several sharing PostgreSQL (default: host name and API port).
+    pub node: Option<String>,
     /// A repeated (source, id) within this window is accepted but not delivered again.
     pub dedup_window: Duration,
     /// Most dedup keys remembered (each costs 20–40 bytes of memory); beyond it the oldest
@@ -118,6 +129,10 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             path: PathBuf::from("reflex-data/reflex.db"),
+            url: None,
+            pool_size: 16,
+            lease: Duration(std::time::Duration::from_secs(15)),
+            node: None,
             dedup_window: Duration(std::time::Duration::from_secs(3600)),
             dedup_max_keys: crate::store::DedupLimits::DEFAULT_MAX_KEYS,
             deliveries_in_memory: 10_000,

@@ -12,7 +12,7 @@
 
 use crate::actions::{ActionContext, ActionError};
 use crate::router::Router;
-use crate::store::{now_ms, AttemptRecord, OpenDelivery, State, Store};
+use crate::store::{now_ms, AttemptRecord, Bus, OpenDelivery, State, StoreError};
 use crate::telemetry::Metrics;
 use cloudevents::Event;
 use std::cmp::Reverse;
@@ -113,15 +113,31 @@ struct Done {
     job: Job,
     record: AttemptRecord,
     error: Option<ActionError>,
+    /// The bus gave the delivery to this process; `false`: nothing ran (another node has
+    /// it, an earlier delivery of its ordering key is open, or the store was unreachable).
+    claimed: bool,
+}
+
+/// An attempt's record that the store could not take yet; written again until it does.
+struct Unrecorded {
+    id: i64,
+    record: AttemptRecord,
+    state: State,
+    next_at: Option<i64>,
 }
 
 /// The dispatcher; see the module doc.
 pub struct Dispatcher {
     router: Arc<Router>,
-    store: Store,
+    bus: Arc<dyn Bus>,
     ctx: ActionContext,
     metrics: Arc<Metrics>,
     rx: mpsc::UnboundedReceiver<Admission>,
+    /// Other nodes consume the same bus: a claim decides who runs a delivery, and passes
+    /// over the store look for what they left.
+    shared: Option<Duration>,
+    /// Attempt records the store refused (it was unreachable), oldest first.
+    unrecorded: VecDeque<Unrecorded>,
     ready: Vec<VecDeque<Job>>,
     running: Vec<usize>,
     /// Per trigger with a rate: the earliest time the next attempt may start.
@@ -151,7 +167,7 @@ impl Dispatcher {
     /// by reading back what a previous run left open (pending, retrying, interrupted).
     pub fn new(
         router: Arc<Router>,
-        store: Store,
+        bus: Arc<dyn Bus>,
         ctx: ActionContext,
         metrics: Arc<Metrics>,
         rx: mpsc::UnboundedReceiver<Admission>,
@@ -160,10 +176,12 @@ impl Dispatcher {
         let n = router.triggers.len();
         Dispatcher {
             router,
-            store,
+            shared: bus.poll_interval(),
+            bus,
             ctx,
             metrics,
             rx,
+            unrecorded: VecDeque::new(),
             ready: (0..n).map(|_| VecDeque::new()).collect(),
             running: vec![0; n],
             next_start: vec![None; n],
@@ -203,8 +221,9 @@ impl Dispatcher {
                 return;
             }
         };
-        if job.id <= self.max_read || self.held.contains(&job.id) {
-            return; // read back from the store already
+        // Read back from the store already? With a shared bus the claim tells instead.
+        if self.held.contains(&job.id) || (self.shared.is_none() && job.id <= self.max_read) {
+            return;
         }
         if self.backlog.is_none() && self.held.len() >= self.max_held {
             tracing::warn!(
@@ -276,7 +295,11 @@ impl Dispatcher {
     /// Sends the put-off starts to the store (before any read of it, which flushes first).
     async fn send_deferred(&mut self) {
         for (id, at) in std::mem::take(&mut self.deferred) {
-            self.store.defer(id, at).await;
+            // Not recorded: the delivery is due at once in the store, which only runs it
+            // earlier than the rate wanted after a restart.
+            if let Err(e) = self.bus.defer(id, at).await {
+                tracing::warn!(delivery = id, error = %e, "cannot record a start put off by the trigger's rate");
+            }
         }
     }
 
@@ -316,9 +339,9 @@ impl Dispatcher {
                 let job = self.ready[t].pop_front().expect("not empty");
                 self.running[t] += 1;
                 let router = self.router.clone();
-                let store = self.store.clone();
+                let bus = self.bus.clone();
                 let ctx = self.ctx.clone();
-                let task = self.tasks.spawn(attempt(router, store, ctx, job.clone()));
+                let task = self.tasks.spawn(attempt(router, bus, ctx, job.clone()));
                 self.in_flight.insert(task.id(), (job, now_ms()));
             }
         }
@@ -331,8 +354,15 @@ impl Dispatcher {
             mut job,
             record,
             error,
+            claimed,
         } = done;
         self.running[job.trigger] -= 1;
+        if !claimed {
+            // It stays open in the store for whoever may run it (a pass finds it again).
+            self.held.remove(&job.id);
+            self.release_key(&job);
+            return;
+        }
         let trigger = &self.router.triggers[job.trigger];
         job.attempts = record.n;
         let state = next_state(
@@ -366,9 +396,7 @@ impl Dispatcher {
             }
             _ => tracing::debug!(trigger = %trigger.name, delivery = job.id, "delivered"),
         }
-        self.store
-            .finish_attempt(job.id, record, state, next_at)
-            .await;
+        self.record(job.id, record, state, next_at).await;
         if state == State::Retrying {
             job.not_before = next_at;
             self.schedule(job);
@@ -381,6 +409,9 @@ impl Dispatcher {
     /// Reads back what waits in the store, while there is room: due retries, then open
     /// deliveries a pass at a time.
     async fn refill(&mut self) {
+        if !self.record_unrecorded().await {
+            return; // the store is unreachable: reading from it would fail too
+        }
         self.send_deferred().await;
         self.read_due_retries().await;
         while self.backlog.is_some() {
@@ -390,9 +421,9 @@ impl Dispatcher {
             }
             let cursor = self.backlog.as_ref().map_or(0, |b| b.cursor);
             // Attempts finished before now must be committed, or they would read as open.
-            self.store.flush().await;
+            self.bus.flush().await;
             let due_by = now_ms() + PARK_RETRY_AFTER;
-            let open = match self.store.open_deliveries(cursor, room, due_by).await {
+            let open = match self.bus.open_deliveries(cursor, room, due_by).await {
                 Ok(open) => open,
                 Err(e) => {
                     tracing::error!(error = %e, "reading open deliveries back from the store; retrying");
@@ -445,9 +476,9 @@ impl Dispatcher {
             self.parked_due = None;
             return;
         }
-        self.store.flush().await;
+        self.bus.flush().await;
         // Held retries can be among the due ones: ask for enough to see past them.
-        let due = match self.store.due_deliveries(now, room + self.held.len()).await {
+        let due = match self.bus.due_deliveries(now, room + self.held.len()).await {
             Ok(due) => due,
             Err(e) => {
                 tracing::error!(error = %e, "reading due retries back from the store; retrying");
@@ -465,7 +496,7 @@ impl Dispatcher {
         self.parked_left = self.held.len() - before == room;
         // Starts put off just now are not in the store yet: they count too.
         let local = self.deferred.iter().map(|d| d.1).min();
-        let stored = match self.store.next_due_after(now).await {
+        let stored = match self.bus.next_due_after(now).await {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(error = %e, "reading the next retry time from the store");
@@ -492,7 +523,7 @@ impl Dispatcher {
                     outcome: "failed".into(),
                     detail: why,
                 };
-                self.store.finish_attempt(id, rec, State::Dead, None).await;
+                self.record(id, rec, State::Dead, None).await;
             }
         }
     }
@@ -532,10 +563,29 @@ impl Dispatcher {
                     None => std::future::pending().await,
                 }
             };
+            // A shared bus is read now and then for what other nodes left; records the
+            // store refused are written again.
+            let poll_every = match (self.shared, self.unrecorded.is_empty()) {
+                (Some(every), _) => Some(every),
+                (None, false) => Some(Duration::from_secs(1)),
+                (None, true) => None,
+            };
+            let poll = async {
+                match poll_every {
+                    Some(every) => tokio::time::sleep(every).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = rate_sleep => {}
+                _ = poll => {
+                    if self.shared.is_some() {
+                        self.admit(Admission::Rescan);
+                        self.parked_left = true;
+                    }
+                }
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     match joined {
                         Ok((task, done)) => {
@@ -608,7 +658,13 @@ impl Dispatcher {
                 }
             }
         }
-        self.store.flush().await;
+        if !self.record_unrecorded().await {
+            tracing::error!(
+                left = self.unrecorded.len(),
+                "stopping with attempt records the store refused; those deliveries run again at the next start"
+            );
+        }
+        self.bus.flush().await;
     }
 }
 
@@ -616,17 +672,54 @@ impl Dispatcher {
     /// Records an attempt that finished (or was cut off) while draining; a retry is left,
     /// with its backoff, for the next start.
     async fn record_drained(&mut self, done: Done) {
-        let Done { job, record, error } = done;
+        let Done {
+            job,
+            record,
+            error,
+            claimed,
+        } = done;
         self.running[job.trigger] -= 1;
+        if !claimed {
+            return;
+        }
         let policy = &self.router.triggers[job.trigger].policy;
         let in_budget = record.n - job.attempt_base;
         let state = next_state(&error, in_budget, policy.max_attempts);
         let next_at = (state == State::Retrying)
             .then(|| now_ms() + policy.retry_delay(in_budget + 1).as_millis() as i64);
-        self.store
-            .finish_attempt(job.id, record, state, next_at)
-            .await;
+        self.record(job.id, record, state, next_at).await;
     }
+
+    /// Records an attempt; one the store refuses is kept and written again later.
+    async fn record(&mut self, id: i64, record: AttemptRecord, state: State, next_at: Option<i64>) {
+        self.unrecorded.push_back(Unrecorded {
+            id,
+            record,
+            state,
+            next_at,
+        });
+        self.record_unrecorded().await;
+    }
+
+    /// Writes the records kept back, oldest first; `false` while the store refuses them.
+    async fn record_unrecorded(&mut self) -> bool {
+        while let Some(u) = self.unrecorded.pop_front() {
+            let result = self
+                .bus
+                .finish_attempt(u.id, u.record.clone(), u.state, u.next_at)
+                .await;
+            if let Err(e) = result {
+                log_unrecorded(u.id, &e, self.unrecorded.len() + 1);
+                self.unrecorded.push_front(u);
+                return false;
+            }
+        }
+        true
+    }
+}
+
+fn log_unrecorded(id: i64, e: &StoreError, waiting: usize) {
+    tracing::error!(delivery = id, waiting, error = %e, "cannot record an attempt; it is kept and written again once the store answers");
 }
 
 /// The record of an attempt whose task did not return (it panicked, or was abandoned).
@@ -641,6 +734,7 @@ fn unfinished(job: Job, started_at: i64, outcome: &str, detail: String) -> Done 
         },
         job,
         error: Some(ActionError::transient(detail)),
+        claimed: true,
     }
 }
 
@@ -655,10 +749,30 @@ fn next_state(error: &Option<ActionError>, attempts_in_budget: u32, max_attempts
     }
 }
 
-async fn attempt(router: Arc<Router>, store: Store, ctx: ActionContext, job: Job) -> Done {
+async fn attempt(router: Arc<Router>, bus: Arc<dyn Bus>, ctx: ActionContext, job: Job) -> Done {
     let trigger = &router.triggers[job.trigger];
-    store.mark_running(job.id).await;
     let started_at = now_ms();
+    let claimed = match bus.claim(job.id).await {
+        Ok(claimed) => claimed,
+        Err(e) => {
+            tracing::warn!(delivery = job.id, error = %e, "cannot claim the delivery; it stays open in the store");
+            false
+        }
+    };
+    if !claimed {
+        return Done {
+            record: AttemptRecord {
+                n: job.attempts,
+                started_at,
+                duration_ms: 0,
+                outcome: String::new(),
+                detail: String::new(),
+            },
+            job,
+            error: None,
+            claimed: false,
+        };
+    }
     let clock = std::time::Instant::now();
     let n = job.attempts + 1;
     let result = tokio::time::timeout(
@@ -689,5 +803,6 @@ async fn attempt(router: Arc<Router>, store: Store, ctx: ActionContext, job: Job
         },
         job,
         error,
+        claimed: true,
     }
 }

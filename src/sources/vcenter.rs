@@ -11,7 +11,7 @@
 
 use crate::config::{Diagnostics, Duration as CfgDuration, Text};
 use crate::ingest::Ingest;
-use crate::store::Store;
+use crate::store::{Checkpoint, Store};
 use crate::telemetry::Metrics;
 use crate::vcenters::Vcenters;
 use cloudevents::{AttributesReader, Event, EventBuilder, EventBuilderV10};
@@ -143,14 +143,14 @@ impl VcenterSource {
     pub async fn run(
         self,
         ingest: Ingest,
-        store: Store,
+        store: Arc<dyn Store>,
         vcenters: Vcenters,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) {
         let mut state = PollState {
             last_key: match store.checkpoint(&self.name).await {
-                Ok(c) => c.map(|(k, _)| k),
+                Ok(c) => c.map(|c| c.position),
                 Err(e) => {
                     tracing::error!(source = %self.name, error = %e, "cannot read the checkpoint; the source does not start");
                     return;
@@ -167,7 +167,7 @@ impl VcenterSource {
                 _ = tokio::time::sleep(delay) => {}
             }
             match self
-                .poll_once(&mut state, &ingest, &store, &vcenters, &metrics)
+                .poll_once(&mut state, &ingest, store.as_ref(), &vcenters, &metrics)
                 .await
             {
                 Ok(()) => {
@@ -220,7 +220,7 @@ impl VcenterSource {
         &self,
         st: &mut PollState,
         ingest: &Ingest,
-        store: &Store,
+        store: &dyn Store,
         vcenters: &Vcenters,
         metrics: &Metrics,
     ) -> Result<(), String> {
@@ -250,7 +250,13 @@ impl VcenterSource {
             if self.first_start == FirstStart::Now {
                 let k = newest.unwrap_or(0);
                 store
-                    .set_checkpoint(&self.name, k, "")
+                    .set_checkpoint(
+                        &self.name,
+                        Checkpoint {
+                            position: k,
+                            time: String::new(),
+                        },
+                    )
                     .await
                     .map_err(|e| e.to_string())?;
                 st.last_key = Some(k);
@@ -264,7 +270,13 @@ impl VcenterSource {
             Some(n) if n < last => {
                 tracing::warn!(source = %self.name, checkpoint = last, newest = n, "vCenter event keys went backwards (a new or reset vCenter); resuming after its newest event");
                 store
-                    .set_checkpoint(&self.name, n, "")
+                    .set_checkpoint(
+                        &self.name,
+                        Checkpoint {
+                            position: n,
+                            time: String::new(),
+                        },
+                    )
                     .await
                     .map_err(|e| e.to_string())?;
                 st.last_key = Some(n);
@@ -315,7 +327,13 @@ impl VcenterSource {
             }
             // Only now that the events are durable does the position move.
             store
-                .set_checkpoint(&self.name, key, &time)
+                .set_checkpoint(
+                    &self.name,
+                    Checkpoint {
+                        position: key,
+                        time: time.clone(),
+                    },
+                )
                 .await
                 .map_err(|e| e.to_string())?;
             st.last_key = Some(key);

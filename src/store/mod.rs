@@ -1,34 +1,48 @@
-//! The embedded store: events, deliveries (the embedded bus's queue), attempts, dedup and
-//! throttle windows in one SQLite database (WAL, `synchronous=FULL`). One writer thread
-//! applies every write in batches: one fsync commits many events (group commit).
+//! The store and the bus: the two seams between reflex and the engines that keep its data.
+//!
+//! [`Store`] keeps events and their history, attempts, dedup keys, throttle windows and
+//! source checkpoints; [`Bus`] carries deliveries to the dispatcher (claim, defer, finish,
+//! dead-letter, replay). Both are implemented on SQLite (embedded, one process, the
+//! default) and on PostgreSQL (shared by several nodes); with either, the bus is kept in
+//! the store's own tables, so an event and its deliveries are made durable in one commit.
+//! Nothing outside these backend modules speaks SQL.
 
 mod dedup;
-mod schema;
+pub mod postgres;
+pub mod sqlite;
+mod sqlite_schema;
 
 pub use dedup::DedupLimits;
 
-use dedup::Dedup;
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
 
-/// Most operations applied in one transaction.
-const MAX_BATCH: usize = 2048;
-
-/// Store failures.
+/// Store and bus failures, the same for every backend.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// SQLite reported an error.
-    #[error("store {path}: {source}")]
-    Sqlite {
-        /// The database file.
-        path: String,
-        /// The cause.
-        source: rusqlite::Error,
+    /// The backend answered with an error (a statement failed, a constraint was broken).
+    #[error("store ({backend}) {what}: {message}")]
+    Backend {
+        /// `sqlite` or `postgres`.
+        backend: &'static str,
+        /// What was being done (a file, an operation).
+        what: String,
+        /// The backend's message.
+        message: String,
     },
+    /// The backend cannot be reached (server down, connection refused, pool exhausted):
+    /// the caller should retry later.
+    #[error("store ({backend}) unavailable: {message}; retry once it is reachable again")]
+    Unavailable {
+        /// `sqlite` or `postgres`.
+        backend: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// The store could not be opened as configured.
+    #[error("{0}")]
+    Config(String),
     /// The directory or file could not be created.
     #[error("cannot create the store at {path}: {source}")]
     Io {
@@ -37,7 +51,7 @@ pub enum StoreError {
         /// The cause.
         source: std::io::Error,
     },
-    /// The writer thread stopped (the server is shutting down).
+    /// The store was shut down (the server is stopping).
     #[error("the store is shut down")]
     Closed,
     /// No such object.
@@ -46,6 +60,18 @@ pub enum StoreError {
     /// The request does not apply to the object's state.
     #[error("{0}")]
     Conflict(String),
+}
+
+impl StoreError {
+    /// Whether retrying later may succeed (the engine was unreachable, not wrong).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. } | StoreError::Closed)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 /// A delivery's state.
@@ -169,25 +195,6 @@ pub struct AttemptRecord {
     pub detail: String,
 }
 
-enum Op {
-    Ingest(
-        Vec<NewEvent>,
-        oneshot::Sender<Result<Vec<Stored>, StoreError>>,
-    ),
-    Running(i64),
-    Defer(i64, i64),
-    Finish {
-        id: i64,
-        attempt: AttemptRecord,
-        state: State,
-        next_at: Option<i64>,
-    },
-    Replay(i64, oneshot::Sender<Result<OpenDelivery, StoreError>>),
-    Prune(Retention, oneshot::Sender<Result<u64, StoreError>>),
-    Flush(oneshot::Sender<()>),
-    Checkpoint(String, i64, String, oneshot::Sender<()>),
-}
-
 /// Retention limits applied by [`Store::prune`].
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
@@ -199,854 +206,249 @@ pub struct Retention {
     pub dedup: DedupLimits,
 }
 
-/// Handle to the store; cheap to clone.
-#[derive(Clone)]
-pub struct Store {
-    tx: mpsc::Sender<Op>,
-    reader: Arc<Mutex<Connection>>,
-    path: Arc<PathBuf>,
-    dedup_window_ms: i64,
+/// Which events to list: newest first below `before`, or oldest first above `after`.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    /// Most events returned.
+    pub limit: u32,
+    /// Events with a smaller seq (newest first).
+    pub before: Option<i64>,
+    /// Events with a larger seq, oldest first (to follow new events).
+    pub after: Option<i64>,
+    /// CloudEvents `type`.
+    pub ty: Option<String>,
+    /// CloudEvents `subject`.
+    pub subject: Option<String>,
+    /// CloudEvents `source`.
+    pub source: Option<String>,
+    /// CloudEvents `id`.
+    pub id: Option<String>,
+    /// Plain text anywhere in the stored event (ASCII letters in any case).
+    pub text: Option<String>,
+    /// Received at or after (ms since the epoch).
+    pub since: Option<i64>,
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+/// One event in a list.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventSummary {
+    /// The event's number in this store.
+    pub seq: i64,
+    /// CloudEvents `id`.
+    pub id: String,
+    /// CloudEvents `source`.
+    pub source: String,
+    /// CloudEvents `type`.
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// CloudEvents `subject`.
+    pub subject: Option<String>,
+    /// The reflex source that received it.
+    pub received_by: String,
+    /// When it was received (ms since the epoch).
+    pub received_at: i64,
 }
 
-fn open(path: &Path) -> Result<Connection, StoreError> {
-    let err = |source| StoreError::Sqlite {
-        path: path.display().to_string(),
-        source,
-    };
-    let conn = Connection::open(path).map_err(err)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(err)?;
-    conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(err)?;
-    conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
-    Ok(conn)
+/// One event with its body and deliveries.
+#[derive(Debug, Clone)]
+pub struct EventDetail {
+    /// The event's number in this store.
+    pub seq: i64,
+    /// The reflex source that received it.
+    pub received_by: String,
+    /// When it was received (ms since the epoch).
+    pub received_at: i64,
+    /// The event, structured JSON.
+    pub body: String,
+    /// Its deliveries, in id order.
+    pub deliveries: Vec<DeliveryRecord>,
 }
 
-impl Store {
-    /// Opens (creating if needed) the store and starts its writer thread. Deliveries left
-    /// `running` by a crash return to `pending`.
-    pub fn open(path: &Path, dedup: DedupLimits) -> Result<Store, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
-        }
-        let conn = open(path)?;
-        let err = |source| StoreError::Sqlite {
-            path: path.display().to_string(),
-            source,
-        };
-        conn.execute_batch(schema::SCHEMA).map_err(err)?;
-        conn.execute(
-            "UPDATE deliveries SET state='pending' WHERE state='running'",
-            [],
-        )
-        .map_err(err)?;
-        // Checkpoint less often than SQLite's default (1000 pages): fewer stalls of the writer.
-        conn.pragma_update(None, "wal_autocheckpoint", 8000)
-            .map_err(err)?;
-        let reader = open(path)?;
-        let keys = load_dedup(&conn, dedup).map_err(err)?;
-        let window_ms = keys.window_ms();
-        let (tx, rx) = mpsc::channel(65_536);
-        let writer_path = path.to_path_buf();
-        std::thread::Builder::new()
-            .name("reflex-store-writer".into())
-            .spawn(move || writer(conn, rx, writer_path, keys))
-            .map_err(|source| StoreError::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
-        Ok(Store {
-            tx,
-            reader: Arc::new(Mutex::new(reader)),
-            path: Arc::new(path.to_path_buf()),
-            dedup_window_ms: window_ms,
-        })
-    }
+/// Which deliveries to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryQuery {
+    /// Most deliveries returned.
+    pub limit: u32,
+    /// Deliveries with a smaller id.
+    pub before: Option<i64>,
+    /// In this state.
+    pub state: Option<State>,
+    /// Of this trigger.
+    pub trigger: Option<String>,
+}
 
-    /// Persists events and their deliveries; returns once they are durable (fsynced).
-    pub async fn ingest(&self, events: Vec<NewEvent>) -> Result<Vec<Stored>, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Op::Ingest(events, tx))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
-    }
+/// A delivery as recorded.
+#[derive(Debug, Clone)]
+pub struct DeliveryRecord {
+    /// Delivery id.
+    pub id: i64,
+    /// The event's seq.
+    pub event_seq: i64,
+    /// Trigger name.
+    pub trigger: String,
+    /// Its state.
+    pub state: State,
+    /// Attempts made (all time).
+    pub attempts: u32,
+    /// Ordering key.
+    pub ordering_key: Option<String>,
+    /// When the next attempt is due (ms since the epoch).
+    pub next_at: Option<i64>,
+    /// Created (ms since the epoch).
+    pub created_at: i64,
+    /// Last changed (ms since the epoch).
+    pub updated_at: i64,
+    /// The last failed attempt's detail.
+    pub last_error: Option<String>,
+    /// The event's CloudEvents id.
+    pub event_id: String,
+    /// The event's CloudEvents type.
+    pub event_type: String,
+}
 
-    /// Marks a delivery running (not awaited: a crash leaves it pending, which is correct).
-    pub async fn mark_running(&self, id: i64) {
-        let _ = self.tx.send(Op::Running(id)).await;
-    }
+/// A source's stored position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The position (e.g. a vCenter event key).
+    pub position: i64,
+    /// Its time, as the source reported it.
+    pub time: String,
+}
 
-    /// Puts off an open delivery until `at` (not awaited: a crash leaves it due at once).
-    pub async fn defer(&self, id: i64, at: i64) {
-        let _ = self.tx.send(Op::Defer(id, at)).await;
-    }
+/// Events, history, attempts, dedup, throttle windows, checkpoints and retention.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync {
+    /// The engine's name (`sqlite`, `postgres`), for logs and errors.
+    fn backend(&self) -> &'static str;
+    /// Persists events with their deliveries (published on the store-backed bus in the
+    /// same commit); returns once they are durable. A repeated (source, id) within the
+    /// dedup window is reported as a duplicate and nothing of it is stored.
+    async fn ingest(&self, events: Vec<NewEvent>) -> Result<Vec<Stored>, StoreError>;
+    /// Lists events.
+    async fn events(&self, q: EventQuery) -> Result<Vec<EventSummary>, StoreError>;
+    /// One event with its deliveries.
+    async fn event(&self, seq: i64) -> Result<Option<EventDetail>, StoreError>;
+    /// Lists deliveries (`state: dead` lists the dead letters).
+    async fn deliveries(&self, q: DeliveryQuery) -> Result<Vec<DeliveryRecord>, StoreError>;
+    /// One delivery with every attempt.
+    async fn delivery(
+        &self,
+        id: i64,
+    ) -> Result<Option<(DeliveryRecord, Vec<AttemptRecord>)>, StoreError>;
+    /// Stores a source's position; returns once durable.
+    async fn set_checkpoint(&self, source: &str, cp: Checkpoint) -> Result<(), StoreError>;
+    /// A source's stored position.
+    async fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>, StoreError>;
+    /// Applies retention; returns the number of events removed.
+    async fn prune(&self, r: Retention) -> Result<u64, StoreError>;
+    /// Waits until every write sent before is committed.
+    async fn flush(&self);
+    /// Answers once the engine can be reached, or says why not.
+    async fn health(&self) -> Result<(), StoreError>;
+    /// Bytes the store takes on disk, where the engine tells.
+    async fn size_bytes(&self) -> Option<u64>;
+}
 
-    /// Records an attempt and the delivery's new state.
-    pub async fn finish_attempt(
+/// Deliveries between ingest and the dispatcher: claim, defer, finish (retry or dead
+/// letter), replay, and reading back what waits.
+#[async_trait::async_trait]
+pub trait Bus: Send + Sync {
+    /// Takes a delivery to run an attempt now. `false`: another node has it or it is no
+    /// longer open (or, with an ordering key, an earlier one of its key is open); leave it.
+    async fn claim(&self, id: i64) -> Result<bool, StoreError>;
+    /// Puts off an open delivery until `at` (ms since the epoch).
+    async fn defer(&self, id: i64, at: i64) -> Result<(), StoreError>;
+    /// Records an attempt and the delivery's new state (`next_at` for a retry).
+    async fn finish_attempt(
         &self,
         id: i64,
         attempt: AttemptRecord,
         state: State,
         next_at: Option<i64>,
-    ) {
-        let _ = self
-            .tx
-            .send(Op::Finish {
-                id,
-                attempt,
-                state,
-                next_at,
-            })
-            .await;
-    }
-
-    /// Returns a dead delivery to `pending` with a fresh attempt budget.
-    pub async fn replay(&self, id: i64) -> Result<OpenDelivery, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Op::Replay(id, tx))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
-    }
-
-    /// Applies retention; returns the number of events removed.
-    pub async fn prune(&self, r: Retention) -> Result<u64, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Op::Prune(r, tx))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
-    }
-
-    /// Waits until every write sent before is committed.
-    pub async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Op::Flush(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
-    }
-
-    /// Stores a source's position (e.g. a vCenter event key and its time); returns once durable.
-    pub async fn set_checkpoint(
-        &self,
-        source: &str,
-        position: i64,
-        time: &str,
-    ) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Op::Checkpoint(
-                source.to_string(),
-                position,
-                time.to_string(),
-                tx,
-            ))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)
-    }
-
-    /// A source's stored position and its time.
-    pub async fn checkpoint(&self, source: &str) -> Result<Option<(i64, String)>, StoreError> {
-        let source = source.to_string();
-        self.read(move |c| {
-            c.query_row(
-                "SELECT position, time FROM checkpoints WHERE source=?1",
-                [source],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-        })
-        .await
-    }
-
-    /// The dedup window in milliseconds.
-    pub fn dedup_window_ms(&self) -> i64 {
-        self.dedup_window_ms
-    }
-
-    /// Runs a read on the reader connection off the async threads.
-    pub async fn read<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let reader = self.reader.clone();
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            f(&conn).map_err(|source| StoreError::Sqlite {
-                path: path.display().to_string(),
-                source,
-            })
-        })
-        .await
-        .map_err(|_| StoreError::Closed)?
-    }
-
+    ) -> Result<(), StoreError>;
+    /// Returns a dead or throttled delivery to `pending` with a fresh attempt budget.
+    async fn replay(&self, id: i64) -> Result<OpenDelivery, StoreError>;
     /// Up to `limit` deliveries still to do with an id above `after`, in id order: pending
-    /// ones, and retrying ones due by `due_by` or holding an ordering key (later retries
-    /// are read by [`Store::due_retries`] when due). Each state is read along its index, so
-    /// a large history costs nothing.
-    pub async fn open_deliveries(
+    /// ones, and retrying ones due by `due_by` or holding an ordering key.
+    async fn open_deliveries(
         &self,
         after: i64,
         limit: usize,
         due_by: i64,
-    ) -> Result<Vec<OpenDelivery>, StoreError> {
-        self.read(move |c| {
-            let mut st = c.prepare_cached(
-                "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
-                 FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                 WHERE d.state = ?1 AND d.id > ?2
-                   AND (d.next_at IS NULL OR d.next_at <= ?4 OR d.ordering_key IS NOT NULL)
-                 ORDER BY d.id LIMIT ?3",
-            )?;
-            let mut all = Vec::new();
-            for state in ["pending", "retrying"] {
-                let rows = st.query_map(
-                    params![state, after, limit as i64, due_by],
-                    open_delivery_row,
-                )?;
-                for r in rows {
-                    all.push(r?);
-                }
-            }
-            all.sort_by_key(|d| d.id);
-            all.truncate(limit);
-            Ok(all)
-        })
-        .await
-    }
-
-    /// Up to `limit` open deliveries put off until `now` or earlier (retries, and starts a
-    /// rate put off), earliest first.
-    pub async fn due_deliveries(
-        &self,
-        now: i64,
-        limit: usize,
-    ) -> Result<Vec<OpenDelivery>, StoreError> {
-        self.read(move |c| {
-            let mut st = c.prepare_cached(
-                "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
-                 FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                 WHERE d.state IN ('pending','retrying') AND d.next_at IS NOT NULL
-                   AND d.next_at <= ?1 AND d.ordering_key IS NULL
-                 ORDER BY d.next_at LIMIT ?2",
-            )?;
-            let rows = st.query_map(params![now, limit as i64], open_delivery_row)?;
-            rows.collect()
-        })
-        .await
-    }
-
+    ) -> Result<Vec<OpenDelivery>, StoreError>;
+    /// Up to `limit` open deliveries put off until `now` or earlier, earliest first.
+    async fn due_deliveries(&self, now: i64, limit: usize)
+        -> Result<Vec<OpenDelivery>, StoreError>;
     /// When the next delivery put off beyond `now` is due.
-    pub async fn next_due_after(&self, now: i64) -> Result<Option<i64>, StoreError> {
-        self.read(move |c| {
-            c.query_row(
-                "SELECT MIN(next_at) FROM deliveries
-                 WHERE state IN ('pending','retrying') AND next_at IS NOT NULL
-                   AND next_at > ?1 AND ordering_key IS NULL",
-                [now],
-                |r| r.get(0),
-            )
-        })
-        .await
-    }
-
-    /// Size of the database files in bytes.
-    pub fn size_bytes(&self) -> u64 {
-        let base = self.path.display().to_string();
-        [base.clone(), format!("{base}-wal")]
-            .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum()
-    }
+    async fn next_due_after(&self, now: i64) -> Result<Option<i64>, StoreError>;
+    /// Waits until every write sent before is committed.
+    async fn flush(&self);
+    /// How often to look for work other nodes left (a shared bus), or `None` when this
+    /// process is the only consumer.
+    fn poll_interval(&self) -> Option<Duration>;
 }
 
-fn open_delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpenDelivery> {
-    Ok(OpenDelivery {
-        id: r.get(0)?,
-        trigger: r.get(1)?,
-        ordering_key: r.get(2)?,
-        attempts: r.get(3)?,
-        attempt_base: r.get(4)?,
-        next_at: r.get(5)?,
-        event_body: r.get(6)?,
-        received_at: r.get(7)?,
-    })
+/// The store and the bus of one configuration.
+#[derive(Clone)]
+pub struct Backend {
+    /// Events and history.
+    pub store: Arc<dyn Store>,
+    /// Deliveries.
+    pub bus: Arc<dyn Bus>,
 }
 
-enum Reply {
-    Ingest(
-        oneshot::Sender<Result<Vec<Stored>, StoreError>>,
-        Result<Vec<Stored>, rusqlite::Error>,
-    ),
-    Replay(
-        oneshot::Sender<Result<OpenDelivery, StoreError>>,
-        Result<OpenDelivery, StoreError>,
-    ),
-    Prune(
-        oneshot::Sender<Result<u64, StoreError>>,
-        Result<u64, rusqlite::Error>,
-    ),
-    Flush(oneshot::Sender<()>),
-}
-
-fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, mut keys: Dedup) {
-    let p = path.display().to_string();
-    let sqlite_err = |source| StoreError::Sqlite {
-        path: p.clone(),
-        source,
-    };
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        let mut replies = Vec::with_capacity(batch.len());
-        let now = now_ms();
-        keys.expire(now);
-        let mut added = Vec::new();
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
-            for op in batch {
-                match op {
-                    Op::Ingest(events, reply) => {
-                        let r = ingest(&tx, events, now, &mut keys, &mut added);
-                        replies.push(Reply::Ingest(reply, r));
-                    }
-                    Op::Running(id) => {
-                        tx.execute(
-                            "UPDATE deliveries SET state='running', updated_at=?2 WHERE id=?1 AND state IN ('pending','retrying')",
-                            params![id, now],
-                        )?;
-                    }
-                    Op::Defer(id, at) => {
-                        tx.execute(
-                            "UPDATE deliveries SET next_at=?2 WHERE id=?1 AND state IN ('pending','retrying')",
-                            params![id, at],
-                        )?;
-                    }
-                    Op::Finish {
-                        id,
-                        attempt,
-                        state,
-                        next_at,
-                    } => {
-                        tx.execute(
-                            "INSERT OR REPLACE INTO attempts(delivery_id, n, started_at, duration_ms, outcome, detail) VALUES (?1,?2,?3,?4,?5,?6)",
-                            params![id, attempt.n, attempt.started_at, attempt.duration_ms, attempt.outcome, attempt.detail],
-                        )?;
-                        let last_error =
-                            (attempt.outcome != "succeeded").then_some(attempt.detail.as_str());
-                        tx.execute(
-                            "UPDATE deliveries SET state=?2, attempts=?3, next_at=?4, updated_at=?5, last_error=?6 WHERE id=?1",
-                            params![id, state.as_str(), attempt.n, next_at, now, last_error],
-                        )?;
-                    }
-                    Op::Replay(id, reply) => {
-                        let r = replay(&tx, id, now);
-                        replies.push(Reply::Replay(reply, r));
-                    }
-                    Op::Prune(r, reply) => {
-                        let res = prune(&tx, r, now, &keys);
-                        replies.push(Reply::Prune(reply, res));
-                    }
-                    Op::Flush(reply) => replies.push(Reply::Flush(reply)),
-                    Op::Checkpoint(source, position, time, reply) => {
-                        tx.execute(
-                            "INSERT INTO checkpoints(source, position, time, updated_at) VALUES (?1,?2,?3,?4)
-                             ON CONFLICT(source) DO UPDATE SET position=excluded.position, time=excluded.time, updated_at=excluded.updated_at",
-                            params![source, position, time, now],
-                        )?;
-                        replies.push(Reply::Flush(reply));
-                    }
-                }
-            }
-            tx.commit()
-        })();
-        if result.is_err() {
-            for k in added {
-                keys.remove(k);
-            }
-        }
-        for reply in replies {
-            match reply {
-                Reply::Ingest(tx, r) => {
-                    let r = match (&result, r) {
-                        (Ok(()), Ok(v)) => Ok(v),
-                        (Err(e), _) => Err(sqlite_err(clone_err(e))),
-                        (_, Err(e)) => Err(sqlite_err(e)),
-                    };
-                    let _ = tx.send(r);
-                }
-                Reply::Replay(tx, r) => {
-                    let r = match &result {
-                        Ok(()) => r,
-                        Err(e) => Err(sqlite_err(clone_err(e))),
-                    };
-                    let _ = tx.send(r);
-                }
-                Reply::Prune(tx, r) => {
-                    let r = match (&result, r) {
-                        (Ok(()), Ok(v)) => Ok(v),
-                        (Err(e), _) => Err(sqlite_err(clone_err(e))),
-                        (_, Err(e)) => Err(sqlite_err(e)),
-                    };
-                    let _ = tx.send(r);
-                }
-                Reply::Flush(tx) => {
-                    let _ = tx.send(());
-                }
-            }
-        }
-        if let Err(e) = result {
-            tracing::error!(store = %p, error = %e, "store commit failed; the writes of this batch were not acknowledged");
-        }
-    }
-}
-
-fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
-    rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
-}
-
-/// Reads back the keys of the dedup window at start-up.
-fn load_dedup(conn: &Connection, limits: DedupLimits) -> rusqlite::Result<Dedup> {
-    let mut keys = Dedup::new(limits);
-    let now = now_ms();
-    let tx = conn.unchecked_transaction()?;
-    let from = first_kept_key(&tx, now, &keys, limits.max_keys)?;
-    let mut st = tx.prepare("SELECT at, key FROM dedup_keys WHERE seq > ?1 ORDER BY seq")?;
-    let mut rows = st.query([from])?;
-    while let Some(r) = rows.next()? {
-        let at: i64 = r.get(0)?;
-        let key: Vec<u8> = r.get(1)?;
-        if let Ok(k) = <[u8; 16]>::try_from(key.as_slice()) {
-            keys.insert(u128::from_le_bytes(k), at);
-        }
-    }
-    keys.expire(now);
-    Ok(keys)
-}
-
-/// The last `dedup_keys` seq that is out of the window or beyond the key limit.
-fn first_kept_key(
-    tx: &Connection,
-    now: i64,
-    keys: &Dedup,
-    max_keys: usize,
-) -> rusqlite::Result<i64> {
-    let by_age = last_seq_before(tx, "dedup_keys", "at", now - keys.window_ms())?;
-    let max: Option<i64> = tx.query_row("SELECT MAX(seq) FROM dedup_keys", [], |r| r.get(0))?;
-    Ok(by_age.max(max.unwrap_or(0) - max_keys as i64))
-}
-
-fn ingest(
-    tx: &rusqlite::Transaction<'_>,
-    events: Vec<NewEvent>,
-    now: i64,
-    keys: &mut Dedup,
-    added: &mut Vec<dedup::Key>,
-) -> rusqlite::Result<Vec<Stored>> {
-    let mut out = Vec::with_capacity(events.len());
-    let mut remember = tx.prepare_cached("INSERT INTO dedup_keys(at, key) VALUES (?1, ?2)")?;
-    let mut ins_event = tx.prepare_cached(
-        "INSERT INTO events(source_name, ce_source, ce_id, type, subject, received_at, body) VALUES (?1,?2,?3,?4,?5,?6,?7)",
-    )?;
-    let mut throttle = tx.prepare_cached(
-        "INSERT INTO throttles(trigger, key, until) VALUES (?1, ?2, ?3)
-         ON CONFLICT(trigger, key) DO UPDATE SET until = excluded.until WHERE throttles.until <= ?4",
-    )?;
-    let mut ins_delivery = tx.prepare_cached(
-        "INSERT INTO deliveries(event_seq, trigger, state, attempts, attempt_base, ordering_key, created_at, updated_at)
-         VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?5)",
-    )?;
-    for e in events {
-        let key = dedup::key(&e.ce_source, &e.ce_id);
-        if keys.contains(key) {
-            out.push(Stored {
-                seq: 0,
-                duplicate: true,
-                deliveries: vec![],
-            });
-            continue;
-        }
-        remember.execute(params![now, key.to_le_bytes()])?;
-        keys.insert(key, now);
-        added.push(key);
-        ins_event.execute(params![
-            e.source_name,
-            e.ce_source,
-            e.ce_id,
-            e.ty,
-            e.subject,
-            now,
-            e.body
-        ])?;
-        let seq = tx.last_insert_rowid();
-        let mut deliveries = Vec::with_capacity(e.deliveries.len());
-        for d in e.deliveries {
-            let state = match &d.throttle {
-                Some((key, window)) => {
-                    let until = now + window.as_millis() as i64;
-                    if throttle.execute(params![d.trigger, key, until, now])? == 0 {
-                        State::Throttled
-                    } else {
-                        State::Pending
-                    }
-                }
-                None => State::Pending,
-            };
-            ins_delivery.execute(params![seq, d.trigger, state.as_str(), d.ordering_key, now])?;
-            deliveries.push((tx.last_insert_rowid(), state));
-        }
-        out.push(Stored {
-            seq,
-            duplicate: false,
-            deliveries,
-        });
-    }
-    Ok(out)
-}
-
-fn replay(tx: &rusqlite::Transaction<'_>, id: i64, now: i64) -> Result<OpenDelivery, StoreError> {
-    let q = |source| StoreError::Sqlite {
-        path: "replay".into(),
-        source,
-    };
-    let state: Option<String> = tx
-        .query_row("SELECT state FROM deliveries WHERE id=?1", [id], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(q)?;
-    match state.as_deref() {
-        None => return Err(StoreError::NotFound(format!("delivery {id}"))),
-        Some("dead") | Some("throttled") => {}
-        Some(s) => {
-            return Err(StoreError::Conflict(format!(
-                "delivery {id} is {s}; only dead or throttled deliveries can be replayed"
-            )))
-        }
-    }
-    tx.execute(
-        "UPDATE deliveries SET state='pending', attempt_base=attempts, next_at=NULL, updated_at=?2 WHERE id=?1",
-        params![id, now],
-    )
-    .map_err(q)?;
-    tx.query_row(
-        "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
-         FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id=?1",
-        [id],
-        open_delivery_row,
-    )
-    .map_err(q)
-}
-
-/// The highest seq received before `before_ms`, by binary search over seq: `received_at`
-/// grows with seq (one writer stamps each batch), so no index on it is kept, which saves a
-/// B-tree update on every ingested event.
-fn last_seq_before(
-    tx: &Connection,
-    table: &str,
-    time: &str,
-    before_ms: i64,
-) -> rusqlite::Result<i64> {
-    let (min, max): (Option<i64>, Option<i64>) = tx.query_row(
-        &format!("SELECT MIN(seq), MAX(seq) FROM {table}"),
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
-    let (Some(mut lo), Some(mut hi)) = (min, max) else {
-        return Ok(0);
-    };
-    let mut at = tx.prepare_cached(&format!(
-        "SELECT seq, {time} FROM {table} WHERE seq >= ?1 ORDER BY seq LIMIT 1"
-    ))?;
-    let mut first = |seq: i64| -> rusqlite::Result<(i64, i64)> {
-        at.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
-    };
-    if first(lo)?.1 >= before_ms {
-        return Ok(0);
-    }
-    // Invariant: the event at or after `lo` is older than the cutoff; answer in [lo, hi].
-    let mut best = first(lo)?.0;
-    while lo < hi {
-        let mid = lo + (hi - lo + 1) / 2;
-        let (seq, received) = first(mid)?;
-        if received < before_ms {
-            best = seq;
-            lo = seq.max(mid);
-        } else {
-            hi = mid - 1;
-        }
-    }
-    Ok(best)
-}
-
-fn prune(
-    tx: &rusqlite::Transaction<'_>,
-    r: Retention,
-    now: i64,
-    keys: &Dedup,
-) -> rusqlite::Result<u64> {
-    let mut cutoff_seq: i64 = 0;
-    if let Some(age) = r.max_age {
-        let before = now - age.as_millis() as i64;
-        cutoff_seq = cutoff_seq.max(last_seq_before(tx, "events", "received_at", before)?);
-    }
-    if let Some(max) = r.max_events {
-        let s: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
-        cutoff_seq = cutoff_seq.max(s.unwrap_or(0) - max as i64);
-    }
-    // The newest event and the newest delivery are always kept: SQLite hands out max+1,
-    // and the dispatcher relies on ids never being reused.
-    let newest: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
-    cutoff_seq = cutoff_seq.min(newest.unwrap_or(0) - 1);
-    let mut removed = 0;
-    if cutoff_seq > 0 {
-        // Events with unfinished deliveries are kept whatever their age, and the newest
-        // delivery's event (so that delivery ids are never reused).
-        const KEEP: &str =
-            "SELECT event_seq FROM deliveries WHERE state IN ('pending','running','retrying')
-             UNION SELECT event_seq FROM deliveries WHERE id = (SELECT MAX(id) FROM deliveries)";
-        tx.execute(
-            &format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_seq <= ?1 AND event_seq NOT IN ({KEEP}))"),
-            [cutoff_seq],
-        )?;
-        tx.execute(
-            &format!("DELETE FROM deliveries WHERE event_seq <= ?1 AND event_seq NOT IN ({KEEP})"),
-            [cutoff_seq],
-        )?;
-        removed = tx.execute(
-            &format!("DELETE FROM events WHERE seq <= ?1 AND seq NOT IN ({KEEP})"),
-            [cutoff_seq],
-        )? as u64;
-    }
-    let forgotten = first_kept_key(tx, now, keys, r.dedup.max_keys)?;
-    tx.execute("DELETE FROM dedup_keys WHERE seq <= ?1", [forgotten])?;
-    tx.execute("DELETE FROM throttles WHERE until < ?1", [now])?;
-    Ok(removed)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(id: &str, trigger: Option<&str>) -> NewEvent {
-        NewEvent {
-            source_name: "t".into(),
-            ce_source: "/t".into(),
-            ce_id: id.into(),
-            ty: "t".into(),
-            subject: None,
-            body: "{}".into(),
-            deliveries: trigger
-                .map(|t| NewDelivery {
-                    trigger: t.into(),
-                    ordering_key: None,
-                    throttle: None,
+impl Backend {
+    /// Opens the store the configuration names: PostgreSQL when `store.url` is set,
+    /// otherwise the embedded SQLite file. `api` names this node by default.
+    pub async fn open(
+        config: &crate::config::StoreConfig,
+        api: std::net::SocketAddr,
+    ) -> Result<Backend, StoreError> {
+        let dedup = DedupLimits {
+            window: config.dedup_window.0,
+            max_keys: config.dedup_max_keys,
+        };
+        match &config.url {
+            Some(url) => {
+                let node = config
+                    .node
+                    .clone()
+                    .unwrap_or_else(|| format!("{}:{}", host_name(), api.port()));
+                let pg = postgres::PgStore::open(postgres::PgOptions {
+                    url: url.expose().to_string(),
+                    pool_size: config.pool_size,
+                    lease: config.lease.0,
+                    node,
+                    dedup_window: dedup.window,
                 })
-                .into_iter()
-                .collect(),
+                .await?;
+                let pg = Arc::new(pg);
+                Ok(Backend {
+                    store: pg.clone(),
+                    bus: pg,
+                })
+            }
+            None => {
+                let path = config.path.clone();
+                let sqlite =
+                    tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path, dedup))
+                        .await
+                        .map_err(|_| StoreError::Closed)??;
+                let sqlite = Arc::new(sqlite);
+                Ok(Backend {
+                    store: sqlite.clone(),
+                    bus: sqlite,
+                })
+            }
         }
     }
+}
 
-    async fn count(store: &Store, table: &'static str) -> i64 {
-        store
-            .read(move |c| c.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)))
-            .await
-            .unwrap()
-    }
-
-    #[tokio::test]
-    async fn retention_keeps_unfinished_work_and_dedup_expires() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            &dir.path().join("s.db"),
-            DedupLimits::window(Duration::from_millis(200)),
-        )
-        .unwrap();
-        // Five finished events (no deliveries) and one with a pending delivery, oldest.
-        store
-            .ingest(vec![event("pending", Some("fn"))])
-            .await
-            .unwrap();
-        for i in 0..5 {
-            store
-                .ingest(vec![event(&format!("e{i}"), None)])
-                .await
-                .unwrap();
-        }
-        let r = Retention {
-            max_age: None,
-            max_events: Some(2),
-            dedup: DedupLimits::window(Duration::from_millis(200)),
-        };
-        let removed = store.prune(r).await.unwrap();
-        assert_eq!(
-            removed, 3,
-            "6 events, keep 2 newest, and the pending one whatever its age"
-        );
-        assert_eq!(count(&store, "events").await, 3);
-        assert_eq!(count(&store, "deliveries").await, 1);
-        // Age: everything finished is older than 0s.
-        let r = Retention {
-            max_age: Some(Duration::ZERO),
-            max_events: None,
-            dedup: DedupLimits::window(Duration::from_millis(200)),
-        };
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        store.prune(r).await.unwrap();
-        assert_eq!(
-            count(&store, "events").await,
-            2,
-            "the pending one, and the newest (ids are never reused)"
-        );
-        // Even once its delivery is done, the newest delivery and its event stay, so the next
-        // delivery gets a larger id.
-        let first = store.ingest(vec![event("f", Some("fn"))]).await.unwrap();
-        let id = first[0].deliveries[0].0;
-        let rec = AttemptRecord {
-            n: 1,
-            started_at: now_ms(),
-            duration_ms: 1,
-            outcome: "succeeded".into(),
-            detail: String::new(),
-        };
-        store.finish_attempt(id, rec, State::Succeeded, None).await;
-        store.ingest(vec![event("h", None)]).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        store.prune(r).await.unwrap();
-        let next = store.ingest(vec![event("g", Some("fn"))]).await.unwrap();
-        assert!(next[0].deliveries[0].0 > id);
-        // Within the window a repeat is a duplicate; after it, it is new again.
-        let again = store.ingest(vec![event("e4", None)]).await.unwrap();
-        assert!(again[0].duplicate);
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        store.prune(r).await.unwrap();
-        let again = store.ingest(vec![event("e4", None)]).await.unwrap();
-        assert!(!again[0].duplicate);
-    }
-
-    #[tokio::test]
-    async fn dedup_keys_survive_a_restart_and_the_key_limit_holds() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let limits = DedupLimits {
-            window: Duration::from_secs(60),
-            max_keys: 3,
-        };
-        {
-            let store = Store::open(&path, limits).unwrap();
-            let first = store
-                .ingest(vec![event("a", None), event("a", None)])
-                .await
-                .unwrap();
-            assert!(
-                !first[0].duplicate && first[1].duplicate,
-                "a repeat in one batch"
-            );
-            store.ingest(vec![event("b", None)]).await.unwrap();
-            store.flush().await;
-        }
-        let store = Store::open(&path, limits).unwrap();
-        let again = store
-            .ingest(vec![event("a", None), event("b", None), event("c", None)])
-            .await
-            .unwrap();
-        assert!(again[0].duplicate && again[1].duplicate && !again[2].duplicate);
-        // Retention trims the persisted keys to the limit: the newest three stay.
-        for id in ["d", "e"] {
-            store.ingest(vec![event(id, None)]).await.unwrap();
-        }
-        let r = Retention {
-            max_age: None,
-            max_events: None,
-            dedup: limits,
-        };
-        store.prune(r).await.unwrap();
-        assert_eq!(count(&store, "dedup_keys").await, 3);
-    }
-
-    #[tokio::test]
-    async fn retention_by_age_finds_the_cutoff() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            &dir.path().join("s.db"),
-            DedupLimits::window(Duration::from_secs(60)),
-        )
-        .unwrap();
-        for i in 0..37 {
-            store
-                .ingest(vec![event(&format!("old{i}"), None)])
-                .await
-                .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        for i in 0..23 {
-            store
-                .ingest(vec![event(&format!("new{i}"), None)])
-                .await
-                .unwrap();
-        }
-        let r = Retention {
-            max_age: Some(Duration::from_millis(200)),
-            max_events: None,
-            dedup: DedupLimits::window(Duration::from_secs(60)),
-        };
-        assert_eq!(store.prune(r).await.unwrap(), 37);
-        assert_eq!(count(&store, "events").await, 23);
-        assert_eq!(store.prune(r).await.unwrap(), 0);
-    }
-
-    #[tokio::test]
-    async fn replay_only_dead_or_throttled() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            &dir.path().join("s.db"),
-            DedupLimits::window(Duration::from_secs(60)),
-        )
-        .unwrap();
-        let s = store.ingest(vec![event("a", Some("fn"))]).await.unwrap();
-        let id = s[0].deliveries[0].0;
-        assert!(matches!(
-            store.replay(id).await,
-            Err(StoreError::Conflict(_))
-        ));
-        assert!(matches!(
-            store.replay(999).await,
-            Err(StoreError::NotFound(_))
-        ));
-        let rec = AttemptRecord {
-            n: 1,
-            started_at: now_ms(),
-            duration_ms: 1,
-            outcome: "failed".into(),
-            detail: "boom".into(),
-        };
-        store.finish_attempt(id, rec, State::Dead, None).await;
-        let open = store.replay(id).await.unwrap();
-        assert_eq!((open.attempts, open.attempt_base), (1, 1));
-        assert_eq!(
-            store.open_deliveries(0, 10, i64::MAX).await.unwrap().len(),
-            1
-        );
-    }
+/// This machine's host name, for naming a node.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "reflex".into())
 }

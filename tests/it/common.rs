@@ -119,11 +119,19 @@ impl Reflex {
     }
 
     pub async fn start_in(yaml: &str, dir: Arc<tempfile::TempDir>) -> Reflex {
+        // On PostgreSQL the test's database stands in for the file in its directory.
+        let yaml = match pg_admin_url() {
+            Some(_) => yaml.replace(
+                "path: $DIR/reflex.db",
+                &format!("url: \"{}\"", pg_url_for(dir.path())),
+            ),
+            None => yaml.to_string(),
+        };
         let yaml = yaml.replace("$DIR", dir.path().to_str().unwrap());
         let yaml = if yaml.contains("store:") {
             yaml
         } else {
-            format!("store:\n  path: {}/reflex.db\n{yaml}", dir.path().display())
+            format!("store: {}\n{yaml}", store_config(dir.path()))
         };
         let cfg = reflex::config::parse("test.yaml", &yaml).unwrap_or_else(|e| panic!("{e}"));
         let compiled = reflex::compile("test.yaml".into(), cfg).unwrap_or_else(|e| panic!("{e}"));
@@ -244,4 +252,75 @@ pub async fn post_many(r: &Reflex, prefix: &str, ty: &str, n: usize) {
         let ev = cloudevent(&format!("{prefix}-{i}"), ty, serde_json::json!({}));
         assert_eq!(post_ce(r, "/events", ev).await.status(), 202);
     }
+}
+
+/// The PostgreSQL server the suite runs against when `REFLEX_TEST_STORE=postgres`
+/// (`REFLEX_TEST_PG`, default `postgres://postgres@127.0.0.1:5432/postgres`), or `None`
+/// for the embedded default. The same tests run on either backend.
+pub fn pg_admin_url() -> Option<String> {
+    match std::env::var("REFLEX_TEST_STORE").as_deref() {
+        Ok("postgres") => Some(
+            std::env::var("REFLEX_TEST_PG")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
+        ),
+        Ok("sqlite") | Ok("") | Err(_) => None,
+        Ok(other) => panic!("REFLEX_TEST_STORE={other}: expected sqlite or postgres"),
+    }
+}
+
+/// A database of its own for the store kept in `dir` (the same `dir` gives the same
+/// database, so restarts find their data), created on first use.
+pub fn pg_url_for(dir: &std::path::Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let admin = pg_admin_url().expect("REFLEX_TEST_STORE=postgres");
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut h);
+    let name = format!("reflex_t_{:016x}", h.finish());
+    let admin2 = admin.clone();
+    let name2 = name.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&admin2, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL at {admin2}: {e}"));
+            tokio::spawn(conn);
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name2])
+                .await
+                .unwrap()
+                .is_some();
+            if !exists {
+                client
+                    .batch_execute(&format!("CREATE DATABASE {name2}"))
+                    .await
+                    .unwrap();
+            }
+        })
+    })
+    .join()
+    .unwrap();
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    format!("{base}/{name}")
+}
+
+/// The `store:` mapping for a store kept in `dir`, on the backend the suite runs on.
+pub fn store_config(dir: &std::path::Path) -> String {
+    match pg_admin_url() {
+        Some(_) => format!("{{url: \"{}\"}}", pg_url_for(dir)),
+        None => format!("{{path: \"{}/reflex.db\"}}", dir.display()),
+    }
+}
+
+/// Opens the store of `dir` (after reflex stopped), on the backend the suite runs on.
+pub async fn open_backend(dir: &std::path::Path) -> reflex::store::Backend {
+    let yaml = format!("store: {}\n", store_config(dir));
+    let mut cfg = reflex::config::parse("store.yaml", &yaml).unwrap();
+    cfg.store.node = Some("test-reader".into());
+    reflex::store::Backend::open(&cfg.store, "127.0.0.1:1".parse().unwrap())
+        .await
+        .unwrap()
 }

@@ -571,16 +571,14 @@ async fn shutdown_drains_running_attempts() {
     // Stop while the attempt runs: it finishes and is recorded before run() returns.
     let dir = r.stop().await;
     assert_eq!(rcv.next(1).await.headers["ce-id"], "d-1");
-    let store = reflex::store::Store::open(
-        &dir.path().join("reflex.db"),
-        reflex::store::DedupLimits::window(Duration::from_secs(60)),
-    )
-    .unwrap();
-    let state: String = store
-        .read(|c| c.query_row("SELECT state FROM deliveries", [], |r| r.get(0)))
-        .await
-        .unwrap();
-    assert_eq!(state, "succeeded");
+    let store = crate::common::open_backend(dir.path()).await.store;
+    let q = reflex::store::DeliveryQuery {
+        limit: 10,
+        ..Default::default()
+    };
+    let all = store.deliveries(q).await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].state, reflex::store::State::Succeeded);
 }
 
 #[tokio::test]
@@ -717,15 +715,11 @@ triggers:
 
 #[tokio::test]
 async fn start_up_reads_past_deliveries_of_a_removed_trigger() {
-    use reflex::store::{DedupLimits, NewDelivery, NewEvent, Store};
+    use reflex::store::{NewDelivery, NewEvent};
     let dir = Arc::new(tempfile::tempdir().unwrap());
     {
         // A previous run left 12 open deliveries of a trigger that is gone, then 3 of `fn`.
-        let store = Store::open(
-            &dir.path().join("reflex.db"),
-            DedupLimits::window(Duration::from_secs(60)),
-        )
-        .unwrap();
+        let store = crate::common::open_backend(dir.path()).await.store;
         for (i, trigger) in (0..15).map(|i| (i, if i < 12 { "gone" } else { "fn" })) {
             let body = cloudevent(&format!("s-{i}"), "t", json!({}));
             store
@@ -856,24 +850,16 @@ async fn an_attempt_cut_off_by_the_drain_is_recorded_and_runs_again() {
         .await;
     let dir = r.stop().await;
     {
-        let store = reflex::store::Store::open(
-            &dir.path().join("reflex.db"),
-            reflex::store::DedupLimits::window(Duration::from_secs(60)),
-        )
-        .unwrap();
-        let (state, outcome): (String, String) = store
-            .read(|c| {
-                c.query_row(
-                    "SELECT d.state, a.outcome FROM deliveries d JOIN attempts a ON a.delivery_id = d.id",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-            })
-            .await
-            .unwrap();
+        let store = crate::common::open_backend(dir.path()).await.store;
+        let q = reflex::store::DeliveryQuery {
+            limit: 10,
+            ..Default::default()
+        };
+        let all = store.deliveries(q).await.unwrap();
+        let (d, attempts) = store.delivery(all[0].id).await.unwrap().unwrap();
         assert_eq!(
-            (state.as_str(), outcome.as_str()),
-            ("retrying", "interrupted")
+            (d.state, attempts[0].outcome.as_str()),
+            (reflex::store::State::Retrying, "interrupted")
         );
     }
     let quick = slow.replace("sleep 40", "true");

@@ -62,7 +62,7 @@ fn write_config(dir: &Path, http: u16, api: u16, url: &str, extra: &str) -> std:
             r#"
 http: {{listen: "127.0.0.1:{http}"}}
 api: {{listen: "127.0.0.1:{api}"}}
-store: {{path: "{}/data/reflex.db"}}
+store: {}
 sources:
   - name: alerts
     type: webhook
@@ -74,7 +74,7 @@ triggers:
     delivery: {{concurrency: 32, backoff: 50ms, max_backoff: 500ms, max_attempts: 50}}
 {extra}
 "#,
-            dir.display()
+            crate::common::store_config(&dir.join("data"))
         ),
     )
     .unwrap();

@@ -13,14 +13,14 @@ fn config(dir: &std::path::Path, http: u16, api: u16, url: &str) -> String {
         r#"
 http: {{listen: "127.0.0.1:{http}"}}
 api: {{listen: "127.0.0.1:{api}"}}
-store: {{path: "{}/reflex.db"}}
+store: {}
 sources:
   - {{name: ce, type: cloudevents, path: /events}}
 triggers:
   - name: fn
     action: {{type: http, url: "{url}"}}
 "#,
-        dir.display()
+        crate::common::store_config(dir)
     )
 }
 

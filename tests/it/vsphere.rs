@@ -506,18 +506,14 @@ triggers:
     want.sort();
     assert_eq!(sources, want);
     let dir = r.stop().await;
-    let store = reflex::store::Store::open(
-        &dir.path().join("reflex.db"),
-        reflex::store::DedupLimits::window(Duration::from_secs(60)),
-    )
-    .unwrap();
+    let store = crate::common::open_backend(dir.path()).await.store;
     for s in ["vc1-events", "vc2-events"] {
         assert!(
             store
                 .checkpoint(s)
                 .await
                 .unwrap()
-                .is_some_and(|(k, _)| k > 0),
+                .is_some_and(|c| c.position > 0),
             "{s} has no checkpoint"
         );
     }

@@ -1,0 +1,1324 @@
+//! The store and bus on PostgreSQL, shared by every node with the same URL.
+//!
+//! Events, deliveries, attempts, dedup keys, throttle windows and checkpoints live in the
+//! database, so every node sees the same history and dedup holds across nodes (a unique
+//! key, not memory). Ingest batches concurrent requests into one transaction (group
+//! commit). A node runs a delivery only after claiming it: one `UPDATE` that succeeds for
+//! a single node, and for a delivery with an ordering key only once every earlier delivery
+//! of that key is finished. A claim carries a lease that the node renews while the attempt
+//! runs; a node that dies leaves its running deliveries to the others once the lease ends.
+
+use super::dedup;
+use super::{
+    now_ms, AttemptRecord, Checkpoint, DeliveryQuery, DeliveryRecord, EventDetail, EventQuery,
+    EventSummary, NewEvent, OpenDelivery, Retention, State, StoreError, Stored,
+};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+/// Most events committed in one ingest transaction.
+const MAX_BATCH_EVENTS: usize = 1000;
+/// Ingest transactions in flight at once (each takes a batch of requests).
+const WRITERS: usize = 2;
+/// How long a request waits for a connection before it is answered "unavailable".
+const POOL_WAIT: Duration = Duration::from_secs(5);
+
+/// The schema, one migration per version, applied in order at start. A migration is never
+/// changed once released: a change is a new migration.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "events, deliveries, attempts, dedup keys, throttles, checkpoints, nodes, leases",
+    r#"
+CREATE TABLE events (
+    seq BIGSERIAL PRIMARY KEY,
+    source_name TEXT NOT NULL,
+    ce_source TEXT NOT NULL,
+    ce_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    subject TEXT,
+    received_at BIGINT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX events_received ON events (received_at);
+CREATE TABLE dedup_keys (
+    key BYTEA PRIMARY KEY,
+    at BIGINT NOT NULL
+);
+CREATE INDEX dedup_keys_at ON dedup_keys (at);
+CREATE TABLE deliveries (
+    id BIGSERIAL PRIMARY KEY,
+    event_seq BIGINT NOT NULL,
+    trigger TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    attempt_base INTEGER NOT NULL DEFAULT 0,
+    ordering_key TEXT,
+    next_at BIGINT,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    last_error TEXT,
+    owner TEXT,
+    lease_until BIGINT
+);
+CREATE INDEX deliveries_event ON deliveries (event_seq);
+CREATE INDEX deliveries_state ON deliveries (state, id);
+CREATE INDEX deliveries_open ON deliveries (id) WHERE state IN ('pending', 'retrying', 'running');
+CREATE INDEX deliveries_due ON deliveries (next_at)
+    WHERE state IN ('pending', 'retrying') AND next_at IS NOT NULL;
+CREATE INDEX deliveries_key ON deliveries (trigger, ordering_key, id)
+    WHERE ordering_key IS NOT NULL AND state IN ('pending', 'retrying', 'running');
+CREATE INDEX deliveries_owner ON deliveries (owner) WHERE state = 'running';
+CREATE TABLE attempts (
+    delivery_id BIGINT NOT NULL,
+    n INTEGER NOT NULL,
+    started_at BIGINT NOT NULL,
+    duration_ms BIGINT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    node TEXT,
+    PRIMARY KEY (delivery_id, n)
+);
+CREATE TABLE checkpoints (
+    source TEXT PRIMARY KEY,
+    position BIGINT NOT NULL,
+    time TEXT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE throttles (
+    trigger TEXT NOT NULL,
+    key TEXT NOT NULL,
+    until BIGINT NOT NULL,
+    PRIMARY KEY (trigger, key)
+);
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    started_at BIGINT NOT NULL,
+    heartbeat_at BIGINT NOT NULL,
+    version TEXT NOT NULL
+);
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    until BIGINT NOT NULL,
+    fence BIGINT NOT NULL
+);
+"#,
+)];
+
+/// Any number serves, as long as every node uses the same: start-ups take it in turn.
+const MIGRATION_LOCK: i64 = 0x7265_666c_6578; // "reflex"
+
+/// How to reach the server, from `store.url`.
+#[derive(Clone)]
+pub struct PgOptions {
+    /// The URL (it may hold a password: never shown).
+    pub url: String,
+    /// Most connections.
+    pub pool_size: usize,
+    /// Lease of a claimed delivery.
+    pub lease: Duration,
+    /// This node's name.
+    pub node: String,
+    /// Dedup window.
+    pub dedup_window: Duration,
+}
+
+/// The PostgreSQL store and bus; cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Writes that must be durable (ingest, attempt records, replay, checkpoints).
+    pool: Pool,
+    /// Claims, leases and put-off times: a crash that loses one only makes a delivery
+    /// open again, so these commit without waiting for the disk.
+    fast: Pool,
+    ingest: mpsc::Sender<IngestOp>,
+    node: String,
+    lease_ms: i64,
+    dedup_window_ms: i64,
+}
+
+type IngestOp = (
+    Vec<NewEvent>,
+    oneshot::Sender<Result<Vec<Stored>, StoreError>>,
+);
+
+/// Maps a driver error to the store's: connection trouble is "unavailable" (retry later).
+fn pg_error(what: &str, e: tokio_postgres::Error) -> StoreError {
+    let unavailable = match e.as_db_error() {
+        None => true,
+        // 08: connection exception; 57P0x: the server is shutting down or starting;
+        // 53: insufficient resources.
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
+        }
+    };
+    let message = match e.as_db_error() {
+        Some(db) => db.message().to_string(),
+        None => e.to_string(),
+    };
+    if unavailable {
+        StoreError::Unavailable {
+            backend: "postgres",
+            message: format!("{what}: {message}"),
+        }
+    } else {
+        StoreError::Backend {
+            backend: "postgres",
+            what: what.to_string(),
+            message,
+        }
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_error("connecting", e),
+        e => StoreError::Unavailable {
+            backend: "postgres",
+            message: format!("no connection: {e}"),
+        },
+    }
+}
+
+/// Splits what tokio-postgres does not read off the URL: `sslrootcert` (a CA file) and
+/// the `verify-ca`/`verify-full` modes (certificates are always verified here).
+fn parse_url(raw: &str) -> Result<(tokio_postgres::Config, Option<PathBuf>), String> {
+    let mut url = url::Url::parse(raw).map_err(|e| {
+        format!("store.url: not a URL ({e}); expected postgres://USER:PASSWORD@HOST:PORT/DATABASE")
+    })?;
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        return Err(format!(
+            "store.url: scheme `{}` is not supported; expected postgres://",
+            url.scheme()
+        ));
+    }
+    let mut ca = None;
+    let mut mode = None;
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let mut kept = Vec::new();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "sslrootcert" => ca = Some(PathBuf::from(v)),
+            "sslmode" => mode = Some(v),
+            _ => kept.push((k, v)),
+        }
+    }
+    let loopback = match url.host() {
+        None => true,
+        // `postgres:` is not a special scheme to the URL parser: addresses come as names.
+        Some(url::Host::Domain(d)) => {
+            d == "localhost"
+                || d.trim_matches(|c| c == '[' || c == ']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+    };
+    // TLS by default off loopback; on loopback, plain unless asked for.
+    let mode = match mode.as_deref() {
+        None if loopback => "disable",
+        None => "require",
+        Some("disable") => "disable",
+        Some("prefer") => "prefer",
+        Some("require" | "verify-ca" | "verify-full") => "require",
+        Some(other) => {
+            return Err(format!(
+                "store.url: sslmode `{other}` is not supported; use disable, prefer, require, verify-ca or verify-full"
+            ))
+        }
+    };
+    kept.push(("sslmode".into(), mode.into()));
+    url.query_pairs_mut().clear().extend_pairs(kept);
+    let config: tokio_postgres::Config = url.as_str().parse().map_err(|e| {
+        format!("store.url: {e}; expected postgres://USER:PASSWORD@HOST:PORT/DATABASE")
+    })?;
+    if config.get_dbname().is_none() {
+        return Err(
+            "store.url: no database name; expected postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+                .into(),
+        );
+    }
+    Ok((config, ca))
+}
+
+/// Verifies the server's certificate against the system's CAs and `sslrootcert`.
+fn tls(ca: Option<&PathBuf>) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca {
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("store.url sslrootcert {}: {e}", path.display()))?;
+        for cert in certs {
+            let cert =
+                cert.map_err(|e| format!("store.url sslrootcert {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("store.url sslrootcert {}: {e}", path.display()))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+fn pool(
+    mut config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    size: usize,
+    options: &str,
+) -> Result<Pool, String> {
+    config
+        .connect_timeout(POOL_WAIT)
+        .application_name("reflex")
+        .options(options);
+    let manager = Manager::from_config(
+        config,
+        tls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(2))
+        .wait_timeout(Some(POOL_WAIT))
+        .create_timeout(Some(POOL_WAIT))
+        .recycle_timeout(Some(POOL_WAIT))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| format!("store.url: {e}"))
+}
+
+/// The migrations not yet applied to the database at `url`, as (version, name, SQL).
+pub async fn pending_migrations(url: &str) -> Result<Vec<(i32, String, String)>, StoreError> {
+    let (config, ca) = parse_url(url).map_err(StoreError::Config)?;
+    let pool = pool(config, tls(ca.as_ref()).map_err(StoreError::Config)?, 1, "")
+        .map_err(StoreError::Config)?;
+    let client = pool.get().await.map_err(pool_error)?;
+    let applied = applied_migrations(&client).await?;
+    Ok(MIGRATIONS
+        .iter()
+        .filter(|(v, _, _)| !applied.contains(v))
+        .map(|(v, n, sql)| (*v, n.to_string(), sql.to_string()))
+        .collect())
+}
+
+async fn applied_migrations(client: &tokio_postgres::Client) -> Result<HashSet<i32>, StoreError> {
+    let exists = client
+        .query_one("SELECT to_regclass('reflex_migrations') IS NOT NULL", &[])
+        .await
+        .map_err(|e| pg_error("reading the schema version", e))?;
+    if !exists.get::<_, bool>(0) {
+        return Ok(HashSet::new());
+    }
+    let rows = client
+        .query("SELECT version FROM reflex_migrations", &[])
+        .await
+        .map_err(|e| pg_error("reading the schema version", e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), StoreError> {
+    let err = |e| pg_error("migrating the schema", e);
+    let tx = client.transaction().await.map_err(err)?;
+    // Several nodes starting at once apply each migration once.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(err)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS reflex_migrations (
+            version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+    )
+    .await
+    .map_err(err)?;
+    let applied: HashSet<i32> = tx
+        .query("SELECT version FROM reflex_migrations", &[])
+        .await
+        .map_err(err)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if let Some(newer) = applied
+        .iter()
+        .find(|v| !MIGRATIONS.iter().any(|m| m.0 == **v))
+    {
+        return Err(StoreError::Config(format!(
+            "the database has schema version {newer}, which this reflex does not know: it was written by a newer release; run that release"
+        )));
+    }
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tracing::info!(version, name, "applying a store migration");
+        tx.batch_execute(sql).await.map_err(err)?;
+        tx.execute(
+            "INSERT INTO reflex_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+            &[version, name, &now_ms()],
+        )
+        .await
+        .map_err(err)?;
+    }
+    tx.commit().await.map_err(err)
+}
+
+impl PgStore {
+    /// Connects, applies pending migrations, registers this node and starts its ingest
+    /// writers and lease renewal. A bad URL or refused login is reported with the setting.
+    pub async fn open(o: PgOptions) -> Result<PgStore, StoreError> {
+        let (config, ca) = parse_url(&o.url).map_err(StoreError::Config)?;
+        let tls = tls(ca.as_ref()).map_err(StoreError::Config)?;
+        let target = format!(
+            "{}@{:?}/{}",
+            config.get_user().unwrap_or("?"),
+            config.get_hosts().first(),
+            config.get_dbname().unwrap_or("?")
+        );
+        let pool_size = o.pool_size.max(4);
+        let durable = pool(
+            config.clone(),
+            tls.clone(),
+            pool_size,
+            "-c statement_timeout=30000",
+        )
+        .map_err(StoreError::Config)?;
+        let fast = pool(
+            config,
+            tls,
+            pool_size,
+            "-c synchronous_commit=off -c statement_timeout=30000",
+        )
+        .map_err(StoreError::Config)?;
+        let mut client = durable.get().await.map_err(|e| {
+            StoreError::Config(format!(
+                "store.url: cannot connect to PostgreSQL as {target}: {}; check the host, port, user, password and database",
+                pool_error(e)
+            ))
+        })?;
+        migrate(&mut client).await?;
+        let now = now_ms();
+        // A node restarted under the same name runs again what it was running.
+        client
+            .execute(
+                "UPDATE deliveries SET state = CASE WHEN attempts > attempt_base THEN 'retrying' ELSE 'pending' END,
+                        owner = NULL, lease_until = NULL
+                 WHERE state = 'running' AND owner = $1",
+                &[&o.node],
+            )
+            .await
+            .map_err(|e| pg_error("releasing this node's deliveries", e))?;
+        client
+            .execute(
+                "INSERT INTO nodes (id, started_at, heartbeat_at, version) VALUES ($1, $2, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET started_at = $2, heartbeat_at = $2, version = $3",
+                &[&o.node, &now, &env!("CARGO_PKG_VERSION")],
+            )
+            .await
+            .map_err(|e| pg_error("registering this node", e))?;
+        drop(client);
+        let (tx, rx) = mpsc::channel(65_536);
+        let inner = Arc::new(Inner {
+            pool: durable,
+            fast,
+            ingest: tx,
+            node: o.node,
+            lease_ms: o.lease.as_millis() as i64,
+            dedup_window_ms: o.dedup_window.as_millis() as i64,
+        });
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..WRITERS {
+            tokio::spawn(writer(Arc::downgrade(&inner), rx.clone()));
+        }
+        tokio::spawn(renew_leases(Arc::downgrade(&inner), o.lease));
+        Ok(PgStore { inner })
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.inner.node
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.inner.pool.get().await.map_err(pool_error)
+    }
+
+    async fn fast(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.inner.fast.get().await.map_err(pool_error)
+    }
+
+    async fn query(
+        &self,
+        what: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let st = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| pg_error(what, e))?;
+        client
+            .query(&st, params)
+            .await
+            .map_err(|e| pg_error(what, e))
+    }
+
+    /// The nodes that have registered, with their last heartbeat (ms since the epoch).
+    pub async fn nodes(&self) -> Result<Vec<(String, i64, i64, String)>, StoreError> {
+        let rows = self
+            .query(
+                "listing nodes",
+                "SELECT id, started_at, heartbeat_at, version FROM nodes ORDER BY id",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+}
+
+/// Renews the leases of the deliveries this node runs, and its heartbeat, three times a
+/// lease; stops with the store.
+async fn renew_leases(inner: std::sync::Weak<Inner>, lease: Duration) {
+    let mut tick = tokio::time::interval((lease / 3).max(Duration::from_millis(100)));
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = now_ms();
+        let result = async {
+            let client = inner.fast.get().await.map_err(pool_error)?;
+            client
+                .execute(
+                    "UPDATE deliveries SET lease_until = $2 WHERE owner = $1 AND state = 'running'",
+                    &[&inner.node, &(now + inner.lease_ms)],
+                )
+                .await
+                .map_err(|e| pg_error("renewing leases", e))?;
+            client
+                .execute(
+                    "UPDATE nodes SET heartbeat_at = $2 WHERE id = $1",
+                    &[&inner.node, &now],
+                )
+                .await
+                .map_err(|e| pg_error("heartbeat", e))?;
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot renew this node's leases; other nodes may take its deliveries over");
+        }
+    }
+}
+
+/// Takes batches of ingest requests and commits each batch in one transaction.
+async fn writer(inner: std::sync::Weak<Inner>, rx: Arc<Mutex<mpsc::Receiver<IngestOp>>>) {
+    loop {
+        let mut batch: Vec<IngestOp> = Vec::new();
+        {
+            let mut rx = rx.lock().await;
+            match rx.recv().await {
+                Some(op) => batch.push(op),
+                None => return,
+            }
+            let mut events = batch[0].0.len();
+            while events < MAX_BATCH_EVENTS {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        events += op.0.len();
+                        batch.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let sizes: Vec<usize> = batch.iter().map(|(e, _)| e.len()).collect();
+        let (events, replies): (Vec<Vec<NewEvent>>, Vec<_>) = batch.into_iter().unzip();
+        let events: Vec<NewEvent> = events.into_iter().flatten().collect();
+        match ingest(&inner, events).await {
+            Ok(stored) => {
+                let mut stored = stored.into_iter();
+                for (reply, n) in replies.into_iter().zip(sizes) {
+                    let _ = reply.send(Ok(stored.by_ref().take(n).collect()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed; the events of this batch were not acknowledged");
+                let msg = e.to_string();
+                let unavailable = e.is_unavailable();
+                for reply in replies {
+                    let _ = reply.send(Err(if unavailable {
+                        StoreError::Unavailable {
+                            backend: "postgres",
+                            message: msg.clone(),
+                        }
+                    } else {
+                        StoreError::Backend {
+                            backend: "postgres",
+                            what: "ingest".into(),
+                            message: msg.clone(),
+                        }
+                    }));
+                }
+            }
+        }
+    }
+}
+
+async fn ingest(inner: &Inner, events: Vec<NewEvent>) -> Result<Vec<Stored>, StoreError> {
+    let err = |e| pg_error("storing events", e);
+    let now = now_ms();
+    let mut client = inner.pool.get().await.map_err(pool_error)?;
+    let tx = client.transaction().await.map_err(err)?;
+    // Dedup keys, each once, in key order: concurrent batches take the same locks in the
+    // same order, so they wait for each other instead of deadlocking.
+    let keys: Vec<[u8; 16]> = events
+        .iter()
+        .map(|e| dedup::key(&e.ce_source, &e.ce_id).to_le_bytes())
+        .collect();
+    let mut unique: Vec<&[u8]> = keys
+        .iter()
+        .map(|k| k.as_slice())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    unique.sort();
+    let ats = vec![now; unique.len()];
+    let st = tx
+        .prepare_cached(
+            "INSERT INTO dedup_keys (key, at) SELECT * FROM UNNEST($1::bytea[], $2::int8[])
+             ON CONFLICT (key) DO UPDATE SET at = EXCLUDED.at WHERE dedup_keys.at < $3
+             RETURNING key",
+        )
+        .await
+        .map_err(err)?;
+    let fresh: HashSet<Vec<u8>> = tx
+        .query(&st, &[&unique, &ats, &(now - inner.dedup_window_ms)])
+        .await
+        .map_err(err)?
+        .iter()
+        .map(|r| r.get::<_, Vec<u8>>(0))
+        .collect();
+    // The first of a key in this batch is new if the database took the key.
+    let mut seen = HashSet::new();
+    let new: Vec<bool> = keys
+        .iter()
+        .map(|k| fresh.contains(k.as_slice()) && seen.insert(*k))
+        .collect();
+    let n_new = new.iter().filter(|n| **n).count() as i64;
+    let n_deliveries: i64 = events
+        .iter()
+        .zip(&new)
+        .filter(|(_, n)| **n)
+        .map(|(e, _)| e.deliveries.len() as i64)
+        .sum();
+    let seqs = next_ids(&tx, "events_seq_seq", n_new).await?;
+    let ids = next_ids(&tx, "deliveries_id_seq", n_deliveries).await?;
+    let mut ev = EventColumns::default();
+    let mut dv = DeliveryColumns::default();
+    let (mut seqs, mut ids) = (seqs.into_iter(), ids.into_iter());
+    let mut out = Vec::with_capacity(events.len());
+    let throttle = tx
+        .prepare_cached(
+            "INSERT INTO throttles (trigger, key, until) VALUES ($1, $2, $3)
+             ON CONFLICT (trigger, key) DO UPDATE SET until = EXCLUDED.until WHERE throttles.until <= $4
+             RETURNING 1",
+        )
+        .await
+        .map_err(err)?;
+    for (e, is_new) in events.into_iter().zip(new) {
+        if !is_new {
+            out.push(Stored {
+                seq: 0,
+                duplicate: true,
+                deliveries: vec![],
+            });
+            continue;
+        }
+        let seq = seqs.next().expect("one seq per new event");
+        let mut deliveries = Vec::with_capacity(e.deliveries.len());
+        for d in e.deliveries {
+            let id = ids.next().expect("one id per delivery");
+            let state = match &d.throttle {
+                Some((key, window)) => {
+                    let until = now + window.as_millis() as i64;
+                    let took = tx
+                        .query(&throttle, &[&d.trigger, key, &until, &now])
+                        .await
+                        .map_err(err)?;
+                    if took.is_empty() {
+                        State::Throttled
+                    } else {
+                        State::Pending
+                    }
+                }
+                None => State::Pending,
+            };
+            dv.id.push(id);
+            dv.event_seq.push(seq);
+            dv.trigger.push(d.trigger);
+            dv.state.push(state.as_str());
+            dv.ordering_key.push(d.ordering_key);
+            deliveries.push((id, state));
+        }
+        ev.seq.push(seq);
+        ev.source_name.push(e.source_name);
+        ev.ce_source.push(e.ce_source);
+        ev.ce_id.push(e.ce_id);
+        ev.ty.push(e.ty);
+        ev.subject.push(e.subject);
+        ev.body.push(e.body);
+        out.push(Stored {
+            seq,
+            duplicate: false,
+            deliveries,
+        });
+    }
+    if !ev.seq.is_empty() {
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO events (seq, source_name, ce_source, ce_id, type, subject, body, received_at)
+                 SELECT *, $8::int8 FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])",
+            )
+            .await
+            .map_err(err)?;
+        tx.execute(
+            &st,
+            &[
+                &ev.seq,
+                &ev.source_name,
+                &ev.ce_source,
+                &ev.ce_id,
+                &ev.ty,
+                &ev.subject,
+                &ev.body,
+                &now,
+            ],
+        )
+        .await
+        .map_err(err)?;
+    }
+    if !dv.id.is_empty() {
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO deliveries (id, event_seq, trigger, state, ordering_key, created_at, updated_at)
+                 SELECT *, $6::int8, $6::int8 FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[])",
+            )
+            .await
+            .map_err(err)?;
+        tx.execute(
+            &st,
+            &[
+                &dv.id,
+                &dv.event_seq,
+                &dv.trigger,
+                &dv.state,
+                &dv.ordering_key,
+                &now,
+            ],
+        )
+        .await
+        .map_err(err)?;
+    }
+    tx.commit().await.map_err(err)?;
+    Ok(out)
+}
+
+#[derive(Default)]
+struct EventColumns {
+    seq: Vec<i64>,
+    source_name: Vec<String>,
+    ce_source: Vec<String>,
+    ce_id: Vec<String>,
+    ty: Vec<String>,
+    subject: Vec<Option<String>>,
+    body: Vec<String>,
+}
+
+#[derive(Default)]
+struct DeliveryColumns {
+    id: Vec<i64>,
+    event_seq: Vec<i64>,
+    trigger: Vec<String>,
+    state: Vec<&'static str>,
+    ordering_key: Vec<Option<String>>,
+}
+
+/// `n` new values of a sequence, in order.
+async fn next_ids(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sequence: &str,
+    n: i64,
+) -> Result<Vec<i64>, StoreError> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let st = tx
+        .prepare_cached(&format!(
+            "SELECT nextval('{sequence}') FROM generate_series(1, $1::int8)"
+        ))
+        .await
+        .map_err(|e| pg_error("numbering events", e))?;
+    let mut ids: Vec<i64> = tx
+        .query(&st, &[&n])
+        .await
+        .map_err(|e| pg_error("numbering events", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+const OPEN_COLUMNS: &str =
+    "d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at";
+
+fn open_row(r: &Row) -> OpenDelivery {
+    OpenDelivery {
+        id: r.get(0),
+        trigger: r.get(1),
+        ordering_key: r.get(2),
+        attempts: r.get::<_, i32>(3) as u32,
+        attempt_base: r.get::<_, i32>(4) as u32,
+        next_at: r.get(5),
+        event_body: r.get(6),
+        received_at: r.get(7),
+    }
+}
+
+const DELIVERY_COLUMNS: &str = "d.id, d.event_seq, d.trigger, d.state, d.attempts, d.ordering_key, d.next_at, d.created_at, d.updated_at, d.last_error, e.ce_id, e.type";
+
+fn delivery_row(r: &Row) -> Result<DeliveryRecord, StoreError> {
+    let state: String = r.get(3);
+    Ok(DeliveryRecord {
+        id: r.get(0),
+        event_seq: r.get(1),
+        trigger: r.get(2),
+        state: State::parse(&state).ok_or_else(|| StoreError::Backend {
+            backend: "postgres",
+            what: "reading deliveries".into(),
+            message: format!("unknown delivery state `{state}`"),
+        })?,
+        attempts: r.get::<_, i32>(4) as u32,
+        ordering_key: r.get(5),
+        next_at: r.get(6),
+        created_at: r.get(7),
+        updated_at: r.get(8),
+        last_error: r.get(9),
+        event_id: r.get(10),
+        event_type: r.get(11),
+    })
+}
+
+#[async_trait::async_trait]
+impl super::Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ingest(&self, events: Vec<NewEvent>) -> Result<Vec<Stored>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .ingest
+            .send((events, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn events(&self, q: EventQuery) -> Result<Vec<EventSummary>, StoreError> {
+        let (bound, order, from) = match q.after {
+            Some(after) => ("seq > $1 AND seq < $9", "ASC", after),
+            None => (
+                "seq < $1 AND seq < $9",
+                "DESC",
+                q.before.unwrap_or(i64::MAX),
+            ),
+        };
+        let before = q.before.unwrap_or(i64::MAX);
+        let text = q
+            .text
+            .as_ref()
+            .map(|t| format!("%{}%", super::sqlite::escape_like(t)));
+        let sql = format!(
+            "SELECT seq, ce_id, ce_source, type, subject, source_name, received_at FROM events
+             WHERE {bound} AND ($2::text IS NULL OR type = $2) AND ($3::text IS NULL OR subject = $3)
+               AND ($4::text IS NULL OR ce_source = $4) AND ($5::text IS NULL OR ce_id = $5)
+               AND ($6::text IS NULL OR body ILIKE $6 ESCAPE '\\') AND ($7::int8 IS NULL OR received_at >= $7)
+             ORDER BY seq {order} LIMIT $8"
+        );
+        let rows = self
+            .query(
+                "searching events",
+                &sql,
+                &[
+                    &from,
+                    &q.ty,
+                    &q.subject,
+                    &q.source,
+                    &q.id,
+                    &text,
+                    &q.since,
+                    &i64::from(q.limit),
+                    &before,
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| EventSummary {
+                seq: r.get(0),
+                id: r.get(1),
+                source: r.get(2),
+                ty: r.get(3),
+                subject: r.get(4),
+                received_by: r.get(5),
+                received_at: r.get(6),
+            })
+            .collect())
+    }
+
+    async fn event(&self, seq: i64) -> Result<Option<EventDetail>, StoreError> {
+        let rows = self
+            .query(
+                "reading an event",
+                "SELECT seq, source_name, received_at, body FROM events WHERE seq = $1",
+                &[&seq],
+            )
+            .await?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        let deliveries = self
+            .query(
+                "reading an event's deliveries",
+                &format!(
+                    "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                     WHERE d.event_seq = $1 ORDER BY d.id"
+                ),
+                &[&seq],
+            )
+            .await?
+            .iter()
+            .map(delivery_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(EventDetail {
+            seq: r.get(0),
+            received_by: r.get(1),
+            received_at: r.get(2),
+            body: r.get(3),
+            deliveries,
+        }))
+    }
+
+    async fn deliveries(&self, q: DeliveryQuery) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let before = q.before.unwrap_or(i64::MAX);
+        let state = q.state.map(State::as_str);
+        self.query(
+            "listing deliveries",
+            &format!(
+                "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                 WHERE d.id < $1 AND ($2::text IS NULL OR d.state = $2) AND ($3::text IS NULL OR d.trigger = $3)
+                 ORDER BY d.id DESC LIMIT $4"
+            ),
+            &[&before, &state, &q.trigger, &i64::from(q.limit)],
+        )
+        .await?
+        .iter()
+        .map(delivery_row)
+        .collect()
+    }
+
+    async fn delivery(
+        &self,
+        id: i64,
+    ) -> Result<Option<(DeliveryRecord, Vec<AttemptRecord>)>, StoreError> {
+        let rows = self
+            .query(
+                "reading a delivery",
+                &format!("SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id = $1"),
+                &[&id],
+            )
+            .await?;
+        let Some(d) = rows.first() else {
+            return Ok(None);
+        };
+        let attempts = self
+            .query(
+                "reading attempts",
+                "SELECT n, started_at, duration_ms, outcome, detail FROM attempts WHERE delivery_id = $1 ORDER BY n",
+                &[&id],
+            )
+            .await?
+            .iter()
+            .map(|r| AttemptRecord {
+                n: r.get::<_, i32>(0) as u32,
+                started_at: r.get(1),
+                duration_ms: r.get(2),
+                outcome: r.get(3),
+                detail: r.get(4),
+            })
+            .collect();
+        Ok(Some((delivery_row(d)?, attempts)))
+    }
+
+    async fn set_checkpoint(&self, source: &str, cp: Checkpoint) -> Result<(), StoreError> {
+        self.query(
+            "storing a checkpoint",
+            "INSERT INTO checkpoints (source, position, time, updated_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (source) DO UPDATE SET position = EXCLUDED.position, time = EXCLUDED.time, updated_at = EXCLUDED.updated_at",
+            &[&source, &cp.position, &cp.time, &now_ms()],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>, StoreError> {
+        let rows = self
+            .query(
+                "reading a checkpoint",
+                "SELECT position, time FROM checkpoints WHERE source = $1",
+                &[&source],
+            )
+            .await?;
+        Ok(rows.first().map(|r| Checkpoint {
+            position: r.get(0),
+            time: r.get(1),
+        }))
+    }
+
+    async fn prune(&self, r: Retention) -> Result<u64, StoreError> {
+        let err = |e| pg_error("applying retention", e);
+        let now = now_ms();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(err)?;
+        let mut cutoff: i64 = 0;
+        if let Some(age) = r.max_age {
+            let before = now - age.as_millis() as i64;
+            let row = tx
+                .query_one(
+                    "SELECT COALESCE(MAX(seq), 0) FROM events WHERE received_at < $1",
+                    &[&before],
+                )
+                .await
+                .map_err(err)?;
+            cutoff = cutoff.max(row.get(0));
+        }
+        if let Some(max) = r.max_events {
+            let row = tx
+                .query_one("SELECT COALESCE(MAX(seq), 0) FROM events", &[])
+                .await
+                .map_err(err)?;
+            cutoff = cutoff.max(row.get::<_, i64>(0) - max as i64);
+        }
+        let mut removed = 0;
+        if cutoff > 0 {
+            // Events with unfinished deliveries are kept whatever their age.
+            const OPEN: &str =
+                "SELECT event_seq FROM deliveries WHERE state IN ('pending', 'running', 'retrying') AND event_seq <= $1";
+            tx.execute(
+                &format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_seq <= $1 AND event_seq NOT IN ({OPEN}))"),
+                &[&cutoff],
+            )
+            .await
+            .map_err(err)?;
+            tx.execute(
+                &format!(
+                    "DELETE FROM deliveries WHERE event_seq <= $1 AND event_seq NOT IN ({OPEN})"
+                ),
+                &[&cutoff],
+            )
+            .await
+            .map_err(err)?;
+            removed = tx
+                .execute(
+                    &format!("DELETE FROM events WHERE seq <= $1 AND seq NOT IN ({OPEN})"),
+                    &[&cutoff],
+                )
+                .await
+                .map_err(err)?;
+        }
+        tx.execute(
+            "DELETE FROM dedup_keys WHERE at < $1",
+            &[&(now - self.inner.dedup_window_ms)],
+        )
+        .await
+        .map_err(err)?;
+        tx.execute("DELETE FROM throttles WHERE until < $1", &[&now])
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(removed)
+    }
+
+    async fn flush(&self) {
+        // Every write is committed before its call returns.
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        self.query("checking the connection", "SELECT 1", &[])
+            .await
+            .map(|_| ())
+    }
+
+    async fn size_bytes(&self) -> Option<u64> {
+        let rows = self
+            .query(
+                "measuring the database",
+                "SELECT pg_database_size(current_database())",
+                &[],
+            )
+            .await
+            .ok()?;
+        rows.first().map(|r| r.get::<_, i64>(0).max(0) as u64)
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Bus for PgStore {
+    async fn claim(&self, id: i64) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let client = self.fast().await?;
+        // A retry may be claimed up to 100 ms early: a node's timer and the database's
+        // clock are read at different moments.
+        let st = client
+            .prepare_cached(
+                "UPDATE deliveries d SET state = 'running', owner = $2, lease_until = $3, updated_at = $4
+                 WHERE d.id = $1
+                   AND ((d.state IN ('pending', 'retrying') AND (d.next_at IS NULL OR d.next_at <= $4 + 100))
+                        OR (d.state = 'running' AND (d.owner = $2 OR d.lease_until < $4)))
+                   AND (d.ordering_key IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM deliveries o
+                        WHERE o.trigger = d.trigger AND o.ordering_key = d.ordering_key AND o.id < d.id
+                          AND o.state IN ('pending', 'retrying', 'running')))
+                 RETURNING d.id",
+            )
+            .await
+            .map_err(|e| pg_error("claiming a delivery", e))?;
+        let rows = client
+            .query(
+                &st,
+                &[&id, &self.inner.node, &(now + self.inner.lease_ms), &now],
+            )
+            .await
+            .map_err(|e| pg_error("claiming a delivery", e))?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn defer(&self, id: i64, at: i64) -> Result<(), StoreError> {
+        let client = self.fast().await?;
+        client
+            .execute(
+                "UPDATE deliveries SET next_at = $2 WHERE id = $1 AND state IN ('pending', 'retrying')",
+                &[&id, &at],
+            )
+            .await
+            .map_err(|e| pg_error("putting off a delivery", e))?;
+        Ok(())
+    }
+
+    async fn finish_attempt(
+        &self,
+        id: i64,
+        attempt: AttemptRecord,
+        state: State,
+        next_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let err = |e| pg_error("recording an attempt", e);
+        let last_error = (attempt.outcome != "succeeded").then_some(attempt.detail.as_str());
+        let client = self.client().await?;
+        // The state changes only while this node holds the delivery (or nobody does, for a
+        // delivery dead-lettered without running): a node whose lease ran out and was
+        // taken over does not overwrite the new owner's outcome.
+        let st = client
+            .prepare_cached(
+                "WITH a AS (
+                    INSERT INTO attempts (delivery_id, n, started_at, duration_ms, outcome, detail, node)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7)
+                    ON CONFLICT (delivery_id, n) DO NOTHING)
+                 UPDATE deliveries SET state = $8, attempts = $2, next_at = $9, updated_at = $10,
+                        last_error = $11, owner = NULL, lease_until = NULL
+                 WHERE id = $1 AND (owner = $7 OR owner IS NULL)",
+            )
+            .await
+            .map_err(err)?;
+        client
+            .execute(
+                &st,
+                &[
+                    &id,
+                    &(attempt.n as i32),
+                    &attempt.started_at,
+                    &attempt.duration_ms,
+                    &attempt.outcome,
+                    &attempt.detail,
+                    &self.inner.node,
+                    &state.as_str(),
+                    &next_at,
+                    &now_ms(),
+                    &last_error,
+                ],
+            )
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn replay(&self, id: i64) -> Result<OpenDelivery, StoreError> {
+        let err = |e| pg_error("replaying a delivery", e);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(err)?;
+        let row = tx
+            .query_opt(
+                "SELECT state FROM deliveries WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await
+            .map_err(err)?;
+        match row.map(|r| r.get::<_, String>(0)).as_deref() {
+            None => return Err(StoreError::NotFound(format!("delivery {id}"))),
+            Some("dead") | Some("throttled") => {}
+            Some(s) => {
+                return Err(StoreError::Conflict(format!(
+                    "delivery {id} is {s}; only dead or throttled deliveries can be replayed"
+                )))
+            }
+        }
+        tx.execute(
+            "UPDATE deliveries SET state = 'pending', attempt_base = attempts, next_at = NULL, updated_at = $2,
+                    owner = NULL, lease_until = NULL WHERE id = $1",
+            &[&id, &now_ms()],
+        )
+        .await
+        .map_err(err)?;
+        let row = tx
+            .query_one(
+                &format!("SELECT {OPEN_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id = $1"),
+                &[&id],
+            )
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(open_row(&row))
+    }
+
+    async fn open_deliveries(
+        &self,
+        after: i64,
+        limit: usize,
+        due_by: i64,
+    ) -> Result<Vec<OpenDelivery>, StoreError> {
+        // Running ones whose node let its lease run out (it died) are open again.
+        let rows = self
+            .query(
+                "reading open deliveries",
+                &format!(
+                    "SELECT {OPEN_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                     WHERE d.id > $1 AND d.state IN ('pending', 'retrying', 'running')
+                       AND ((d.state <> 'running' AND (d.next_at IS NULL OR d.next_at <= $3 OR d.ordering_key IS NOT NULL))
+                            OR (d.state = 'running' AND d.lease_until < $4))
+                     ORDER BY d.id LIMIT $2"
+                ),
+                &[&after, &(limit as i64), &due_by, &now_ms()],
+            )
+            .await?;
+        Ok(rows.iter().map(open_row).collect())
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<OpenDelivery>, StoreError> {
+        let rows = self
+            .query(
+                "reading due retries",
+                &format!(
+                    "SELECT {OPEN_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                     WHERE d.state IN ('pending', 'retrying') AND d.next_at IS NOT NULL
+                       AND d.next_at <= $1 AND d.ordering_key IS NULL
+                     ORDER BY d.next_at LIMIT $2"
+                ),
+                &[&now, &(limit as i64)],
+            )
+            .await?;
+        Ok(rows.iter().map(open_row).collect())
+    }
+
+    async fn next_due_after(&self, now: i64) -> Result<Option<i64>, StoreError> {
+        let rows = self
+            .query(
+                "reading the next retry time",
+                "SELECT MIN(next_at) FROM deliveries
+                 WHERE state IN ('pending', 'retrying') AND next_at IS NOT NULL
+                   AND next_at > $1 AND ordering_key IS NULL",
+                &[&now],
+            )
+            .await?;
+        Ok(rows.first().and_then(|r| r.get(0)))
+    }
+
+    async fn flush(&self) {}
+
+    fn poll_interval(&self) -> Option<Duration> {
+        Some(Duration::from_secs(1))
+    }
+}
+
+/// Counts per delivery state, for tests and `reflex nodes`.
+pub async fn delivery_counts(store: &PgStore) -> Result<HashMap<String, i64>, StoreError> {
+    let rows = store
+        .query(
+            "counting deliveries",
+            "SELECT state, COUNT(*) FROM deliveries GROUP BY state",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_read_with_clear_errors() {
+        assert!(parse_url("mysql://x/y").unwrap_err().contains("scheme"));
+        assert!(parse_url("postgres://u@h")
+            .unwrap_err()
+            .contains("database"));
+        assert!(parse_url("postgres://u@h/db?sslmode=bogus")
+            .unwrap_err()
+            .contains("sslmode"));
+        let (c, ca) = parse_url(
+            "postgres://u:p@db.example.com/reflex?sslmode=verify-full&sslrootcert=/ca.pem",
+        )
+        .unwrap();
+        assert_eq!(c.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
+        assert_eq!(ca, Some(PathBuf::from("/ca.pem")));
+        let (c, _) = parse_url("postgres://u@db.example.com/reflex").unwrap();
+        assert_eq!(c.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
+        let (c, _) = parse_url("postgres://u@127.0.0.1/reflex").unwrap();
+        assert_eq!(c.get_ssl_mode(), tokio_postgres::config::SslMode::Disable);
+    }
+}

@@ -1,0 +1,1074 @@
+//! The embedded store: events, deliveries (the embedded bus's queue), attempts, dedup and
+//! throttle windows in one SQLite database (WAL, `synchronous=FULL`). One writer thread
+//! applies every write in batches: one fsync commits many events (group commit).
+
+use super::dedup::{self, Dedup, DedupLimits};
+use super::sqlite_schema as schema;
+use super::{
+    now_ms, AttemptRecord, Checkpoint, DeliveryQuery, DeliveryRecord, EventDetail, EventQuery,
+    EventSummary, NewEvent, OpenDelivery, Retention, State, StoreError, Stored,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most operations applied in one transaction.
+const MAX_BATCH: usize = 2048;
+
+fn sqlite_error(path: &str, source: rusqlite::Error) -> StoreError {
+    StoreError::Backend {
+        backend: "sqlite",
+        what: path.to_string(),
+        message: source.to_string(),
+    }
+}
+
+enum Op {
+    Ingest(
+        Vec<NewEvent>,
+        oneshot::Sender<Result<Vec<Stored>, StoreError>>,
+    ),
+    Running(i64),
+    Defer(i64, i64),
+    Finish {
+        id: i64,
+        attempt: AttemptRecord,
+        state: State,
+        next_at: Option<i64>,
+    },
+    Replay(i64, oneshot::Sender<Result<OpenDelivery, StoreError>>),
+    Prune(Retention, oneshot::Sender<Result<u64, StoreError>>),
+    Flush(oneshot::Sender<()>),
+    Checkpoint(String, i64, String, oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// The SQLite store and bus; cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    tx: mpsc::Sender<Op>,
+    reader: Arc<Mutex<Connection>>,
+    path: Arc<PathBuf>,
+}
+
+fn open(path: &Path) -> Result<Connection, StoreError> {
+    let p = path.display().to_string();
+    let err = |source| sqlite_error(&p, source);
+    let conn = Connection::open(path).map_err(err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(err)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(err)?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store and starts its writer thread. Deliveries left
+    /// `running` by a crash return to `pending`.
+    pub fn open(path: &Path, dedup: DedupLimits) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+        let conn = open(path)?;
+        let p = path.display().to_string();
+        let err = |source| sqlite_error(&p, source);
+        conn.execute_batch(schema::SCHEMA).map_err(err)?;
+        conn.execute(
+            "UPDATE deliveries SET state='pending' WHERE state='running'",
+            [],
+        )
+        .map_err(err)?;
+        // Checkpoint less often than SQLite's default (1000 pages): fewer stalls of the writer.
+        conn.pragma_update(None, "wal_autocheckpoint", 8000)
+            .map_err(err)?;
+        let reader = open(path)?;
+        let keys = load_dedup(&conn, dedup).map_err(err)?;
+        let (tx, rx) = mpsc::channel(65_536);
+        let writer_path = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("reflex-store-writer".into())
+            .spawn(move || writer(conn, rx, writer_path, keys))
+            .map_err(|source| StoreError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(SqliteStore {
+            tx,
+            reader: Arc::new(Mutex::new(reader)),
+            path: Arc::new(path.to_path_buf()),
+        })
+    }
+
+    /// Sends a write to the writer thread and waits for its answer.
+    async fn call<T>(&self, op: impl FnOnce(oneshot::Sender<T>) -> Op) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(op(tx)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Runs a read on the reader connection off the async threads.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            f(&conn).map_err(|source| sqlite_error(&path.display().to_string(), source))
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Counts the rows of one of the store's tables (for tests of the backend).
+    #[cfg(test)]
+    async fn count(&self, table: &'static str) -> i64 {
+        self.read(move |c| c.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)))
+            .await
+            .unwrap()
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ingest(&self, events: Vec<NewEvent>) -> Result<Vec<Stored>, StoreError> {
+        self.call(|tx| Op::Ingest(events, tx)).await?
+    }
+
+    async fn events(&self, q: EventQuery) -> Result<Vec<EventSummary>, StoreError> {
+        // Newest first below `before`, or oldest first above `after` (to follow new events).
+        let (bound, order, from) = match q.after {
+            Some(after) => ("seq > ?1 AND seq < ?9", "ASC", after),
+            None => (
+                "seq < ?1 AND seq < ?9",
+                "DESC",
+                q.before.unwrap_or(i64::MAX),
+            ),
+        };
+        let before = q.before.unwrap_or(i64::MAX);
+        // The text is matched as plain text: LIKE's wildcards in it are escaped.
+        let text = q.text.as_ref().map(|t| format!("%{}%", escape_like(t)));
+        self.read(move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT seq, ce_id, ce_source, type, subject, source_name, received_at FROM events
+                 WHERE {bound} AND (?2 IS NULL OR type = ?2) AND (?3 IS NULL OR subject = ?3)
+                   AND (?4 IS NULL OR ce_source = ?4) AND (?5 IS NULL OR ce_id = ?5)
+                   AND (?6 IS NULL OR body LIKE ?6 ESCAPE '\\') AND (?7 IS NULL OR received_at >= ?7)
+                 ORDER BY seq {order} LIMIT ?8"
+            ))?;
+            let params =
+                params![from, q.ty, q.subject, q.source, q.id, text, q.since, q.limit, before];
+            let rows = st.query_map(params, |r| {
+                Ok(EventSummary {
+                    seq: r.get(0)?,
+                    id: r.get(1)?,
+                    source: r.get(2)?,
+                    ty: r.get(3)?,
+                    subject: r.get(4)?,
+                    received_by: r.get(5)?,
+                    received_at: r.get(6)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn event(&self, seq: i64) -> Result<Option<EventDetail>, StoreError> {
+        self.read(move |c| {
+            let ev = c
+                .query_row(
+                    "SELECT seq, source_name, received_at, body FROM events WHERE seq=?1",
+                    [seq],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()?;
+            let Some((seq, received_by, received_at, body)) = ev else {
+                return Ok(None);
+            };
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                 WHERE d.event_seq=?1 ORDER BY d.id"
+            ))?;
+            let deliveries = st
+                .query_map([seq], delivery_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some(EventDetail {
+                seq,
+                received_by,
+                received_at,
+                body,
+                deliveries,
+            }))
+        })
+        .await
+    }
+
+    async fn deliveries(&self, q: DeliveryQuery) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let before = q.before.unwrap_or(i64::MAX);
+        let state = q.state.map(State::as_str);
+        self.read(move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                 WHERE d.id < ?1 AND (?2 IS NULL OR d.state = ?2) AND (?3 IS NULL OR d.trigger = ?3)
+                 ORDER BY d.id DESC LIMIT ?4"
+            ))?;
+            let rows = st.query_map(params![before, state, q.trigger, q.limit], delivery_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn delivery(
+        &self,
+        id: i64,
+    ) -> Result<Option<(DeliveryRecord, Vec<AttemptRecord>)>, StoreError> {
+        self.read(move |c| {
+            let d = c
+                .query_row(
+                    &format!("SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id=?1"),
+                    [id],
+                    delivery_row,
+                )
+                .optional()?;
+            let Some(d) = d else { return Ok(None) };
+            let mut st = c.prepare_cached(
+                "SELECT n, started_at, duration_ms, outcome, detail FROM attempts WHERE delivery_id=?1 ORDER BY n",
+            )?;
+            let attempts = st
+                .query_map([id], |r| {
+                    Ok(AttemptRecord {
+                        n: r.get(0)?,
+                        started_at: r.get(1)?,
+                        duration_ms: r.get(2)?,
+                        outcome: r.get(3)?,
+                        detail: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some((d, attempts)))
+        })
+        .await
+    }
+
+    async fn set_checkpoint(&self, source: &str, cp: Checkpoint) -> Result<(), StoreError> {
+        let source = source.to_string();
+        self.call(|tx| Op::Checkpoint(source, cp.position, cp.time, tx))
+            .await?
+    }
+
+    async fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>, StoreError> {
+        let source = source.to_string();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT position, time FROM checkpoints WHERE source=?1",
+                [source],
+                |r| {
+                    Ok(Checkpoint {
+                        position: r.get(0)?,
+                        time: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn prune(&self, r: Retention) -> Result<u64, StoreError> {
+        self.call(|tx| Op::Prune(r, tx)).await?
+    }
+
+    async fn flush(&self) {
+        let _ = self.call(Op::Flush).await;
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+
+    async fn size_bytes(&self) -> Option<u64> {
+        let base = self.path.display().to_string();
+        Some(
+            [base.clone(), format!("{base}-wal")]
+                .iter()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum(),
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Bus for SqliteStore {
+    /// One process owns the file: the claim always succeeds. Not awaited: a crash leaves
+    /// the delivery pending, which is correct.
+    async fn claim(&self, id: i64) -> Result<bool, StoreError> {
+        self.tx
+            .send(Op::Running(id))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(true)
+    }
+
+    /// Not awaited: a crash leaves the delivery due at once.
+    async fn defer(&self, id: i64, at: i64) -> Result<(), StoreError> {
+        self.tx
+            .send(Op::Defer(id, at))
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Queued for the writer, which keeps it until a commit takes it (a failed commit is
+    /// retried): the dispatcher need not wait for the fsync.
+    async fn finish_attempt(
+        &self,
+        id: i64,
+        attempt: AttemptRecord,
+        state: State,
+        next_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .send(Op::Finish {
+                id,
+                attempt,
+                state,
+                next_at,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    async fn replay(&self, id: i64) -> Result<OpenDelivery, StoreError> {
+        self.call(|tx| Op::Replay(id, tx)).await?
+    }
+
+    async fn open_deliveries(
+        &self,
+        after: i64,
+        limit: usize,
+        due_by: i64,
+    ) -> Result<Vec<OpenDelivery>, StoreError> {
+        // Each state is read along its index, so a large history costs nothing.
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
+                 FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                 WHERE d.state = ?1 AND d.id > ?2
+                   AND (d.next_at IS NULL OR d.next_at <= ?4 OR d.ordering_key IS NOT NULL)
+                 ORDER BY d.id LIMIT ?3",
+            )?;
+            let mut all = Vec::new();
+            for state in ["pending", "retrying"] {
+                let rows = st.query_map(
+                    params![state, after, limit as i64, due_by],
+                    open_delivery_row,
+                )?;
+                for r in rows {
+                    all.push(r?);
+                }
+            }
+            all.sort_by_key(|d| d.id);
+            all.truncate(limit);
+            Ok(all)
+        })
+        .await
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<OpenDelivery>, StoreError> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
+                 FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                 WHERE d.state IN ('pending','retrying') AND d.next_at IS NOT NULL
+                   AND d.next_at <= ?1 AND d.ordering_key IS NULL
+                 ORDER BY d.next_at LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![now, limit as i64], open_delivery_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn next_due_after(&self, now: i64) -> Result<Option<i64>, StoreError> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT MIN(next_at) FROM deliveries
+                 WHERE state IN ('pending','retrying') AND next_at IS NOT NULL
+                   AND next_at > ?1 AND ordering_key IS NULL",
+                [now],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn flush(&self) {
+        let _ = self.call(Op::Flush).await;
+    }
+
+    fn poll_interval(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// `text` with LIKE's wildcards and escape character escaped (escape `\`).
+pub(super) fn escape_like(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
+}
+
+const DELIVERY_COLUMNS: &str = "d.id, d.event_seq, d.trigger, d.state, d.attempts, d.ordering_key, d.next_at, d.created_at, d.updated_at, d.last_error, e.ce_id, e.type";
+
+fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRecord> {
+    let state: String = r.get(3)?;
+    Ok(DeliveryRecord {
+        id: r.get(0)?,
+        event_seq: r.get(1)?,
+        trigger: r.get(2)?,
+        state: State::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                3,
+                rusqlite::types::Type::Text,
+                format!("unknown delivery state `{state}`").into(),
+            )
+        })?,
+        attempts: r.get(4)?,
+        ordering_key: r.get(5)?,
+        next_at: r.get(6)?,
+        created_at: r.get(7)?,
+        updated_at: r.get(8)?,
+        last_error: r.get(9)?,
+        event_id: r.get(10)?,
+        event_type: r.get(11)?,
+    })
+}
+
+fn open_delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpenDelivery> {
+    Ok(OpenDelivery {
+        id: r.get(0)?,
+        trigger: r.get(1)?,
+        ordering_key: r.get(2)?,
+        attempts: r.get(3)?,
+        attempt_base: r.get(4)?,
+        next_at: r.get(5)?,
+        event_body: r.get(6)?,
+        received_at: r.get(7)?,
+    })
+}
+
+enum Reply {
+    Ingest(
+        oneshot::Sender<Result<Vec<Stored>, StoreError>>,
+        Result<Vec<Stored>, rusqlite::Error>,
+    ),
+    Replay(
+        oneshot::Sender<Result<OpenDelivery, StoreError>>,
+        Result<OpenDelivery, StoreError>,
+    ),
+    Prune(
+        oneshot::Sender<Result<u64, StoreError>>,
+        Result<u64, rusqlite::Error>,
+    ),
+    Done(oneshot::Sender<Result<(), StoreError>>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Times a dispatcher write (claim, defer, attempt record) is tried again after failed
+/// commits before it is given up with an error in the log.
+const MAX_CARRY: u32 = 20;
+
+fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, mut keys: Dedup) {
+    let p = path.display().to_string();
+    let sqlite_err = |source| sqlite_error(&p, source);
+    // Dispatcher writes of a failed commit, tried again with the next batch: an attempt
+    // record is not lost to a transient failure (a full disk, a lock held too long).
+    let mut carried: Vec<(Op, u32)> = Vec::new();
+    loop {
+        let mut batch: Vec<(Op, u32)> = std::mem::take(&mut carried);
+        if batch.is_empty() {
+            match rx.blocking_recv() {
+                Some(first) => batch.push((first, 0)),
+                None => return,
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push((op, 0)),
+                Err(_) => break,
+            }
+        }
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut retry = Vec::new();
+        let now = now_ms();
+        keys.expire(now);
+        let mut added = Vec::new();
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            for (op, tries) in batch {
+                match op {
+                    Op::Ingest(events, reply) => {
+                        let r = ingest(&tx, events, now, &mut keys, &mut added);
+                        replies.push(Reply::Ingest(reply, r));
+                    }
+                    Op::Running(id) => {
+                        tx.execute(
+                            "UPDATE deliveries SET state='running', updated_at=?2 WHERE id=?1 AND state IN ('pending','retrying')",
+                            params![id, now],
+                        )?;
+                        retry.push((Op::Running(id), tries));
+                    }
+                    Op::Defer(id, at) => {
+                        tx.execute(
+                            "UPDATE deliveries SET next_at=?2 WHERE id=?1 AND state IN ('pending','retrying')",
+                            params![id, at],
+                        )?;
+                        retry.push((Op::Defer(id, at), tries));
+                    }
+                    Op::Finish {
+                        id,
+                        attempt,
+                        state,
+                        next_at,
+                    } => {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO attempts(delivery_id, n, started_at, duration_ms, outcome, detail) VALUES (?1,?2,?3,?4,?5,?6)",
+                            params![id, attempt.n, attempt.started_at, attempt.duration_ms, attempt.outcome, attempt.detail],
+                        )?;
+                        let last_error =
+                            (attempt.outcome != "succeeded").then_some(attempt.detail.as_str());
+                        tx.execute(
+                            "UPDATE deliveries SET state=?2, attempts=?3, next_at=?4, updated_at=?5, last_error=?6 WHERE id=?1",
+                            params![id, state.as_str(), attempt.n, next_at, now, last_error],
+                        )?;
+                        retry.push((
+                            Op::Finish {
+                                id,
+                                attempt,
+                                state,
+                                next_at,
+                            },
+                            tries,
+                        ));
+                    }
+                    Op::Replay(id, reply) => {
+                        let r = replay(&tx, id, now);
+                        replies.push(Reply::Replay(reply, r));
+                    }
+                    Op::Prune(r, reply) => {
+                        let res = prune(&tx, r, now, &keys);
+                        replies.push(Reply::Prune(reply, res));
+                    }
+                    Op::Flush(reply) => replies.push(Reply::Flush(reply)),
+                    Op::Checkpoint(source, position, time, reply) => {
+                        tx.execute(
+                            "INSERT INTO checkpoints(source, position, time, updated_at) VALUES (?1,?2,?3,?4)
+                             ON CONFLICT(source) DO UPDATE SET position=excluded.position, time=excluded.time, updated_at=excluded.updated_at",
+                            params![source, position, time, now],
+                        )?;
+                        replies.push(Reply::Done(reply));
+                    }
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(e) = &result {
+            for k in added {
+                keys.remove(k);
+            }
+            for (op, tries) in retry {
+                if tries + 1 < MAX_CARRY {
+                    carried.push((op, tries + 1));
+                } else {
+                    tracing::error!(store = %p, error = %e, "a delivery's state could not be recorded after {MAX_CARRY} tries; it is given up (the delivery may run again at the next start)");
+                }
+            }
+        }
+        for reply in replies {
+            match reply {
+                Reply::Ingest(tx, r) => {
+                    let r = match (&result, r) {
+                        (Ok(()), Ok(v)) => Ok(v),
+                        (Err(e), _) => Err(sqlite_err(clone_err(e))),
+                        (_, Err(e)) => Err(sqlite_err(e)),
+                    };
+                    let _ = tx.send(r);
+                }
+                Reply::Replay(tx, r) => {
+                    let r = match &result {
+                        Ok(()) => r,
+                        Err(e) => Err(sqlite_err(clone_err(e))),
+                    };
+                    let _ = tx.send(r);
+                }
+                Reply::Prune(tx, r) => {
+                    let r = match (&result, r) {
+                        (Ok(()), Ok(v)) => Ok(v),
+                        (Err(e), _) => Err(sqlite_err(clone_err(e))),
+                        (_, Err(e)) => Err(sqlite_err(e)),
+                    };
+                    let _ = tx.send(r);
+                }
+                Reply::Done(tx) => {
+                    let _ = tx.send(match &result {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(sqlite_err(clone_err(e))),
+                    });
+                }
+                Reply::Flush(tx) => {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        if let Err(e) = result {
+            tracing::error!(store = %p, error = %e, "store commit failed; the writes of this batch were not acknowledged");
+        }
+    }
+}
+
+fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
+}
+
+/// Reads back the keys of the dedup window at start-up.
+fn load_dedup(conn: &Connection, limits: DedupLimits) -> rusqlite::Result<Dedup> {
+    let mut keys = Dedup::new(limits);
+    let now = now_ms();
+    let tx = conn.unchecked_transaction()?;
+    let from = first_kept_key(&tx, now, &keys, limits.max_keys)?;
+    let mut st = tx.prepare("SELECT at, key FROM dedup_keys WHERE seq > ?1 ORDER BY seq")?;
+    let mut rows = st.query([from])?;
+    while let Some(r) = rows.next()? {
+        let at: i64 = r.get(0)?;
+        let key: Vec<u8> = r.get(1)?;
+        if let Ok(k) = <[u8; 16]>::try_from(key.as_slice()) {
+            keys.insert(u128::from_le_bytes(k), at);
+        }
+    }
+    keys.expire(now);
+    Ok(keys)
+}
+
+/// The last `dedup_keys` seq that is out of the window or beyond the key limit.
+fn first_kept_key(
+    tx: &Connection,
+    now: i64,
+    keys: &Dedup,
+    max_keys: usize,
+) -> rusqlite::Result<i64> {
+    let by_age = last_seq_before(tx, "dedup_keys", "at", now - keys.window_ms())?;
+    let max: Option<i64> = tx.query_row("SELECT MAX(seq) FROM dedup_keys", [], |r| r.get(0))?;
+    Ok(by_age.max(max.unwrap_or(0) - max_keys as i64))
+}
+
+fn ingest(
+    tx: &rusqlite::Transaction<'_>,
+    events: Vec<NewEvent>,
+    now: i64,
+    keys: &mut Dedup,
+    added: &mut Vec<dedup::Key>,
+) -> rusqlite::Result<Vec<Stored>> {
+    let mut out = Vec::with_capacity(events.len());
+    let mut remember = tx.prepare_cached("INSERT INTO dedup_keys(at, key) VALUES (?1, ?2)")?;
+    let mut ins_event = tx.prepare_cached(
+        "INSERT INTO events(source_name, ce_source, ce_id, type, subject, received_at, body) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+    )?;
+    let mut throttle = tx.prepare_cached(
+        "INSERT INTO throttles(trigger, key, until) VALUES (?1, ?2, ?3)
+         ON CONFLICT(trigger, key) DO UPDATE SET until = excluded.until WHERE throttles.until <= ?4",
+    )?;
+    let mut ins_delivery = tx.prepare_cached(
+        "INSERT INTO deliveries(event_seq, trigger, state, attempts, attempt_base, ordering_key, created_at, updated_at)
+         VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?5)",
+    )?;
+    for e in events {
+        let key = dedup::key(&e.ce_source, &e.ce_id);
+        if keys.contains(key) {
+            out.push(Stored {
+                seq: 0,
+                duplicate: true,
+                deliveries: vec![],
+            });
+            continue;
+        }
+        remember.execute(params![now, key.to_le_bytes()])?;
+        keys.insert(key, now);
+        added.push(key);
+        ins_event.execute(params![
+            e.source_name,
+            e.ce_source,
+            e.ce_id,
+            e.ty,
+            e.subject,
+            now,
+            e.body
+        ])?;
+        let seq = tx.last_insert_rowid();
+        let mut deliveries = Vec::with_capacity(e.deliveries.len());
+        for d in e.deliveries {
+            let state = match &d.throttle {
+                Some((key, window)) => {
+                    let until = now + window.as_millis() as i64;
+                    if throttle.execute(params![d.trigger, key, until, now])? == 0 {
+                        State::Throttled
+                    } else {
+                        State::Pending
+                    }
+                }
+                None => State::Pending,
+            };
+            ins_delivery.execute(params![seq, d.trigger, state.as_str(), d.ordering_key, now])?;
+            deliveries.push((tx.last_insert_rowid(), state));
+        }
+        out.push(Stored {
+            seq,
+            duplicate: false,
+            deliveries,
+        });
+    }
+    Ok(out)
+}
+
+fn replay(tx: &rusqlite::Transaction<'_>, id: i64, now: i64) -> Result<OpenDelivery, StoreError> {
+    let q = |source| sqlite_error("replay", source);
+    let state: Option<String> = tx
+        .query_row("SELECT state FROM deliveries WHERE id=?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(q)?;
+    match state.as_deref() {
+        None => return Err(StoreError::NotFound(format!("delivery {id}"))),
+        Some("dead") | Some("throttled") => {}
+        Some(s) => {
+            return Err(StoreError::Conflict(format!(
+                "delivery {id} is {s}; only dead or throttled deliveries can be replayed"
+            )))
+        }
+    }
+    tx.execute(
+        "UPDATE deliveries SET state='pending', attempt_base=attempts, next_at=NULL, updated_at=?2 WHERE id=?1",
+        params![id, now],
+    )
+    .map_err(q)?;
+    tx.query_row(
+        "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
+         FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id=?1",
+        [id],
+        open_delivery_row,
+    )
+    .map_err(q)
+}
+
+/// The highest seq received before `before_ms`, by binary search over seq: `received_at`
+/// grows with seq (one writer stamps each batch), so no index on it is kept, which saves a
+/// B-tree update on every ingested event.
+fn last_seq_before(
+    tx: &Connection,
+    table: &str,
+    time: &str,
+    before_ms: i64,
+) -> rusqlite::Result<i64> {
+    let (min, max): (Option<i64>, Option<i64>) = tx.query_row(
+        &format!("SELECT MIN(seq), MAX(seq) FROM {table}"),
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let (Some(mut lo), Some(mut hi)) = (min, max) else {
+        return Ok(0);
+    };
+    let mut at = tx.prepare_cached(&format!(
+        "SELECT seq, {time} FROM {table} WHERE seq >= ?1 ORDER BY seq LIMIT 1"
+    ))?;
+    let mut first = |seq: i64| -> rusqlite::Result<(i64, i64)> {
+        at.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+    };
+    if first(lo)?.1 >= before_ms {
+        return Ok(0);
+    }
+    // Invariant: the event at or after `lo` is older than the cutoff; answer in [lo, hi].
+    let mut best = first(lo)?.0;
+    while lo < hi {
+        let mid = lo + (hi - lo + 1) / 2;
+        let (seq, received) = first(mid)?;
+        if received < before_ms {
+            best = seq;
+            lo = seq.max(mid);
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Ok(best)
+}
+
+fn prune(
+    tx: &rusqlite::Transaction<'_>,
+    r: Retention,
+    now: i64,
+    keys: &Dedup,
+) -> rusqlite::Result<u64> {
+    let mut cutoff_seq: i64 = 0;
+    if let Some(age) = r.max_age {
+        let before = now - age.as_millis() as i64;
+        cutoff_seq = cutoff_seq.max(last_seq_before(tx, "events", "received_at", before)?);
+    }
+    if let Some(max) = r.max_events {
+        let s: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
+        cutoff_seq = cutoff_seq.max(s.unwrap_or(0) - max as i64);
+    }
+    // The newest event and the newest delivery are always kept: SQLite hands out max+1,
+    // and the dispatcher relies on ids never being reused.
+    let newest: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
+    cutoff_seq = cutoff_seq.min(newest.unwrap_or(0) - 1);
+    let mut removed = 0;
+    if cutoff_seq > 0 {
+        // Events with unfinished deliveries are kept whatever their age, and the newest
+        // delivery's event (so that delivery ids are never reused).
+        const KEEP: &str =
+            "SELECT event_seq FROM deliveries WHERE state IN ('pending','running','retrying')
+             UNION SELECT event_seq FROM deliveries WHERE id = (SELECT MAX(id) FROM deliveries)";
+        tx.execute(
+            &format!("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_seq <= ?1 AND event_seq NOT IN ({KEEP}))"),
+            [cutoff_seq],
+        )?;
+        tx.execute(
+            &format!("DELETE FROM deliveries WHERE event_seq <= ?1 AND event_seq NOT IN ({KEEP})"),
+            [cutoff_seq],
+        )?;
+        removed = tx.execute(
+            &format!("DELETE FROM events WHERE seq <= ?1 AND seq NOT IN ({KEEP})"),
+            [cutoff_seq],
+        )? as u64;
+    }
+    let forgotten = first_kept_key(tx, now, keys, r.dedup.max_keys)?;
+    tx.execute("DELETE FROM dedup_keys WHERE seq <= ?1", [forgotten])?;
+    tx.execute("DELETE FROM throttles WHERE until < ?1", [now])?;
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Bus, NewDelivery, Store};
+
+    fn event(id: &str, trigger: Option<&str>) -> NewEvent {
+        NewEvent {
+            source_name: "t".into(),
+            ce_source: "/t".into(),
+            ce_id: id.into(),
+            ty: "t".into(),
+            subject: None,
+            body: "{}".into(),
+            deliveries: trigger
+                .map(|t| NewDelivery {
+                    trigger: t.into(),
+                    ordering_key: None,
+                    throttle: None,
+                })
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    async fn count(store: &SqliteStore, table: &'static str) -> i64 {
+        store.count(table).await
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_unfinished_work_and_dedup_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(
+            &dir.path().join("s.db"),
+            DedupLimits::window(Duration::from_millis(200)),
+        )
+        .unwrap();
+        // Five finished events (no deliveries) and one with a pending delivery, oldest.
+        store
+            .ingest(vec![event("pending", Some("fn"))])
+            .await
+            .unwrap();
+        for i in 0..5 {
+            store
+                .ingest(vec![event(&format!("e{i}"), None)])
+                .await
+                .unwrap();
+        }
+        let r = Retention {
+            max_age: None,
+            max_events: Some(2),
+            dedup: DedupLimits::window(Duration::from_millis(200)),
+        };
+        let removed = store.prune(r).await.unwrap();
+        assert_eq!(
+            removed, 3,
+            "6 events, keep 2 newest, and the pending one whatever its age"
+        );
+        assert_eq!(count(&store, "events").await, 3);
+        assert_eq!(count(&store, "deliveries").await, 1);
+        // Age: everything finished is older than 0s.
+        let r = Retention {
+            max_age: Some(Duration::ZERO),
+            max_events: None,
+            dedup: DedupLimits::window(Duration::from_millis(200)),
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        store.prune(r).await.unwrap();
+        assert_eq!(
+            count(&store, "events").await,
+            2,
+            "the pending one, and the newest (ids are never reused)"
+        );
+        // Even once its delivery is done, the newest delivery and its event stay, so the next
+        // delivery gets a larger id.
+        let first = store.ingest(vec![event("f", Some("fn"))]).await.unwrap();
+        let id = first[0].deliveries[0].0;
+        let rec = AttemptRecord {
+            n: 1,
+            started_at: now_ms(),
+            duration_ms: 1,
+            outcome: "succeeded".into(),
+            detail: String::new(),
+        };
+        store
+            .finish_attempt(id, rec, State::Succeeded, None)
+            .await
+            .unwrap();
+        store.ingest(vec![event("h", None)]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        store.prune(r).await.unwrap();
+        let next = store.ingest(vec![event("g", Some("fn"))]).await.unwrap();
+        assert!(next[0].deliveries[0].0 > id);
+        // Within the window a repeat is a duplicate; after it, it is new again.
+        let again = store.ingest(vec![event("e4", None)]).await.unwrap();
+        assert!(again[0].duplicate);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        store.prune(r).await.unwrap();
+        let again = store.ingest(vec![event("e4", None)]).await.unwrap();
+        assert!(!again[0].duplicate);
+    }
+
+    #[tokio::test]
+    async fn dedup_keys_survive_a_restart_and_the_key_limit_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let limits = DedupLimits {
+            window: Duration::from_secs(60),
+            max_keys: 3,
+        };
+        {
+            let store = SqliteStore::open(&path, limits).unwrap();
+            let first = store
+                .ingest(vec![event("a", None), event("a", None)])
+                .await
+                .unwrap();
+            assert!(
+                !first[0].duplicate && first[1].duplicate,
+                "a repeat in one batch"
+            );
+            store.ingest(vec![event("b", None)]).await.unwrap();
+            Store::flush(&store).await;
+        }
+        let store = SqliteStore::open(&path, limits).unwrap();
+        let again = store
+            .ingest(vec![event("a", None), event("b", None), event("c", None)])
+            .await
+            .unwrap();
+        assert!(again[0].duplicate && again[1].duplicate && !again[2].duplicate);
+        // Retention trims the persisted keys to the limit: the newest three stay.
+        for id in ["d", "e"] {
+            store.ingest(vec![event(id, None)]).await.unwrap();
+        }
+        let r = Retention {
+            max_age: None,
+            max_events: None,
+            dedup: limits,
+        };
+        store.prune(r).await.unwrap();
+        assert_eq!(count(&store, "dedup_keys").await, 3);
+    }
+
+    #[tokio::test]
+    async fn retention_by_age_finds_the_cutoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(
+            &dir.path().join("s.db"),
+            DedupLimits::window(Duration::from_secs(60)),
+        )
+        .unwrap();
+        for i in 0..37 {
+            store
+                .ingest(vec![event(&format!("old{i}"), None)])
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for i in 0..23 {
+            store
+                .ingest(vec![event(&format!("new{i}"), None)])
+                .await
+                .unwrap();
+        }
+        let r = Retention {
+            max_age: Some(Duration::from_millis(200)),
+            max_events: None,
+            dedup: DedupLimits::window(Duration::from_secs(60)),
+        };
+        assert_eq!(store.prune(r).await.unwrap(), 37);
+        assert_eq!(count(&store, "events").await, 23);
+        assert_eq!(store.prune(r).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn replay_only_dead_or_throttled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(
+            &dir.path().join("s.db"),
+            DedupLimits::window(Duration::from_secs(60)),
+        )
+        .unwrap();
+        let s = store.ingest(vec![event("a", Some("fn"))]).await.unwrap();
+        let id = s[0].deliveries[0].0;
+        assert!(matches!(
+            Bus::replay(&store, id).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            Bus::replay(&store, 999).await,
+            Err(StoreError::NotFound(_))
+        ));
+        let rec = AttemptRecord {
+            n: 1,
+            started_at: now_ms(),
+            duration_ms: 1,
+            outcome: "failed".into(),
+            detail: "boom".into(),
+        };
+        store
+            .finish_attempt(id, rec, State::Dead, None)
+            .await
+            .unwrap();
+        let open = Bus::replay(&store, id).await.unwrap();
+        assert_eq!((open.attempts, open.attempt_base), (1, 1));
+        assert_eq!(
+            store.open_deliveries(0, 10, i64::MAX).await.unwrap().len(),
+            1
+        );
+    }
+}

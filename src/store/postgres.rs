@@ -154,8 +154,11 @@ type IngestOp = (
 
 /// Maps a driver error to the store's: connection trouble is "unavailable" (retry later).
 fn pg_error(what: &str, e: tokio_postgres::Error) -> StoreError {
+    let lost = e.is_closed()
+        || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())
+        || e.to_string().contains("timeout");
     let unavailable = match e.as_db_error() {
-        None => true,
+        None => lost,
         // 08: connection exception; 57P0x: the server is shutting down or starting;
         // 53: insufficient resources.
         Some(db) => {
@@ -397,14 +400,14 @@ impl PgStore {
             config.clone(),
             tls.clone(),
             pool_size,
-            "-c statement_timeout=30000",
+            "-c statement_timeout=30000 -c client_min_messages=warning",
         )
         .map_err(StoreError::Config)?;
         let fast = pool(
             config,
             tls,
             pool_size,
-            "-c synchronous_commit=off -c statement_timeout=30000",
+            "-c synchronous_commit=off -c statement_timeout=30000 -c client_min_messages=warning",
         )
         .map_err(StoreError::Config)?;
         let mut client = durable.get().await.map_err(|e| {
@@ -1105,7 +1108,7 @@ impl super::Bus for PgStore {
             .prepare_cached(
                 "UPDATE deliveries d SET state = 'running', owner = $2, lease_until = $3, updated_at = $4
                  WHERE d.id = $1
-                   AND ((d.state IN ('pending', 'retrying') AND (d.next_at IS NULL OR d.next_at <= $4 + 100))
+                   AND ((d.state IN ('pending', 'retrying') AND (d.next_at IS NULL OR d.next_at <= $4::int8 + 100))
                         OR (d.state = 'running' AND (d.owner = $2 OR d.lease_until < $4)))
                    AND (d.ordering_key IS NULL OR NOT EXISTS (
                         SELECT 1 FROM deliveries o

@@ -10,6 +10,9 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # govmomi's vCenter simulator, built from Debian's packages (GOPATH mode).
 command -v go >/dev/null 2>&1 || need_apt+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ] || need_apt+=(golang-github-vmware-govmomi-dev)
+# PostgreSQL: the suite runs once per store backend.
+command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
+command -v pg_isready >/dev/null 2>&1 || need_apt+=(postgresql-client)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
@@ -19,6 +22,27 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is missing: install Rust (https://rustup.rs) and re-run" >&2
   exit 1
 fi
+
+echo "==> PostgreSQL on 127.0.0.1:5432"
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi; }
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)
+  if [ -z "$version" ]; then
+    version=$(ls /usr/lib/postgresql | sort -V | tail -1)
+    $SUDO pg_createcluster "$version" main
+  fi
+  $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.5; done
+  pg_isready -h 127.0.0.1 -p 5432
+fi
+# A role of the suite's own, with a password (a fresh cluster asks one on TCP); each test
+# creates its own database, and the databases of earlier runs are dropped here.
+as_postgres psql -qtAc "SELECT 1 FROM pg_roles WHERE rolname = 'reflex'" | grep -q 1 \
+  || as_postgres psql -qc "CREATE ROLE reflex LOGIN CREATEDB PASSWORD 'reflex'"
+as_postgres psql -qtAc "SELECT datname FROM pg_database WHERE datname LIKE 'reflex\_t\_%'" \
+  | while read -r db; do [ -n "$db" ] && as_postgres dropdb --if-exists "$db" || true; done
+export REFLEX_TEST_PG=postgres://reflex:reflex@127.0.0.1:5432/postgres
 
 echo "==> building the vCenter simulator (crates/vsphere/vcsim)"
 mkdir -p target
@@ -40,5 +64,7 @@ cargo build --locked --quiet
 for f in examples/*.yaml; do
   VCENTER_USER=example VCENTER_PASSWORD=example LOGINSIGHT_TOKEN=example ./target/debug/reflex check -c "$f"
 done
-echo "==> cargo test"
+echo "==> cargo test (embedded SQLite store)"
 cargo test --locked --workspace
+echo "==> cargo test (PostgreSQL store): the integration suite again, REFLEX_TEST_STORE=postgres"
+REFLEX_TEST_STORE=postgres cargo test --locked --test it

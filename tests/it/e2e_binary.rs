@@ -9,9 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_reflex");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_reflex");
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -41,7 +41,7 @@ fn spawn(config: &Path, http: u16, api: u16) -> Server {
     }
 }
 
-async fn wait_ready(api: &str) {
+pub(crate) async fn wait_ready(api: &str) {
     let c = reqwest::Client::new();
     for _ in 0..300 {
         if let Ok(r) = c.get(format!("{api}/readyz")).send().await {

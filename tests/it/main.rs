@@ -6,5 +6,6 @@ mod config_errors;
 mod deliveries;
 mod e2e_binary;
 mod ingest_http;
+mod nodes;
 mod reload;
 mod vsphere;

@@ -108,6 +108,20 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// List the nodes sharing the store, their last heartbeat and the singletons each holds.
+    Nodes {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Apply the store's schema migrations (PostgreSQL; `reflex run` applies them too).
+    Migrate {
+        /// The configuration file (its `store.url`).
+        #[arg(short, long, default_value = "reflex.yaml")]
+        config: PathBuf,
+        /// Print the migrations that would run, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// Event search (events list, tail).
@@ -304,6 +318,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             api,
         } => runtime()?.block_on(replay(id, all_dead, trigger, api)),
         Command::Reload { api } => runtime()?.block_on(reload(api)),
+        Command::Nodes { api } => runtime()?.block_on(nodes(api)),
+        Command::Migrate { config, dry_run } => runtime()?.block_on(migrate(config, dry_run)),
         Command::Tail { filter, json, api } => runtime()?.block_on(tail(filter, json, api)),
     }
 }
@@ -546,6 +562,59 @@ async fn replay(
     } else {
         ExitCode::from(1)
     })
+}
+
+async fn nodes(api: ApiArgs) -> Result<ExitCode> {
+    let v = get(&api, "/api/v1/nodes").await?;
+    println!(
+        "{:<28} {:<26} {:<26} {:<10} SINGLETONS",
+        "NODE", "STARTED", "HEARTBEAT", "VERSION"
+    );
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        let singletons: Vec<String> = n["singletons"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        println!(
+            "{:<28} {:<26} {:<26} {:<10} {}",
+            s(&n["id"]),
+            s(&n["started_at"]),
+            s(&n["heartbeat_at"]),
+            s(&n["version"]),
+            singletons.join(",")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn migrate(config: PathBuf, dry_run: bool) -> Result<ExitCode> {
+    let compiled = match reflex::compile_file(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let Some(url) = &compiled.config.store.url else {
+        println!("the embedded store creates its tables when reflex starts: nothing to migrate");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let url = url.expose().to_string();
+    if dry_run {
+        let pending = reflex::store::postgres::pending_migrations(&url).await?;
+        if pending.is_empty() {
+            println!("the database is up to date");
+        }
+        for (version, name, sql) in pending {
+            println!("-- migration {version}: {name}\n{}", sql.trim());
+        }
+    } else {
+        let applied = reflex::store::postgres::apply_migrations(&url).await?;
+        println!("{applied} migrations applied; the database is up to date");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn reload(api: ApiArgs) -> Result<ExitCode> {

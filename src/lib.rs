@@ -17,7 +17,7 @@ pub mod vcenters;
 
 use anyhow::Context;
 use config::{Config, ConfigError, Diagnostics};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -374,6 +374,7 @@ impl Running {
             dispatch: dispatch_tx,
             token: config.api.token.clone(),
             ready: Default::default(),
+            store_ok: AtomicBool::new(true),
             max_body: config.http.max_body.0,
             reload,
         });
@@ -402,6 +403,31 @@ impl Running {
             dedup,
         };
         let stop_tasks = CancellationToken::new();
+        // `/readyz` turns unready while the store does not answer (a load balancer then
+        // sends events to a node that can make them durable).
+        {
+            let (store, state, stop) = (store.clone(), state.clone(), stop_tasks.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    let ok = matches!(
+                        tokio::time::timeout(Duration::from_secs(2), store.health()).await,
+                        Ok(Ok(()))
+                    );
+                    if state.store_ok.swap(ok, Ordering::AcqRel) != ok {
+                        if ok {
+                            tracing::info!("the store answers again");
+                        } else {
+                            tracing::error!("the store does not answer: /readyz is unready and events are refused with 503 until it does");
+                        }
+                    }
+                }
+            });
+        }
         let pruner = {
             let store = store.clone();
             let stop = stop_tasks.clone();

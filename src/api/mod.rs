@@ -40,6 +40,8 @@ pub struct AppState {
     pub token: Option<Secret>,
     /// Set once start-up recovery is done.
     pub ready: AtomicBool,
+    /// The store answered its last health check (checked every second).
+    pub store_ok: AtomicBool,
     /// Largest body for `POST /api/v1/events`.
     pub max_body: usize,
     /// Where `POST /api/v1/reload` goes; `None` when reflex runs without a file.
@@ -57,6 +59,7 @@ pub fn routes(state: Shared) -> Router {
         .route("/deliveries/{id}", get(show_delivery))
         .route("/deliveries/{id}/replay", post(replay))
         .route("/triggers", get(list_triggers))
+        .route("/nodes", get(list_nodes))
         .route("/reload", post(reload))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -83,10 +86,12 @@ async fn require_token(AxState(s): AxState<Shared>, req: Request, next: Next) ->
 }
 
 async fn readyz(AxState(s): AxState<Shared>) -> Response {
-    if s.ready.load(Ordering::Acquire) {
-        "ready\n".into_response()
-    } else {
+    if !s.ready.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    } else if !s.store_ok.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response()
+    } else {
+        "ready\n".into_response()
     }
 }
 
@@ -308,6 +313,20 @@ async fn reload(AxState(s): AxState<Shared>) -> Response {
             "reflex is stopping",
         )
         .into_response(),
+    }
+}
+
+async fn list_nodes(AxState(s): AxState<Shared>) -> Response {
+    match s.backend.store.nodes().await {
+        Ok(nodes) => {
+            let v: Vec<Value> = nodes
+                .iter()
+                .map(|n| json!({"id": n.id, "started_at": ms_to_rfc3339(n.started_at),
+                    "heartbeat_at": ms_to_rfc3339(n.heartbeat_at), "version": n.version, "singletons": n.singletons}))
+                .collect();
+            Json(json!({ "backend": s.backend.store.backend(), "nodes": v })).into_response()
+        }
+        Err(e) => store_error(e),
     }
 }
 

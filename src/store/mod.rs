@@ -347,6 +347,24 @@ pub trait Store: Send + Sync {
     async fn health(&self) -> Result<(), StoreError>;
     /// Bytes the store takes on disk, where the engine tells.
     async fn size_bytes(&self) -> Option<u64>;
+    /// The nodes sharing this store, with their last heartbeat and the singletons each
+    /// holds (one entry, this process, for the embedded store).
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError>;
+}
+
+/// A reflex process sharing the store.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeInfo {
+    /// The node's name (`store.node`).
+    pub id: String,
+    /// When it started (ms since the epoch).
+    pub started_at: i64,
+    /// Its last heartbeat (ms since the epoch).
+    pub heartbeat_at: i64,
+    /// Its reflex version.
+    pub version: String,
+    /// The sources that run once in the cluster which this node runs now.
+    pub singletons: Vec<String>,
 }
 
 /// Deliveries between ingest and the dispatcher: claim, defer, finish (retry or dead

@@ -184,6 +184,30 @@ fn pg_error(what: &str, e: tokio_postgres::Error) -> StoreError {
     }
 }
 
+/// The same failure for each request of a batch.
+fn same_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable { backend, message } => StoreError::Unavailable {
+            backend,
+            message: message.clone(),
+        },
+        StoreError::Backend {
+            backend,
+            what,
+            message,
+        } => StoreError::Backend {
+            backend,
+            what: what.clone(),
+            message: message.clone(),
+        },
+        other => StoreError::Backend {
+            backend: "postgres",
+            what: "storing events".into(),
+            message: other.to_string(),
+        },
+    }
+}
+
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => pg_error("connecting", e),
@@ -322,6 +346,17 @@ pub async fn pending_migrations(url: &str) -> Result<Vec<(i32, String, String)>,
         .filter(|(v, _, _)| !applied.contains(v))
         .map(|(v, n, sql)| (*v, n.to_string(), sql.to_string()))
         .collect())
+}
+
+/// Applies the pending migrations to the database at `url`; returns how many ran.
+pub async fn apply_migrations(url: &str) -> Result<usize, StoreError> {
+    let pending = pending_migrations(url).await?.len();
+    let (config, ca) = parse_url(url).map_err(StoreError::Config)?;
+    let pool = pool(config, tls(ca.as_ref()).map_err(StoreError::Config)?, 1, "")
+        .map_err(StoreError::Config)?;
+    let mut client = pool.get().await.map_err(pool_error)?;
+    migrate(&mut client).await?;
+    Ok(pending)
 }
 
 async fn applied_migrations(client: &tokio_postgres::Client) -> Result<HashSet<i32>, StoreError> {
@@ -483,21 +518,6 @@ impl PgStore {
             .await
             .map_err(|e| pg_error(what, e))
     }
-
-    /// The nodes that have registered, with their last heartbeat (ms since the epoch).
-    pub async fn nodes(&self) -> Result<Vec<(String, i64, i64, String)>, StoreError> {
-        let rows = self
-            .query(
-                "listing nodes",
-                "SELECT id, started_at, heartbeat_at, version FROM nodes ORDER BY id",
-                &[],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-            .collect())
-    }
 }
 
 /// Renews the leases of the deliveries this node runs, and its heartbeat, three times a
@@ -566,22 +586,9 @@ async fn writer(inner: std::sync::Weak<Inner>, rx: Arc<Mutex<mpsc::Receiver<Inge
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "store commit failed; the events of this batch were not acknowledged");
-                let msg = e.to_string();
-                let unavailable = e.is_unavailable();
+                // Each sender is answered 503 and logs it; the batch is not logged again.
                 for reply in replies {
-                    let _ = reply.send(Err(if unavailable {
-                        StoreError::Unavailable {
-                            backend: "postgres",
-                            message: msg.clone(),
-                        }
-                    } else {
-                        StoreError::Backend {
-                            backend: "postgres",
-                            what: "ingest".into(),
-                            message: msg.clone(),
-                        }
-                    }));
+                    let _ = reply.send(Err(same_error(&e)));
                 }
             }
         }
@@ -1082,6 +1089,29 @@ impl super::Store for PgStore {
         self.query("checking the connection", "SELECT 1", &[])
             .await
             .map(|_| ())
+    }
+
+    async fn nodes(&self) -> Result<Vec<super::NodeInfo>, StoreError> {
+        let rows = self
+            .query(
+                "listing nodes",
+                "SELECT n.id, n.started_at, n.heartbeat_at, n.version,
+                        COALESCE(array_agg(l.name ORDER BY l.name) FILTER (WHERE l.name IS NOT NULL), '{}')
+                 FROM nodes n LEFT JOIN leases l ON l.node = n.id AND l.until >= $1
+                 GROUP BY n.id ORDER BY n.id",
+                &[&now_ms()],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| super::NodeInfo {
+                id: r.get(0),
+                started_at: r.get(1),
+                heartbeat_at: r.get(2),
+                version: r.get(3),
+                singletons: r.get(4),
+            })
+            .collect())
     }
 
     async fn size_bytes(&self) -> Option<u64> {

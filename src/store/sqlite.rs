@@ -50,6 +50,7 @@ pub struct SqliteStore {
     tx: mpsc::Sender<Op>,
     reader: Arc<Mutex<Connection>>,
     path: Arc<PathBuf>,
+    started_at: i64,
 }
 
 fn open(path: &Path) -> Result<Connection, StoreError> {
@@ -101,6 +102,7 @@ impl SqliteStore {
             tx,
             reader: Arc::new(Mutex::new(reader)),
             path: Arc::new(path.to_path_buf()),
+            started_at: now_ms(),
         })
     }
 
@@ -295,6 +297,16 @@ impl super::Store for SqliteStore {
 
     async fn health(&self) -> Result<(), StoreError> {
         self.read(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+
+    async fn nodes(&self) -> Result<Vec<super::NodeInfo>, StoreError> {
+        Ok(vec![super::NodeInfo {
+            id: "embedded".into(),
+            started_at: self.started_at,
+            heartbeat_at: now_ms(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            singletons: Vec::new(),
+        }])
     }
 
     async fn size_bytes(&self) -> Option<u64> {

@@ -139,7 +139,8 @@ impl VcenterSource {
         &self.name
     }
 
-    /// Polls until `shutdown`.
+    /// Polls until `shutdown`, on one node at a time: the node holding the source's lease
+    /// polls; the others wait to take it over (from the checkpoint) when it lapses.
     pub async fn run(
         self,
         ingest: Ingest,
@@ -148,12 +149,62 @@ impl VcenterSource {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) {
+        let lease = format!("source:{}", self.name);
+        let renew = store.lease_time() / 3;
+        let mut waiting = false;
+        loop {
+            match store.hold_lease(&lease).await {
+                Ok(Some(fence)) => {
+                    if waiting {
+                        tracing::info!(source = %self.name, "this node takes the source over from its checkpoint");
+                    }
+                    let held = Held {
+                        store: store.as_ref(),
+                        lease: &lease,
+                        fence,
+                        renewed: tokio::time::Instant::now(),
+                    };
+                    if !self
+                        .run_held(held, &ingest, &vcenters, &metrics, &shutdown)
+                        .await
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    if !waiting {
+                        tracing::info!(source = %self.name, "another node runs this source; this one stands by");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(source = %self.name, error = %e, "cannot take the source's lease; trying again")
+                }
+            }
+            waiting = true;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(renew) => {}
+            }
+        }
+    }
+
+    /// Polls while this node holds the lease; `false` once `shutdown`, `true` when the
+    /// lease is lost.
+    async fn run_held(
+        &self,
+        mut held: Held<'_>,
+        ingest: &Ingest,
+        vcenters: &Vcenters,
+        metrics: &Arc<Metrics>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let store = held.store;
         let mut state = PollState {
             last_key: match store.checkpoint(&self.name).await {
                 Ok(c) => c.map(|c| c.position),
                 Err(e) => {
-                    tracing::error!(source = %self.name, error = %e, "cannot read the checkpoint; the source does not start");
-                    return;
+                    tracing::error!(source = %self.name, error = %e, "cannot read the checkpoint; trying again");
+                    return true;
                 }
             },
             collector: None,
@@ -161,13 +212,19 @@ impl VcenterSource {
             stalled: false,
         };
         let mut delay = Duration::ZERO;
+        let mut lost = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
             }
+            if !held.renew().await {
+                tracing::warn!(source = %self.name, "this node lost the source's lease; it stops polling and stands by");
+                lost = true;
+                break;
+            }
             match self
-                .poll_once(&mut state, &ingest, store.as_ref(), &vcenters, &metrics)
+                .poll_once(&mut state, ingest, store, held.fence, vcenters, metrics)
                 .await
             {
                 Ok(()) => {
@@ -175,8 +232,8 @@ impl VcenterSource {
                         state.stalled = false;
                         tracing::info!(source = %self.name, "vCenter event stream reconnected");
                         self.announce(
-                            &ingest,
-                            &vcenters,
+                            ingest,
+                            vcenters,
                             "reconnected",
                             "the event stream is flowing again",
                         )
@@ -196,8 +253,8 @@ impl VcenterSource {
                         state.stalled = true;
                         metrics.source_stalled(&self.name);
                         self.announce(
-                            &ingest,
-                            &vcenters,
+                            ingest,
+                            vcenters,
                             "stalled",
                             &format!("{} consecutive failures; last: {e}", state.failures),
                         )
@@ -214,6 +271,7 @@ impl VcenterSource {
         if let Some((client, c)) = state.collector.take() {
             client.destroy_collector(&c).await;
         }
+        lost
     }
 
     async fn poll_once(
@@ -221,6 +279,7 @@ impl VcenterSource {
         st: &mut PollState,
         ingest: &Ingest,
         store: &dyn Store,
+        fence: i64,
         vcenters: &Vcenters,
         metrics: &Metrics,
     ) -> Result<(), String> {
@@ -256,6 +315,7 @@ impl VcenterSource {
                             position: k,
                             time: String::new(),
                         },
+                        fence,
                     )
                     .await
                     .map_err(|e| e.to_string())?;
@@ -264,7 +324,7 @@ impl VcenterSource {
                 return Ok(());
             }
             st.last_key = Some(0);
-            return Box::pin(self.poll_once(st, ingest, store, vcenters, metrics)).await;
+            return Box::pin(self.poll_once(st, ingest, store, fence, vcenters, metrics)).await;
         };
         let last = match newest {
             Some(n) if n < last => {
@@ -276,6 +336,7 @@ impl VcenterSource {
                             position: n,
                             time: String::new(),
                         },
+                        fence,
                     )
                     .await
                     .map_err(|e| e.to_string())?;
@@ -333,6 +394,7 @@ impl VcenterSource {
                         position: key,
                         time: time.clone(),
                     },
+                    fence,
                 )
                 .await
                 .map_err(|e| e.to_string())?;
@@ -497,5 +559,35 @@ mod tests {
             Some("eventex")
         );
         assert_eq!(ev.id(), "77");
+    }
+}
+
+/// A source's lease while this node holds it.
+struct Held<'a> {
+    store: &'a dyn Store,
+    lease: &'a str,
+    fence: i64,
+    renewed: tokio::time::Instant,
+}
+
+impl Held<'_> {
+    /// Renews the lease when a third of it has passed; `false` when another node has it.
+    async fn renew(&mut self) -> bool {
+        if self.renewed.elapsed() < self.store.lease_time() / 3 {
+            return true;
+        }
+        match self.store.hold_lease(self.lease).await {
+            Ok(Some(fence)) => {
+                self.fence = fence;
+                self.renewed = tokio::time::Instant::now();
+                true
+            }
+            Ok(None) => false,
+            // Unreachable store: keep polling; the checkpoint write is fenced anyway.
+            Err(e) => {
+                tracing::warn!(lease = self.lease, error = %e, "cannot renew the lease");
+                true
+            }
+        }
     }
 }

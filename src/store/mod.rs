@@ -335,8 +335,20 @@ pub trait Store: Send + Sync {
         &self,
         id: i64,
     ) -> Result<Option<(DeliveryRecord, Vec<AttemptRecord>)>, StoreError>;
-    /// Stores a source's position; returns once durable.
-    async fn set_checkpoint(&self, source: &str, cp: Checkpoint) -> Result<(), StoreError>;
+    /// Stores a source's position; returns once durable. `fence` is the token of the
+    /// source's lease ([`Store::hold_lease`]): a node that lost the lease to another
+    /// cannot move the position (the write fails with [`StoreError::Conflict`]).
+    async fn set_checkpoint(
+        &self,
+        source: &str,
+        cp: Checkpoint,
+        fence: i64,
+    ) -> Result<(), StoreError>;
+    /// Takes or renews the lease `name` (a source that runs on one node at a time) for
+    /// [`Store::lease_time`]; its fencing token, or `None` while another node holds it.
+    async fn hold_lease(&self, name: &str) -> Result<Option<i64>, StoreError>;
+    /// How long a lease lasts unless renewed.
+    fn lease_time(&self) -> Duration;
     /// A source's stored position.
     async fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>, StoreError>;
     /// Applies retention; returns the number of events removed.

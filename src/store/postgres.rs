@@ -992,15 +992,52 @@ impl super::Store for PgStore {
         Ok(Some((delivery_row(d)?, attempts)))
     }
 
-    async fn set_checkpoint(&self, source: &str, cp: Checkpoint) -> Result<(), StoreError> {
-        self.query(
-            "storing a checkpoint",
-            "INSERT INTO checkpoints (source, position, time, updated_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (source) DO UPDATE SET position = EXCLUDED.position, time = EXCLUDED.time, updated_at = EXCLUDED.updated_at",
-            &[&source, &cp.position, &cp.time, &now_ms()],
-        )
-        .await
-        .map(|_| ())
+    async fn set_checkpoint(
+        &self,
+        source: &str,
+        cp: Checkpoint,
+        fence: i64,
+    ) -> Result<(), StoreError> {
+        // Written only while this node holds the source's lease with this token.
+        let rows = self
+            .query(
+                "storing a checkpoint",
+                "INSERT INTO checkpoints (source, position, time, updated_at)
+                 SELECT $1, $2, $3, $4 WHERE EXISTS (
+                     SELECT 1 FROM leases WHERE name = 'source:' || $1 AND node = $5 AND fence = $6)
+                 ON CONFLICT (source) DO UPDATE SET position = EXCLUDED.position, time = EXCLUDED.time, updated_at = EXCLUDED.updated_at
+                 RETURNING 1",
+                &[&source, &cp.position, &cp.time, &now_ms(), &self.inner.node, &fence],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Err(StoreError::Conflict(format!(
+                "source {source}: this node ({}) no longer holds its lease; another node runs it now",
+                self.inner.node
+            )));
+        }
+        Ok(())
+    }
+
+    async fn hold_lease(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        let now = now_ms();
+        // A new holder gets the next fencing token; the holder renewing keeps its own.
+        let rows = self
+            .query(
+                "taking a lease",
+                "INSERT INTO leases (name, node, until, fence) VALUES ($1, $2, $3, 1)
+                 ON CONFLICT (name) DO UPDATE SET node = $2, until = $3,
+                     fence = CASE WHEN leases.node = $2 AND leases.until >= $4 THEN leases.fence ELSE leases.fence + 1 END
+                 WHERE leases.node = $2 OR leases.until < $4
+                 RETURNING fence",
+                &[&name, &self.inner.node, &(now + self.inner.lease_ms), &now],
+            )
+            .await?;
+        Ok(rows.first().map(|r| r.get(0)))
+    }
+
+    fn lease_time(&self) -> Duration {
+        Duration::from_millis(self.inner.lease_ms as u64)
     }
 
     async fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>, StoreError> {

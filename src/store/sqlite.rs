@@ -263,7 +263,21 @@ impl super::Store for SqliteStore {
         .await
     }
 
-    async fn set_checkpoint(&self, source: &str, cp: Checkpoint) -> Result<(), StoreError> {
+    /// One process owns the file: it holds every lease.
+    async fn hold_lease(&self, _name: &str) -> Result<Option<i64>, StoreError> {
+        Ok(Some(1))
+    }
+
+    fn lease_time(&self) -> Duration {
+        Duration::from_secs(3600)
+    }
+
+    async fn set_checkpoint(
+        &self,
+        source: &str,
+        cp: Checkpoint,
+        _fence: i64,
+    ) -> Result<(), StoreError> {
         let source = source.to_string();
         self.call(|tx| Op::Checkpoint(source, cp.position, cp.time, tx))
             .await?

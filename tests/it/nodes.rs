@@ -30,6 +30,14 @@ impl Drop for Node {
 
 /// Starts a node named `name` on the shared store `url`, with `trigger` as its trigger.
 async fn node(dir: &Path, name: &str, url: &str, trigger: &str) -> Node {
+    let body = format!(
+        "sources:\n  - {{name: ce, type: cloudevents, path: /events}}\ntriggers:\n{trigger}"
+    );
+    node_with(dir, name, url, &body).await
+}
+
+/// Starts a node named `name` on the shared store `url` with `body` (sources, triggers…).
+async fn node_with(dir: &Path, name: &str, url: &str, body: &str) -> Node {
     let (http, api) = (free_port(), free_port());
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(
@@ -39,10 +47,7 @@ async fn node(dir: &Path, name: &str, url: &str, trigger: &str) -> Node {
 http: {{listen: "127.0.0.1:{http}"}}
 api: {{listen: "127.0.0.1:{api}"}}
 store: {{url: "{url}", lease: 2s, node: {name}}}
-sources:
-  - {{name: ce, type: cloudevents, path: /events}}
-triggers:
-{trigger}
+{body}
 "#
         ),
     )
@@ -244,4 +249,104 @@ async fn per_key_order_holds_across_nodes() {
         assert_eq!(ids, sorted, "{key} delivered out of order");
         assert_eq!(ids.len(), 50);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vcenter_source_fails_over_to_the_other_node() {
+    if pg_admin_url().is_none() {
+        eprintln!("skipped here: runs in the PostgreSQL pass (REFLEX_TEST_STORE=postgres)");
+        return;
+    }
+    use vsphere::vm::{PowerOp, VmSelector};
+    let sim = vsphere::sim::Simulator::start();
+    let c = vsphere::Client::connect(vsphere::ConnectOptions {
+        url: sim.url.clone(),
+        username: "user".into(),
+        password: "pass".into(),
+        insecure: true,
+        ca_pem: None,
+        thumbprint: None,
+        timeout: Duration::from_secs(30),
+    })
+    .await
+    .unwrap();
+    let rcv = Receiver::start().await;
+    std::env::set_var("REFLEX_IT_VC_PASSWORD", "pass");
+    let body = format!(
+        r#"vcenters:
+  vc1: {{url: "{}", username: user, password: "${{env:REFLEX_IT_VC_PASSWORD}}", insecure: true}}
+sources:
+  - {{name: vc1-events, type: vcenter, vcenter: vc1, poll_interval: 100ms}}
+triggers:
+  - name: vm-power
+    filters: [{{prefix: {{type: com.vmware.vsphere.VmPower}}}}]
+    action: {{type: http, url: "{}"}}
+"#,
+        sim.url,
+        rcv.url()
+    );
+    let got = record(rcv);
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg_url_for(dir.path());
+    let a = node_with(dir.path(), "node-a", &url, &body).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = node_with(dir.path(), "node-b", &url, &body).await;
+    let vm = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM1".into()))
+        .await
+        .unwrap();
+    let wait_for = |n: usize, secs: u64| {
+        let got = got.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+            while got.lock().unwrap().len() < n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} of {n} power events delivered",
+                    got.lock().unwrap().len()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    c.power(&vm, PowerOp::Off).await.unwrap();
+    wait_for(1, 10).await;
+    // Node A started first and holds the source; every node answers the same.
+    let nodes: serde_json::Value = reqwest::get(format!("{}/api/v1/nodes", b.api))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let holder: Vec<&str> = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| {
+            n["singletons"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s == "source:vc1-events")
+        })
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(holder, vec!["node-a"], "{nodes}");
+
+    // Node A dies; an event happens while nobody polls; node B takes over from the
+    // checkpoint within twice the lease (2 s) and delivers it.
+    drop(a);
+    let killed = tokio::time::Instant::now();
+    c.power(&vm, PowerOp::On).await.unwrap();
+    wait_for(2, 20).await;
+    let took = killed.elapsed();
+    eprintln!("vCenter source failover: the event after SIGKILL was delivered {took:?} later");
+    assert!(took < Duration::from_secs(6), "failover took {took:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = got.lock().unwrap().clone();
+    let mut ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), got.len(), "an event delivered twice: {got:?}");
+    drop(b);
 }

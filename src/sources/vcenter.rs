@@ -480,6 +480,36 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
 }
 
+/// A source's lease while this node holds it.
+struct Held<'a> {
+    store: &'a dyn Store,
+    lease: &'a str,
+    fence: i64,
+    renewed: tokio::time::Instant,
+}
+
+impl Held<'_> {
+    /// Renews the lease when a third of it has passed; `false` when another node has it.
+    async fn renew(&mut self) -> bool {
+        if self.renewed.elapsed() < self.store.lease_time() / 3 {
+            return true;
+        }
+        match self.store.hold_lease(self.lease).await {
+            Ok(Some(fence)) => {
+                self.fence = fence;
+                self.renewed = tokio::time::Instant::now();
+                true
+            }
+            Ok(None) => false,
+            // Unreachable store: keep polling; the checkpoint write is fenced anyway.
+            Err(e) => {
+                tracing::warn!(lease = self.lease, error = %e, "cannot renew the lease");
+                true
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,35 +589,5 @@ mod tests {
             Some("eventex")
         );
         assert_eq!(ev.id(), "77");
-    }
-}
-
-/// A source's lease while this node holds it.
-struct Held<'a> {
-    store: &'a dyn Store,
-    lease: &'a str,
-    fence: i64,
-    renewed: tokio::time::Instant,
-}
-
-impl Held<'_> {
-    /// Renews the lease when a third of it has passed; `false` when another node has it.
-    async fn renew(&mut self) -> bool {
-        if self.renewed.elapsed() < self.store.lease_time() / 3 {
-            return true;
-        }
-        match self.store.hold_lease(self.lease).await {
-            Ok(Some(fence)) => {
-                self.fence = fence;
-                self.renewed = tokio::time::Instant::now();
-                true
-            }
-            Ok(None) => false,
-            // Unreachable store: keep polling; the checkpoint write is fenced anyway.
-            Err(e) => {
-                tracing::warn!(lease = self.lease, error = %e, "cannot renew the lease");
-                true
-            }
-        }
     }
 }

@@ -123,7 +123,7 @@ impl Reflex {
         let yaml = match pg_admin_url() {
             Some(_) => yaml.replace(
                 "path: $DIR/reflex.db",
-                &format!("url: \"{}\"", pg_url_for(dir.path())),
+                &format!("url: \"{}\", pool_size: 4", pg_url_for(dir.path())),
             ),
             None => yaml.to_string(),
         };
@@ -310,7 +310,8 @@ pub fn pg_url_for(dir: &std::path::Path) -> String {
 /// The `store:` mapping for a store kept in `dir`, on the backend the suite runs on.
 pub fn store_config(dir: &std::path::Path) -> String {
     match pg_admin_url() {
-        Some(_) => format!("{{url: \"{}\"}}", pg_url_for(dir)),
+        // Few connections each: the suite runs many nodes at once on one server.
+        Some(_) => format!("{{url: \"{}\", pool_size: 4}}", pg_url_for(dir)),
         None => format!("{{path: \"{}/reflex.db\"}}", dir.display()),
     }
 }

@@ -46,7 +46,7 @@ async fn node_with(dir: &Path, name: &str, url: &str, body: &str) -> Node {
             r#"
 http: {{listen: "127.0.0.1:{http}"}}
 api: {{listen: "127.0.0.1:{api}"}}
-store: {{url: "{url}", lease: 2s, node: {name}}}
+store: {{url: "{url}", lease: 2s, node: {name}, pool_size: 6}}
 {body}
 "#
         ),

@@ -168,6 +168,10 @@ impl VcenterSource {
                         .run_held(held, &ingest, &vcenters, &metrics, &shutdown)
                         .await
                     {
+                        // A clean stop hands the source over at once, not after the lease.
+                        if let Err(e) = store.release_lease(&lease).await {
+                            tracing::warn!(source = %self.name, error = %e, "cannot give the source's lease up; another node takes over when it lapses");
+                        }
                         return;
                     }
                 }

@@ -347,6 +347,8 @@ pub trait Store: Send + Sync {
     /// Takes or renews the lease `name` (a source that runs on one node at a time) for
     /// [`Store::lease_time`]; its fencing token, or `None` while another node holds it.
     async fn hold_lease(&self, name: &str) -> Result<Option<i64>, StoreError>;
+    /// Gives the lease `name` up (at a clean stop), so another node takes over at once.
+    async fn release_lease(&self, name: &str) -> Result<(), StoreError>;
     /// How long a lease lasts unless renewed.
     fn lease_time(&self) -> Duration;
     /// A source's stored position.

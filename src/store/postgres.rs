@@ -1036,6 +1036,16 @@ impl super::Store for PgStore {
         Ok(rows.first().map(|r| r.get(0)))
     }
 
+    async fn release_lease(&self, name: &str) -> Result<(), StoreError> {
+        self.query(
+            "giving a lease up",
+            "DELETE FROM leases WHERE name = $1 AND node = $2",
+            &[&name, &self.inner.node],
+        )
+        .await
+        .map(|_| ())
+    }
+
     fn lease_time(&self) -> Duration {
         Duration::from_millis(self.inner.lease_ms as u64)
     }

@@ -268,6 +268,10 @@ impl super::Store for SqliteStore {
         Ok(Some(1))
     }
 
+    async fn release_lease(&self, _name: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     fn lease_time(&self) -> Duration {
         Duration::from_secs(3600)
     }

@@ -259,17 +259,7 @@ async fn the_vcenter_source_fails_over_to_the_other_node() {
     }
     use vsphere::vm::{PowerOp, VmSelector};
     let sim = vsphere::sim::Simulator::start();
-    let c = vsphere::Client::connect(vsphere::ConnectOptions {
-        url: sim.url.clone(),
-        username: "user".into(),
-        password: "pass".into(),
-        insecure: true,
-        ca_pem: None,
-        thumbprint: None,
-        timeout: Duration::from_secs(30),
-    })
-    .await
-    .unwrap();
+    let c = crate::vsphere::client(&sim).await;
     let rcv = Receiver::start().await;
     std::env::set_var("REFLEX_IT_VC_PASSWORD", "pass");
     let body = format!(

@@ -9,7 +9,7 @@ use vsphere::sim::Simulator;
 use vsphere::vm::{PowerOp, VmSelector};
 use vsphere::{Client, ConnectOptions, Node};
 
-async fn client(sim: &Simulator) -> Client {
+pub(crate) async fn client(sim: &Simulator) -> Client {
     Client::connect(ConnectOptions {
         url: sim.url.clone(),
         username: "user".into(),

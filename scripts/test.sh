@@ -26,8 +26,8 @@ fi
 echo "==> PostgreSQL on 127.0.0.1:5432"
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi; }
+version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
-  version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)
   if [ -z "$version" ]; then
     version=$(ls /usr/lib/postgresql | sort -V | tail -1)
     $SUDO pg_createcluster "$version" main
@@ -43,6 +43,8 @@ as_postgres psql -qtAc "SELECT 1 FROM pg_roles WHERE rolname = 'reflex'" | grep 
 as_postgres psql -qtAc "SELECT datname FROM pg_database WHERE datname LIKE 'reflex\_t\_%'" \
   | while read -r db; do [ -n "$db" ] && as_postgres dropdb --if-exists "$db" || true; done
 export REFLEX_TEST_PG=postgres://reflex:reflex@127.0.0.1:5432/postgres
+# How the restart test stops and starts this server (a Debian cluster).
+export REFLEX_TEST_PG_CTL="$SUDO pg_ctlcluster --skip-systemctl-redirect $version main"
 
 echo "==> building the vCenter simulator (crates/vsphere/vcsim)"
 mkdir -p target
@@ -68,3 +70,6 @@ echo "==> cargo test (embedded SQLite store)"
 cargo test --locked --workspace
 echo "==> cargo test (PostgreSQL store): the integration suite again, REFLEX_TEST_STORE=postgres"
 REFLEX_TEST_STORE=postgres cargo test --locked --test it
+echo "==> PostgreSQL restarted under load (alone: it restarts the shared server)"
+REFLEX_TEST_STORE=postgres cargo test --locked --test it postgres_restarted_under_load -- --ignored
+pg_isready -q -h 127.0.0.1 -p 5432

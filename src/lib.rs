@@ -96,9 +96,6 @@ impl Listeners {
     }
 }
 
-/// How long running deliveries get to finish after shutdown is requested.
-pub const DRAIN: Duration = Duration::from_secs(20);
-
 /// A request to re-read the configuration file; answered once the new file is checked
 /// (`Ok` means the restart on it has begun, `Err` holds every problem found).
 pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<(), String>>;
@@ -459,7 +456,8 @@ impl Running {
         // Ready only once what the last run left open is back in hand.
         dispatcher.recover().await;
         let dispatcher_stop = CancellationToken::new();
-        let dispatcher = tokio::spawn(dispatcher.run(dispatcher_stop.clone(), DRAIN));
+        let dispatcher =
+            tokio::spawn(dispatcher.run(dispatcher_stop.clone(), config.deliveries.drain.0));
         state.ready.store(true, Ordering::Release);
         tracing::info!(sources = %http_addr, api = %api_addr, triggers = router.triggers.len(), "reflex is running");
         Ok(Running {

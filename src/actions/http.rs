@@ -76,7 +76,7 @@ impl HttpAction {
                 describe_reqwest(&e)
             ))
         })?;
-        if let Some(err) = status_error(status, &String::from_utf8_lossy(&body)) {
+        if let Some(err) = status_error(status, &headers, &String::from_utf8_lossy(&body)) {
             return Err(err);
         }
         let is_ce = headers.contains_key("ce-specversion")

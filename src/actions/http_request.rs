@@ -93,8 +93,9 @@ impl HttpRequestAction {
             .await
             .map_err(|e| ActionError::transient(format!("{what}: {}", describe_reqwest(&e))))?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let body = resp.text().await.unwrap_or_default();
-        if let Some(mut err) = status_error(status, &body) {
+        if let Some(mut err) = status_error(status, &headers, &body) {
             err.message = format!("{what}: {}", err.message);
             return Err(err);
         }

@@ -4,6 +4,8 @@ pub mod emit;
 pub mod exec;
 pub mod http;
 pub mod http_request;
+#[cfg(test)]
+pub mod scripted;
 pub mod vsphere;
 
 use crate::config::{Config, Diagnostics};
@@ -74,6 +76,9 @@ pub enum Action {
     Emit(emit::EmitAction),
     /// See [`vsphere::VsphereAction`].
     Vsphere(vsphere::VsphereAction),
+    /// Answers from a script (tests of the dispatcher's timing).
+    #[cfg(test)]
+    Scripted(scripted::Scripted),
 }
 
 /// What an action needs from the running server.
@@ -103,6 +108,10 @@ pub struct ActionError {
     pub message: String,
     /// Retrying cannot help (e.g. HTTP 400, a missing program).
     pub permanent: bool,
+    /// The HTTP status the target answered, when it answered one.
+    pub status: Option<u16>,
+    /// When the target asked to be retried (its `Retry-After`), if it did.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ActionError {
@@ -111,6 +120,8 @@ impl ActionError {
         ActionError {
             message: message.into(),
             permanent: false,
+            status: None,
+            retry_after: None,
         }
     }
     /// A failure retrying cannot fix.
@@ -118,6 +129,8 @@ impl ActionError {
         ActionError {
             message: message.into(),
             permanent: true,
+            status: None,
+            retry_after: None,
         }
     }
 }
@@ -195,6 +208,8 @@ impl Action {
             Action::Exec(_) => "exec",
             Action::Emit(_) => "emit",
             Action::Vsphere(_) => "vsphere",
+            #[cfg(test)]
+            Action::Scripted(_) => "scripted",
         }
     }
 
@@ -210,22 +225,50 @@ impl Action {
             Action::Exec(a) => a.execute(event).await,
             Action::Emit(a) => a.execute(event, ctx).await,
             Action::Vsphere(a) => a.execute(event, ctx).await,
+            #[cfg(test)]
+            Action::Scripted(a) => a.execute(event).await,
         }
     }
 }
 
 /// Classifies an HTTP status: 2xx ok, 408/425/429 and 5xx transient, other 4xx permanent.
-pub(crate) fn status_error(status: reqwest::StatusCode, body: &str) -> Option<ActionError> {
+/// A `Retry-After` on a 429 or 503 is kept for the retry schedule.
+pub(crate) fn status_error(
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    body: &str,
+) -> Option<ActionError> {
     if status.is_success() {
         return None;
     }
     let snippet: String = body.chars().take(1024).collect();
     let msg = format!("HTTP {status}: {snippet}");
     let transient = status.is_server_error() || matches!(status.as_u16(), 408 | 425 | 429);
+    let retry_after = matches!(status.as_u16(), 429 | 503)
+        .then(|| headers.get(reqwest::header::RETRY_AFTER))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
     Some(ActionError {
         message: msg,
         permanent: !transient,
+        status: Some(status.as_u16()),
+        retry_after,
     })
+}
+
+/// A `Retry-After` value: delay-seconds or an HTTP date (RFC 9110 §10.2.3); a date in the
+/// past means now. `None` when it is neither.
+pub(crate) fn parse_retry_after(
+    value: &str,
+    now: std::time::SystemTime,
+) -> Option<std::time::Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(std::time::Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
 }
 
 /// Describes a reqwest error with its causes (connection refused, timeout…).
@@ -238,4 +281,45 @@ pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
         src = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        // 2023-11-14T22:13:20Z is `now`; a minute later:
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(60));
+        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(60)));
+        // A date in the past means now.
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(60));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    #[test]
+    fn a_429_or_503_keeps_its_retry_after_and_status() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(reqwest::header::RETRY_AFTER, "30".parse().unwrap());
+        let e = status_error(reqwest::StatusCode::TOO_MANY_REQUESTS, &h, "slow down").unwrap();
+        assert_eq!(
+            (e.status, e.retry_after, e.permanent),
+            (Some(429), Some(Duration::from_secs(30)), false)
+        );
+        let e = status_error(reqwest::StatusCode::SERVICE_UNAVAILABLE, &h, "").unwrap();
+        assert_eq!(e.retry_after, Some(Duration::from_secs(30)));
+        // Other statuses do not ask to be retried later.
+        let e = status_error(reqwest::StatusCode::INTERNAL_SERVER_ERROR, &h, "").unwrap();
+        assert_eq!(e.retry_after, None);
+        assert!(status_error(reqwest::StatusCode::OK, &h, "").is_none());
+    }
 }

@@ -33,6 +33,9 @@ pub struct Config {
     /// The durable store (events, deliveries, attempts): embedded SQLite or PostgreSQL.
     #[serde(default)]
     pub store: StoreConfig,
+    /// How deliveries are run, across triggers.
+    #[serde(default)]
+    pub deliveries: DeliveriesConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -73,6 +76,23 @@ impl Default for HttpConfig {
             max_body: ByteSize(1024 * 1024),
             queue: 20_000,
             drain: Duration(std::time::Duration::from_secs(10)),
+        }
+    }
+}
+
+/// How deliveries are run, across triggers.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveriesConfig {
+    /// How long running attempts get to finish when reflex stops or reloads; those still
+    /// running after it are recorded as interrupted and run again at the next start.
+    pub drain: Duration,
+}
+
+impl Default for DeliveriesConfig {
+    fn default() -> Self {
+        DeliveriesConfig {
+            drain: Duration(std::time::Duration::from_secs(20)),
         }
     }
 }
@@ -237,6 +257,17 @@ pub struct DeliveryConfig {
     pub backoff: Duration,
     /// Longest delay between attempts.
     pub max_backoff: Duration,
+    /// Delays before the second, third… attempt instead of doubling `backoff` (e.g.
+    /// `[10s, 1m, 5m]`); the last one repeats. Each is capped by `max_backoff`.
+    #[schemars(with = "Vec<String>")]
+    pub delays: Vec<Duration>,
+    /// Share of each delay taken off at random, from 0 (none) to 1; the default 0.5 spreads
+    /// the retries of a burst over [delay/2, delay].
+    pub jitter: f64,
+    /// Longest `Retry-After` (from a 429 or 503 answer) honoured; a longer one is cut to this.
+    pub max_retry_after: Duration,
+    /// Least delay after a 429 Too Many Requests, with or without `Retry-After`.
+    pub min_backoff_after_429: Duration,
     /// Time allowed for one attempt.
     pub timeout: Duration,
     /// Attempts of this trigger running at once.
@@ -257,6 +288,10 @@ impl Default for DeliveryConfig {
             max_attempts: 5,
             backoff: Duration(std::time::Duration::from_secs(1)),
             max_backoff: Duration(std::time::Duration::from_secs(300)),
+            delays: Vec::new(),
+            jitter: 0.5,
+            max_retry_after: Duration(std::time::Duration::from_secs(3600)),
+            min_backoff_after_429: Duration(std::time::Duration::from_secs(5)),
             timeout: Duration(std::time::Duration::from_secs(30)),
             concurrency: 16,
             rate: None,
@@ -421,6 +456,15 @@ impl Config {
                     format!(
                         "trigger `{}`: delivery.max_attempts must be at least 1",
                         t.name.value
+                    ),
+                );
+            }
+            if !(0.0..=1.0).contains(&t.delivery.jitter) {
+                diags.at(
+                    &t.name.referenced,
+                    format!(
+                        "trigger `{}`: delivery.jitter is {}; it must be between 0 and 1",
+                        t.name.value, t.delivery.jitter
                     ),
                 );
             }

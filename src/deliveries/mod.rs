@@ -10,11 +10,29 @@
 //! half the memory), so that one failing or rate-limited target does not fill memory and
 //! starve the rest.
 
-use crate::actions::{ActionContext, ActionError};
+mod attempt;
+mod backlog;
+mod clock;
+mod drain;
+mod retry;
+mod schedule;
+#[cfg(test)]
+mod tests;
+
+pub use backlog::PARK_RETRY_AFTER;
+pub use clock::Clock;
+pub use retry::RetrySchedule;
+
+use crate::actions::ActionContext;
 use crate::router::Router;
-use crate::store::{now_ms, AttemptRecord, Bus, OpenDelivery, State, StoreError};
+use crate::store::{AttemptRecord, Bus, OpenDelivery, State, StoreError};
 use crate::telemetry::Metrics;
+use attempt::Done;
+use backlog::Backlog;
 use cloudevents::Event;
+use drain::unfinished;
+use retry::next_state;
+use schedule::Timed;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -66,12 +84,6 @@ impl Job {
     }
 }
 
-/// How late a rate-limited start may be made up for (about two timer ticks).
-const RATE_SLACK: Duration = Duration::from_millis(2);
-
-/// Retries due further ahead than this (ms) wait in the store rather than in memory.
-pub const PARK_RETRY_AFTER: i64 = 2_000;
-
 /// How a job reaches the dispatcher.
 #[derive(Debug)]
 pub enum Admission {
@@ -82,52 +94,10 @@ pub enum Admission {
     Rescan,
 }
 
-/// Open deliveries may be waiting in the store, not in memory: they are read back in passes
-/// over the ids.
-struct Backlog {
-    /// Last id read in this pass.
-    cursor: i64,
-    /// A delivery at or below the cursor was left in the store: another pass is needed.
-    behind: bool,
-}
-
-struct Timed(i64, u64, Job);
-impl PartialEq for Timed {
-    fn eq(&self, o: &Self) -> bool {
-        (self.0, self.1) == (o.0, o.1)
-    }
-}
-impl Eq for Timed {}
-impl PartialOrd for Timed {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Timed {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.0, self.1).cmp(&(o.0, o.1))
-    }
-}
-
-struct Done {
-    job: Job,
-    record: AttemptRecord,
-    error: Option<ActionError>,
-    /// The bus gave the delivery to this process; `false`: nothing ran (another node has
-    /// it, an earlier delivery of its ordering key is open, or the store was unreachable).
-    claimed: bool,
-}
-
-/// An attempt's record that the store could not take yet; written again until it does.
-struct Unrecorded {
-    id: i64,
-    record: AttemptRecord,
-    state: State,
-    next_at: Option<i64>,
-}
-
 /// The dispatcher; see the module doc.
 pub struct Dispatcher {
+    /// Every time the dispatcher reads or waits for.
+    clock: Clock,
     router: Arc<Router>,
     bus: Arc<dyn Bus>,
     ctx: ActionContext,
@@ -175,6 +145,7 @@ impl Dispatcher {
     ) -> Dispatcher {
         let n = router.triggers.len();
         Dispatcher {
+            clock: Clock::System,
             router,
             shared: bus.poll_interval(),
             bus,
@@ -201,6 +172,12 @@ impl Dispatcher {
             parked_left: false,
             deferred: Vec::new(),
         }
+    }
+
+    /// Runs on `clock` instead of the system's (tests use [`Clock::tokio`] on paused time).
+    pub fn with_clock(mut self, clock: Clock) -> Dispatcher {
+        self.clock = clock;
+        self
     }
 
     /// Takes a job from ingest, or leaves it in the store when memory is full; a rescan
@@ -242,113 +219,6 @@ impl Dispatcher {
         self.hold(job);
     }
 
-    fn hold(&mut self, job: Job) {
-        self.held.insert(job.id);
-        if let Some(k) = &job.ordering_key {
-            let key = (job.trigger, k.clone());
-            if let Some(waiting) = self.keys.get_mut(&key) {
-                waiting.push_back(job);
-                return;
-            }
-            self.keys.insert(key, VecDeque::new());
-        }
-        self.schedule(job);
-    }
-
-    fn schedule(&mut self, job: Job) {
-        let now = now_ms();
-        match job.not_before {
-            Some(t) if t > now + PARK_RETRY_AFTER && job.ordering_key.is_none() => {
-                // The store has it as `retrying` with this time; it is read back when due.
-                self.held.remove(&job.id);
-                self.parked_due = Some(self.parked_due.map_or(t, |d| d.min(t)));
-            }
-            Some(t) if t > now => {
-                self.timer_seq += 1;
-                self.timers.push(Reverse(Timed(t, self.timer_seq, job)));
-            }
-            _ => self.enqueue(job),
-        }
-    }
-
-    /// Queues a job to start; one that its trigger's rate would start more than
-    /// [`PARK_RETRY_AFTER`] from now, or past half the memory, waits in the store instead.
-    fn enqueue(&mut self, job: Job) {
-        let t = job.trigger;
-        if let (Some(spacing), None) = (self.router.triggers[t].policy.spacing, &job.ordering_key) {
-            let now = tokio::time::Instant::now();
-            let first = self.next_start[t].unwrap_or(now).max(now);
-            let queued = u32::try_from(self.ready[t].len()).unwrap_or(u32::MAX);
-            let wait = (first - now).saturating_add(spacing.saturating_mul(queued));
-            let park = Duration::from_millis(PARK_RETRY_AFTER as u64);
-            if wait > park || self.ready[t].len() >= self.max_held / 2 {
-                let at = now_ms() + wait.as_millis().min(i64::MAX as u128) as i64;
-                self.held.remove(&job.id);
-                self.deferred.push((job.id, at));
-                self.parked_due = Some(self.parked_due.map_or(at, |d| d.min(at)));
-                return;
-            }
-        }
-        self.ready[t].push_back(job);
-    }
-
-    /// Sends the put-off starts to the store (before any read of it, which flushes first).
-    async fn send_deferred(&mut self) {
-        for (id, at) in std::mem::take(&mut self.deferred) {
-            // Not recorded: the delivery is due at once in the store, which only runs it
-            // earlier than the rate wanted after a restart.
-            if let Err(e) = self.bus.defer(id, at).await {
-                tracing::warn!(delivery = id, error = %e, "cannot record a start put off by the trigger's rate");
-            }
-        }
-    }
-
-    fn release_key(&mut self, job: &Job) {
-        if let Some(k) = &job.ordering_key {
-            let key = (job.trigger, k.clone());
-            let next = self.keys.get_mut(&key).and_then(VecDeque::pop_front);
-            match next {
-                Some(next) => self.schedule(next),
-                None => {
-                    self.keys.remove(&key);
-                }
-            }
-        }
-    }
-
-    /// Starts what the concurrency limits and rates allow; returns when a rate next allows
-    /// a start that is waiting.
-    fn start_ready(&mut self) -> Option<tokio::time::Instant> {
-        let now = tokio::time::Instant::now();
-        let mut wake: Option<tokio::time::Instant> = None;
-        for t in 0..self.ready.len() {
-            let policy = &self.router.triggers[t].policy;
-            let (limit, spacing) = (policy.concurrency, policy.spacing);
-            while self.running[t] < limit && !self.ready[t].is_empty() {
-                if let Some(spacing) = spacing {
-                    let next = self.next_start[t].unwrap_or(now);
-                    if next > now {
-                        wake = Some(wake.map_or(next, |w| w.min(next)));
-                        break;
-                    }
-                    // Lateness of up to one timer tick is made up (so rates above 1000/s
-                    // hold), never more: an idle trigger does not save up a burst.
-                    let floor = now.checked_sub(RATE_SLACK).unwrap_or(now);
-                    self.next_start[t] = Some(next.max(floor) + spacing);
-                }
-                let job = self.ready[t].pop_front().expect("not empty");
-                self.running[t] += 1;
-                let router = self.router.clone();
-                let bus = self.bus.clone();
-                let ctx = self.ctx.clone();
-                let task = self.tasks.spawn(attempt(router, bus, ctx, job.clone()));
-                self.in_flight.insert(task.id(), (job, now_ms()));
-            }
-        }
-        self.metrics.queue_depth.set(self.held.len() as i64);
-        wake
-    }
-
     async fn complete(&mut self, done: Done) {
         let Done {
             mut job,
@@ -374,16 +244,11 @@ impl Dispatcher {
             State::Succeeded => {
                 self.metrics.delivery_latency(
                     &trigger.name,
-                    (now_ms() - job.received_at).max(0) as f64 / 1000.0,
+                    (self.clock.now_ms() - job.received_at).max(0) as f64 / 1000.0,
                 );
                 None
             }
-            State::Retrying => {
-                let delay = trigger
-                    .policy
-                    .retry_delay(job.attempts - job.attempt_base + 1);
-                Some(now_ms() + delay.as_millis() as i64)
-            }
+            State::Retrying => Some(self.retry_at(&job, record.n, &error)),
             _ => None,
         };
         self.metrics.delivery(&trigger.name, state.as_str());
@@ -406,128 +271,6 @@ impl Dispatcher {
         }
     }
 
-    /// Reads back what waits in the store, while there is room: due retries, then open
-    /// deliveries a pass at a time.
-    async fn refill(&mut self) {
-        if !self.record_unrecorded().await {
-            return; // the store is unreachable: reading from it would fail too
-        }
-        self.send_deferred().await;
-        self.read_due_retries().await;
-        while self.backlog.is_some() {
-            let room = self.max_held.saturating_sub(self.held.len());
-            if room < (self.max_held / 10).max(1) {
-                return;
-            }
-            let cursor = self.backlog.as_ref().map_or(0, |b| b.cursor);
-            // Attempts finished before now must be committed, or they would read as open.
-            self.bus.flush().await;
-            let due_by = now_ms() + PARK_RETRY_AFTER;
-            let open = match self.bus.open_deliveries(cursor, room, due_by).await {
-                Ok(open) => open,
-                Err(e) => {
-                    tracing::error!(error = %e, "reading open deliveries back from the store; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    return;
-                }
-            };
-            let end_of_pass = open.len() < room;
-            let mut cursor = cursor;
-            let before = self.held.len();
-            for d in open {
-                cursor = d.id;
-                self.max_read = self.max_read.max(d.id);
-                self.take_back(d).await;
-            }
-            let read = self.held.len() - before;
-            if read > 0 {
-                tracing::info!(read, "open deliveries read back from the store");
-            }
-            let b = self.backlog.as_mut().expect("the loop checks it");
-            b.cursor = cursor;
-            if end_of_pass {
-                // The pass skipped later retries: learn when the first is due.
-                self.parked_left = true;
-                if b.behind {
-                    *b = Backlog {
-                        cursor: 0,
-                        behind: false,
-                    };
-                } else {
-                    self.backlog = None;
-                }
-            }
-            if read > 0 {
-                return; // start these; the next turn of the loop reads on
-            }
-        }
-    }
-
-    /// Reads back the retries that waited in the store and are now due.
-    async fn read_due_retries(&mut self) {
-        let now = now_ms();
-        if !(self.parked_left || self.parked_due.is_some_and(|t| t <= now)) {
-            return;
-        }
-        let room = self.max_held.saturating_sub(self.held.len());
-        if room == 0 {
-            // Read them once room frees up (a completion wakes the loop).
-            self.parked_left = true;
-            self.parked_due = None;
-            return;
-        }
-        self.bus.flush().await;
-        // Held retries can be among the due ones: ask for enough to see past them.
-        let due = match self.bus.due_deliveries(now, room + self.held.len()).await {
-            Ok(due) => due,
-            Err(e) => {
-                tracing::error!(error = %e, "reading due retries back from the store; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                return;
-            }
-        };
-        let before = self.held.len();
-        for d in due {
-            if self.held.len() >= self.max_held {
-                break;
-            }
-            self.take_back(d).await;
-        }
-        self.parked_left = self.held.len() - before == room;
-        // Starts put off just now are not in the store yet: they count too.
-        let local = self.deferred.iter().map(|d| d.1).min();
-        let stored = match self.bus.next_due_after(now).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the next retry time from the store");
-                Some(now + 1000)
-            }
-        };
-        self.parked_due = stored.into_iter().chain(local).min();
-    }
-
-    /// Holds a delivery read from the store, unless held already or no longer runnable.
-    async fn take_back(&mut self, d: OpenDelivery) {
-        if self.held.contains(&d.id) {
-            return;
-        }
-        let (id, attempts) = (d.id, d.attempts);
-        match Job::from_open(d, &self.router) {
-            Ok(job) => self.hold(job),
-            Err(why) => {
-                tracing::warn!(delivery = id, "{why}; dead-lettered");
-                let rec = AttemptRecord {
-                    n: attempts + 1,
-                    started_at: now_ms(),
-                    duration_ms: 0,
-                    outcome: "failed".into(),
-                    detail: why,
-                };
-                self.record(id, rec, State::Dead, None).await;
-            }
-        }
-    }
-
     /// Reads back what a previous run left open, as far as memory allows; call before
     /// [`Dispatcher::run`] so that readiness means recovery is done.
     pub async fn recover(&mut self) {
@@ -541,19 +284,11 @@ impl Dispatcher {
             self.refill().await;
             let rate_wake = self.start_ready();
             self.send_deferred().await;
-            let next_timer = self
-                .timers
-                .peek()
-                .map(|Reverse(t)| t.0)
-                .into_iter()
-                .chain(self.parked_due)
-                .min();
+            let next_timer = self.next_timer();
+            let clock = self.clock;
             let sleep = async {
                 match next_timer {
-                    Some(t) => {
-                        tokio::time::sleep(Duration::from_millis((t - now_ms()).max(0) as u64))
-                            .await
-                    }
+                    Some(t) => clock.sleep_until_ms(t).await,
                     None => std::future::pending().await,
                 }
             };
@@ -596,7 +331,7 @@ impl Dispatcher {
                             tracing::error!(error = %e, "a delivery attempt task failed");
                             if let Some((job, started)) = self.in_flight.remove(&e.id()) {
                                 let why = format!("the attempt stopped unexpectedly ({e}); it will be retried");
-                                self.complete(unfinished(job, started, "failed", why)).await;
+                                self.complete(unfinished(job, started, self.clock.now_ms(), "failed", why)).await;
                             }
                         }
                     }
@@ -610,84 +345,10 @@ impl Dispatcher {
                     }
                     None => break,
                 },
-                _ = sleep => {
-                    let now = now_ms();
-                    while self.timers.peek().is_some_and(|Reverse(t)| t.0 <= now) {
-                        let Reverse(Timed(_, _, job)) = self.timers.pop().expect("peeked");
-                        self.ready[job.trigger].push_back(job);
-                    }
-                }
+                _ = sleep => self.fire_timers(),
             }
         }
-        let in_flight = self.tasks.len();
-        if in_flight > 0 {
-            tracing::info!(in_flight, "draining deliveries");
-        }
-        let deadline = tokio::time::Instant::now() + drain;
-        while !self.tasks.is_empty() {
-            match tokio::time::timeout_at(deadline, self.tasks.join_next_with_id()).await {
-                Ok(Some(Ok((task, done)))) => {
-                    self.in_flight.remove(&task);
-                    self.record_drained(done).await;
-                }
-                Ok(Some(Err(e))) => {
-                    if let Some((job, started)) = self.in_flight.remove(&e.id()) {
-                        let why =
-                            format!("the attempt stopped unexpectedly ({e}); it will be retried");
-                        self.record_drained(unfinished(job, started, "failed", why))
-                            .await;
-                    }
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!(
-                        abandoned = self.tasks.len(),
-                        "drain timeout; the attempts still running are recorded as interrupted and run again at the next start"
-                    );
-                    for (_, (job, started)) in std::mem::take(&mut self.in_flight) {
-                        let why = format!(
-                            "interrupted: reflex stopped or reloaded while the attempt ran (still running after {drain:?}); it will be retried"
-                        );
-                        self.record_drained(unfinished(job, started, "interrupted", why))
-                            .await;
-                    }
-                    self.tasks.abort_all();
-                    // Let the aborted tasks go before the last flush: none may write after it.
-                    while self.tasks.join_next().await.is_some() {}
-                    break;
-                }
-            }
-        }
-        if !self.record_unrecorded().await {
-            tracing::error!(
-                left = self.unrecorded.len(),
-                "stopping with attempt records the store refused; those deliveries run again at the next start"
-            );
-        }
-        self.bus.flush().await;
-    }
-}
-
-impl Dispatcher {
-    /// Records an attempt that finished (or was cut off) while draining; a retry is left,
-    /// with its backoff, for the next start.
-    async fn record_drained(&mut self, done: Done) {
-        let Done {
-            job,
-            record,
-            error,
-            claimed,
-        } = done;
-        self.running[job.trigger] -= 1;
-        if !claimed {
-            return;
-        }
-        let policy = &self.router.triggers[job.trigger].policy;
-        let in_budget = record.n - job.attempt_base;
-        let state = next_state(&error, in_budget, policy.max_attempts);
-        let next_at = (state == State::Retrying)
-            .then(|| now_ms() + policy.retry_delay(in_budget + 1).as_millis() as i64);
-        self.record(job.id, record, state, next_at).await;
+        self.drain(drain).await;
     }
 
     /// Records an attempt; one the store refuses is kept and written again later.
@@ -718,91 +379,14 @@ impl Dispatcher {
     }
 }
 
+/// An attempt's record that the store could not take yet; written again until it does.
+struct Unrecorded {
+    id: i64,
+    record: AttemptRecord,
+    state: State,
+    next_at: Option<i64>,
+}
+
 fn log_unrecorded(id: i64, e: &StoreError, waiting: usize) {
     tracing::error!(delivery = id, waiting, error = %e, "cannot record an attempt; it is kept and written again once the store answers");
-}
-
-/// The record of an attempt whose task did not return (it panicked, or was abandoned).
-fn unfinished(job: Job, started_at: i64, outcome: &str, detail: String) -> Done {
-    Done {
-        record: AttemptRecord {
-            n: job.attempts + 1,
-            started_at,
-            duration_ms: (now_ms() - started_at).max(0),
-            outcome: outcome.into(),
-            detail: detail.clone(),
-        },
-        job,
-        error: Some(ActionError::transient(detail)),
-        claimed: true,
-    }
-}
-
-/// The state after an attempt: succeeded, dead (permanent error or out of attempts since
-/// the last replay), or retrying.
-fn next_state(error: &Option<ActionError>, attempts_in_budget: u32, max_attempts: u32) -> State {
-    match error {
-        None => State::Succeeded,
-        Some(e) if e.permanent => State::Dead,
-        Some(_) if attempts_in_budget >= max_attempts => State::Dead,
-        Some(_) => State::Retrying,
-    }
-}
-
-async fn attempt(router: Arc<Router>, bus: Arc<dyn Bus>, ctx: ActionContext, job: Job) -> Done {
-    let trigger = &router.triggers[job.trigger];
-    let started_at = now_ms();
-    let claimed = match bus.claim(job.id).await {
-        Ok(claimed) => claimed,
-        Err(e) => {
-            tracing::warn!(delivery = job.id, error = %e, "cannot claim the delivery; it stays open in the store");
-            false
-        }
-    };
-    if !claimed {
-        return Done {
-            record: AttemptRecord {
-                n: job.attempts,
-                started_at,
-                duration_ms: 0,
-                outcome: String::new(),
-                detail: String::new(),
-            },
-            job,
-            error: None,
-            claimed: false,
-        };
-    }
-    let clock = std::time::Instant::now();
-    let n = job.attempts + 1;
-    let result = tokio::time::timeout(
-        trigger.policy.timeout,
-        trigger.action.execute(&job.event, &ctx),
-    )
-    .await;
-    let duration_ms = clock.elapsed().as_millis() as i64;
-    let (outcome, detail, error) = match result {
-        Ok(Ok(o)) => ("succeeded", o.detail, None),
-        Ok(Err(e)) => ("failed", e.message.clone(), Some(e)),
-        Err(_) => {
-            let msg = format!(
-                "attempt timed out after {:?} ({} action)",
-                trigger.policy.timeout,
-                trigger.action.kind()
-            );
-            ("timeout", msg.clone(), Some(ActionError::transient(msg)))
-        }
-    };
-    Done {
-        record: AttemptRecord {
-            n,
-            started_at,
-            duration_ms,
-            outcome: outcome.into(),
-            detail,
-        },
-        job,
-        error,
-        claimed: true,
-    }
 }

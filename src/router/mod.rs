@@ -19,10 +19,8 @@ use std::time::Duration;
 pub struct DeliveryPolicy {
     /// Attempts before dead-lettering.
     pub max_attempts: u32,
-    /// First retry delay.
-    pub backoff: Duration,
-    /// Retry delay cap.
-    pub max_backoff: Duration,
+    /// When retries are due.
+    pub retry: crate::deliveries::RetrySchedule,
     /// Time allowed per attempt.
     pub timeout: Duration,
     /// Attempts running at once.
@@ -33,20 +31,6 @@ pub struct DeliveryPolicy {
     pub ordering_key: Option<Template>,
     /// Key template and window for `once_within` throttling.
     pub throttle: Option<(Template, Duration)>,
-}
-
-impl DeliveryPolicy {
-    /// The delay before attempt `next` (2 = first retry): exponential, capped, with jitter
-    /// drawn from [delay/2, delay] so that retries of a burst spread out.
-    pub fn retry_delay(&self, next: u32) -> Duration {
-        let exp = next.saturating_sub(2).min(30);
-        let base = self
-            .backoff
-            .saturating_mul(1u32 << exp)
-            .min(self.max_backoff);
-        let half = base / 2;
-        half + base.mul_f64(rand::random::<f64>() * 0.5)
-    }
 }
 
 /// A compiled trigger.
@@ -249,8 +233,14 @@ fn compile_trigger(t: &TriggerConfig, config: &Config, diags: &mut Diagnostics) 
     let action = Action::build(&t.action, name, config, loc, diags);
     let policy = DeliveryPolicy {
         max_attempts: d.max_attempts.max(1),
-        backoff: d.backoff.0,
-        max_backoff: d.max_backoff.0,
+        retry: crate::deliveries::RetrySchedule {
+            delays: d.delays.iter().map(|d| d.0).collect(),
+            backoff: d.backoff.0,
+            max_backoff: d.max_backoff.0,
+            jitter: d.jitter.clamp(0.0, 1.0),
+            max_retry_after: d.max_retry_after.0,
+            min_after_429: d.min_backoff_after_429.0,
+        },
         timeout: d.timeout.0,
         concurrency: d.concurrency.max(1),
         spacing: d.rate.map(|r| r.interval()),
@@ -378,24 +368,32 @@ triggers:
     }
 
     #[test]
-    fn backoff_grows_with_jitter_and_cap() {
-        let p = DeliveryPolicy {
-            max_attempts: 10,
-            backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(8),
-            timeout: Duration::from_secs(1),
-            concurrency: 1,
-            spacing: None,
-            ordering_key: None,
-            throttle: None,
-        };
-        for _ in 0..100 {
-            let d2 = p.retry_delay(2);
-            assert!(d2 >= Duration::from_millis(500) && d2 <= Duration::from_secs(1));
-            let d4 = p.retry_delay(4);
-            assert!(d4 >= Duration::from_secs(2) && d4 <= Duration::from_secs(4));
-            let d9 = p.retry_delay(9);
-            assert!(d9 >= Duration::from_secs(4) && d9 <= Duration::from_secs(8));
-        }
+    fn the_retry_schedule_comes_from_the_delivery_settings() {
+        let r = router(
+            r#"
+triggers:
+  - name: a
+    filters: [{exact: {type: alarm}}]
+    action: {type: emit, event_type: x}
+    delivery: {delays: [10s, 1m], max_backoff: 30s, jitter: 0, max_retry_after: 2m, min_backoff_after_429: 7s}
+  - name: b
+    filters: [{exact: {type: alarm}}]
+    action: {type: emit, event_type: x}
+"#,
+        );
+        let s = |d: u64| Duration::from_secs(d);
+        let a = &r.triggers[0].policy.retry;
+        assert_eq!(a.delays, vec![s(10), s(60)]);
+        assert_eq!(
+            (a.max_backoff, a.jitter, a.max_retry_after, a.min_after_429),
+            (s(30), 0.0, s(120), s(7))
+        );
+        let e = crate::actions::ActionError::transient("x");
+        // The list is capped by max_backoff.
+        assert_eq!(a.delay(3, &e, 0.5), s(30));
+        assert_eq!(
+            r.triggers[1].policy.retry,
+            crate::deliveries::RetrySchedule::default()
+        );
     }
 }

@@ -340,3 +340,134 @@ triggers:
     assert_eq!(ids.len(), got.len(), "an event delivered twice: {got:?}");
     drop(b);
 }
+
+/// PostgreSQL stopped and started again under load: while it is down ingest answers `503`
+/// with `Retry-After` and `/readyz` is unready; afterwards every event answered `202` is
+/// delivered. It restarts the shared server, so `scripts/test.sh` runs it alone, after the
+/// suite, with `REFLEX_TEST_PG_CTL` naming the server's control command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "restarts the shared PostgreSQL: scripts/test.sh runs it alone (REFLEX_TEST_PG_CTL)"]
+async fn postgres_restarted_under_load_loses_nothing_acknowledged() {
+    let ctl = std::env::var("REFLEX_TEST_PG_CTL")
+        .expect("REFLEX_TEST_PG_CTL: the command that stops and starts PostgreSQL, e.g. `pg_ctlcluster --skip-systemctl-redirect 15 main`");
+    assert!(
+        pg_admin_url().is_some(),
+        "run with REFLEX_TEST_STORE=postgres"
+    );
+    let pg = |verb: &str| {
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{ctl} {verb}"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "`{ctl} {verb}` failed: {status}");
+    };
+    let rcv = Receiver::start().await;
+    let trigger = format!(
+        "  - name: all\n    filters: [{{prefix: {{type: com.example}}}}]\n    action: {{type: http, url: \"{}\"}}\n",
+        rcv.url()
+    );
+    let got = record(rcv);
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg_url_for(dir.path());
+    let a = node(dir.path(), "node-a", &url, &trigger).await;
+
+    // Eight senders post for 10 s; PostgreSQL is down from about 2 s to 5 s.
+    let client = reqwest::Client::new();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let refused: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let mut senders = Vec::new();
+    for s in 0..8 {
+        let (client, stop, acked, refused, base) = (
+            client.clone(),
+            stop.clone(),
+            acked.clone(),
+            refused.clone(),
+            a.http.clone(),
+        );
+        senders.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let id = format!("r-{s}-{i}");
+                let body = cloudevent(&id, "com.example.restart", json!({"n": i}));
+                let r = client
+                    .post(format!("{base}/events"))
+                    .header("content-type", "application/cloudevents+json")
+                    .body(body)
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 202 => acked.lock().unwrap().push(id),
+                    Ok(r) if r.status() == 503 => {
+                        let after = r
+                            .headers()
+                            .get("retry-after")
+                            .map(|v| v.to_str().unwrap().to_string());
+                        refused.lock().unwrap().push(after);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Ok(r) => panic!("unexpected answer {}", r.status()),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg("stop -m fast");
+    let down = tokio::time::Instant::now();
+    let mut unready = false;
+    while down.elapsed() < Duration::from_secs(3) {
+        let r = reqwest::get(format!("{}/readyz", a.api)).await.unwrap();
+        unready |= r.status() == 503;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pg("start");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        s.await.unwrap();
+    }
+    assert!(unready, "/readyz stayed ready while PostgreSQL was down");
+    let refused = refused.lock().unwrap().clone();
+    assert!(!refused.is_empty(), "no 503 while PostgreSQL was down");
+    assert!(
+        refused.iter().all(|r| r.is_some()),
+        "a 503 without Retry-After"
+    );
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 100,
+        "only {} events acknowledged",
+        acked.len()
+    );
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let missing = loop {
+        let seen: std::collections::HashSet<String> = got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        let missing: Vec<&String> = acked.iter().filter(|id| !seen.contains(*id)).collect();
+        if missing.is_empty() || tokio::time::Instant::now() > deadline {
+            break missing.len();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let got = got.lock().unwrap().clone();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for (id, _) in &got {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    let twice = counts.values().filter(|n| **n > 1).count();
+    eprintln!(
+        "PostgreSQL restart: {} acknowledged, {} refused with 503 + Retry-After, {missing} missing, {twice} delivered twice",
+        acked.len(),
+        refused.len()
+    );
+    assert_eq!(missing, 0, "acknowledged events were not delivered");
+    drop(a);
+}

@@ -9,6 +9,7 @@
 //!     p50/p99, vs the round trip of the no-op server at the same rate;
 //! (c) RSS of reflex during (b) vs the no-op server's.
 
+mod postgres;
 mod vcenter;
 
 use anyhow::{bail, Context, Result};
@@ -24,6 +25,8 @@ struct Args {
     rate: u64,
     concurrency: usize,
     results: Option<String>,
+    /// Run the PostgreSQL store's figures (h)–(j) against this admin URL instead.
+    pg: Option<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -33,6 +36,7 @@ fn parse_args() -> Result<Args> {
         rate: 2000,
         concurrency: 64,
         results: None,
+        pg: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -43,6 +47,7 @@ fn parse_args() -> Result<Args> {
             "--concurrency" => a.concurrency = val()?.parse()?,
             "--results" => a.results = Some(val()?),
             "--no-vcenter" => a.vcenter = false,
+            "--postgres" => a.pg = Some(val()?),
             "noop-server" => return noop_server(val()?.parse()?).map(|_| unreachable!()),
             "load" => {
                 // Load only (for profiling a running server): `load URL SECONDS`.
@@ -263,6 +268,18 @@ fn main() -> Result<()> {
     let reflex_bin = me.with_file_name("reflex");
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
+        if let Some(admin) = &args.pg {
+            let rows = postgres::run(&reflex_bin, admin, args.seconds, args.concurrency).await?;
+            let report = format!(
+                "## {} — {}\n\nCommand: `cargo build --release --workspace && target/release/reflex-bench --postgres URL --seconds {} --concurrency {}` (URL: a PostgreSQL role that may create databases, e.g. `postgres://reflex:reflex@127.0.0.1:5432/postgres`; (j) needs the simulator: `bash scripts/test.sh` builds `target/vcsim`, or set `VCSIM_BIN`)\n\n\
+| figure | reflex | reference (same run, same server) | ratio | target |\n|---|---|---|---|---|\n{rows}\n",
+                now_utc()?,
+                machine(),
+                args.seconds,
+                args.concurrency,
+            );
+            return write_report(&report, args.results.as_deref());
+        }
         let dir = std::env::temp_dir().join(format!("reflex-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
 
@@ -353,19 +370,15 @@ fn main() -> Result<()> {
         drop(noop);
         let _ = std::fs::remove_dir_all(&dir);
 
-        let machine = format!(
-            "{} cores, {}",
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())).unwrap_or_default()
-        );
-        let date = String::from_utf8(Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output()?.stdout)?;
+        let machine = machine();
+        let date = now_utc()?;
         let report = format!(
             "## {date_t} — {machine}\n\nCommand: `cargo build --release --workspace && target/release/reflex-bench --seconds {s} --rate {r} --concurrency {c}` (needs the simulator: `bash scripts/test.sh` builds `target/vcsim`, or set `VCSIM_BIN`)\n\n\
 | figure | reflex | reference (no-op axum server, same run) | ratio | target |\n|---|---|---|---|---|\n\
 | (a) durable ingest, closed loop, {c} connections | {reflex_eps:.0} events/s ({reflex_bad} non-202) | {noop_rps:.0} requests/s (mean of a run before and one after) | {ra:.2} | ≥ 0.5 |\n\
 | (b) end-to-end latency at {r}/s (webhook → fsync → http action) | p50 {p50:.2} ms, p99 {p99:.2} ms ({delivered}/{sent} delivered, {failed} refused) | round trip p50 {np50:.2} ms, p99 {np99:.2} ms | p99 ×{rl:.1} | p99 ≤ 10 ms |\n\
 | (c) RSS during (b) | peak {rm:.1} MB (VmHWM {hm:.1} MB) | {nm:.1} MB | ×{rr:.1} | ≤ 100 MB |\n",
-            date_t = date.trim(),
+            date_t = date,
             s = args.seconds,
             r = args.rate,
             c = args.concurrency,
@@ -381,12 +394,44 @@ fn main() -> Result<()> {
             report.push_str(&vcenter::run(&reflex_bin, 10, 20).await?);
         }
         report.push('\n');
-        print!("{report}");
-        if let Some(path) = args.results {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-            f.write_all(report.as_bytes())?;
-        }
-        Ok(())
+        write_report(&report, args.results.as_deref())
     })
+}
+
+/// Prints the report and appends it to the results file when one is given.
+fn write_report(report: &str, results: Option<&str>) -> Result<()> {
+    print!("{report}");
+    if let Some(path) = results {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        f.write_all(report.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Cores and CPU model, for the report's heading.
+fn machine() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cores} cores, {model}")
+}
+
+fn now_utc() -> Result<String> {
+    let out = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }

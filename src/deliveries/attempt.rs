@@ -1,10 +1,11 @@
 //! One attempt: claim the delivery on the bus, run the trigger's action within its timeout,
 //! and describe what happened for the record.
 
+use super::retry::decide;
 use super::{Clock, Job};
 use crate::actions::{ActionContext, ActionError};
 use crate::router::Router;
-use crate::store::{AttemptRecord, Bus};
+use crate::store::{AttemptRecord, Bus, State};
 use std::sync::Arc;
 
 /// What an attempt did, for the dispatcher to record.
@@ -15,6 +16,11 @@ pub(super) struct Done {
     /// The bus gave the delivery to this process; `false`: nothing ran (another node has
     /// it, an earlier delivery of its ordering key is open, or the store was unreachable).
     pub(super) claimed: bool,
+    /// The delivery's new state and its next attempt's time, once decided.
+    pub(super) decided: Option<(State, Option<i64>)>,
+    /// The task recorded the attempt; `false` leaves it to the dispatcher (the store
+    /// refused it, or the task did not return).
+    pub(super) recorded: bool,
 }
 
 /// Claims `job` and, when this process got it, runs its trigger's action once.
@@ -46,6 +52,8 @@ pub(super) async fn attempt(
             job,
             error: None,
             claimed: false,
+            decided: None,
+            recorded: false,
         };
     }
     let started = tokio::time::Instant::now();
@@ -68,16 +76,32 @@ pub(super) async fn attempt(
             ("timeout", msg.clone(), Some(ActionError::transient(msg)))
         }
     };
+    let record = AttemptRecord {
+        n,
+        started_at,
+        duration_ms,
+        outcome: outcome.into(),
+        detail,
+    };
+    // Recorded here, so that the attempts running at once are recorded at once (the store
+    // batches them) rather than one by one by the dispatcher.
+    let (state, next_at) = decide(&trigger.policy, clock, &job, n, &error);
+    let recorded = match bus
+        .finish_attempt(job.id, record.clone(), state, next_at)
+        .await
+    {
+        Ok(()) => true,
+        Err(e) => {
+            super::log_unrecorded(job.id, &e, 1);
+            false
+        }
+    };
     Done {
-        record: AttemptRecord {
-            n,
-            started_at,
-            duration_ms,
-            outcome: outcome.into(),
-            detail,
-        },
+        record,
         job,
         error,
         claimed: true,
+        decided: Some((state, next_at)),
+        recorded,
     }
 }

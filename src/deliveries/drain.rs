@@ -3,10 +3,10 @@
 //! and run again at the next start.
 
 use super::attempt::Done;
-use super::retry::next_state;
+use super::retry::decide;
 use super::{Dispatcher, Job};
 use crate::actions::ActionError;
-use crate::store::{AttemptRecord, State};
+use crate::store::AttemptRecord;
 use std::time::Duration;
 
 impl Dispatcher {
@@ -80,14 +80,16 @@ impl Dispatcher {
             record,
             error,
             claimed,
+            decided,
+            recorded,
         } = done;
         self.running[job.trigger] -= 1;
-        if !claimed {
+        if !claimed || recorded {
             return;
         }
-        let max_attempts = self.router.triggers[job.trigger].policy.max_attempts;
-        let state = next_state(&error, record.n - job.attempt_base, max_attempts);
-        let next_at = (state == State::Retrying).then(|| self.retry_at(&job, record.n, &error));
+        let policy = &self.router.triggers[job.trigger].policy;
+        let (state, next_at) =
+            decided.unwrap_or_else(|| decide(policy, self.clock, &job, record.n, &error));
         self.record(job.id, record, state, next_at).await;
     }
 }
@@ -111,5 +113,7 @@ pub(super) fn unfinished(
         job,
         error: Some(ActionError::transient(detail)),
         claimed: true,
+        decided: None,
+        recorded: false,
     }
 }

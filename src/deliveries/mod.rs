@@ -31,7 +31,7 @@ use attempt::Done;
 use backlog::Backlog;
 use cloudevents::Event;
 use drain::unfinished;
-use retry::next_state;
+use retry::decide;
 use schedule::Timed;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -225,6 +225,8 @@ impl Dispatcher {
             record,
             error,
             claimed,
+            decided,
+            recorded,
         } = done;
         self.running[job.trigger] -= 1;
         if !claimed {
@@ -235,22 +237,14 @@ impl Dispatcher {
         }
         let trigger = &self.router.triggers[job.trigger];
         job.attempts = record.n;
-        let state = next_state(
-            &error,
-            job.attempts - job.attempt_base,
-            trigger.policy.max_attempts,
-        );
-        let next_at = match state {
-            State::Succeeded => {
-                self.metrics.delivery_latency(
-                    &trigger.name,
-                    (self.clock.now_ms() - job.received_at).max(0) as f64 / 1000.0,
-                );
-                None
-            }
-            State::Retrying => Some(self.retry_at(&job, record.n, &error)),
-            _ => None,
-        };
+        let (state, next_at) =
+            decided.unwrap_or_else(|| decide(&trigger.policy, self.clock, &job, record.n, &error));
+        if state == State::Succeeded {
+            self.metrics.delivery_latency(
+                &trigger.name,
+                (self.clock.now_ms() - job.received_at).max(0) as f64 / 1000.0,
+            );
+        }
         self.metrics.delivery(&trigger.name, state.as_str());
         match (&error, state) {
             (Some(e), State::Dead) => {
@@ -261,7 +255,9 @@ impl Dispatcher {
             }
             _ => tracing::debug!(trigger = %trigger.name, delivery = job.id, "delivered"),
         }
-        self.record(job.id, record, state, next_at).await;
+        if !recorded {
+            self.record(job.id, record, state, next_at).await;
+        }
         if state == State::Retrying {
             job.not_before = next_at;
             self.schedule(job);
@@ -387,6 +383,6 @@ struct Unrecorded {
     next_at: Option<i64>,
 }
 
-fn log_unrecorded(id: i64, e: &StoreError, waiting: usize) {
+pub(super) fn log_unrecorded(id: i64, e: &StoreError, waiting: usize) {
     tracing::error!(delivery = id, waiting, error = %e, "cannot record an attempt; it is kept and written again once the store answers");
 }

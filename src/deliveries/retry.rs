@@ -84,17 +84,24 @@ pub(super) fn next_state(
     }
 }
 
-impl super::Dispatcher {
-    /// When attempt `made + 1` of `job` is due after attempt `made` failed with `error`.
-    pub(super) fn retry_at(&self, job: &super::Job, made: u32, error: &Option<ActionError>) -> i64 {
-        let schedule = &self.router.triggers[job.trigger].policy.retry;
-        let next = made - job.attempt_base + 1;
-        let delay = match error {
-            Some(e) => schedule.next_delay(next, e),
-            None => schedule.next_delay(next, &ActionError::transient("")),
-        };
-        self.clock.now_ms() + delay.as_millis().min(i64::MAX as u128) as i64
-    }
+/// The state a delivery is left in after attempt `made` ended with `error`, and when its
+/// next attempt is due (a retry).
+pub(super) fn decide(
+    policy: &crate::router::DeliveryPolicy,
+    clock: super::Clock,
+    job: &super::Job,
+    made: u32,
+    error: &Option<ActionError>,
+) -> (State, Option<i64>) {
+    let state = next_state(error, made - job.attempt_base, policy.max_attempts);
+    let next_at = match (state, error) {
+        (State::Retrying, Some(e)) => {
+            let delay = policy.retry.next_delay(made - job.attempt_base + 1, e);
+            Some(clock.now_ms() + delay.as_millis().min(i64::MAX as u128) as i64)
+        }
+        _ => None,
+    };
+    (state, next_at)
 }
 
 #[cfg(test)]

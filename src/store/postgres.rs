@@ -144,9 +144,170 @@ struct Inner {
     /// open again, so these commit without waiting for the disk.
     fast: Pool,
     ingest: mpsc::Sender<IngestOp>,
+    /// Claims, taken in batches: one statement claims what is waiting.
+    claims: mpsc::Sender<Op<i64, bool>>,
+    /// Attempt records, taken in batches: one durable statement records what is waiting.
+    finishes: mpsc::Sender<Op<Finish, ()>>,
     node: String,
     lease_ms: i64,
     dedup_window_ms: i64,
+}
+
+/// A request to a batching task and where its answer goes.
+type Op<T, R> = (T, oneshot::Sender<Result<R, StoreError>>);
+
+/// An attempt to record: (delivery, record, new state, next attempt time).
+type Finish = (i64, AttemptRecord, State, Option<i64>);
+
+/// Most requests one batched claim or attempt-record statement takes.
+const MAX_BATCH_OPS: usize = 512;
+
+/// Runs `run` over batches of what waits in `rx` (one batch at a time: while a statement
+/// is in flight the next batch gathers), answering each request with its own result.
+fn spawn_batcher<T, R, F, Fut>(
+    inner: std::sync::Weak<Inner>,
+    mut rx: mpsc::Receiver<Op<T, R>>,
+    run: F,
+) where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(Arc<Inner>, Vec<T>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Vec<R>, StoreError>> + Send,
+{
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH_OPS {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            let Some(inner) = inner.upgrade() else { return };
+            let (items, replies): (Vec<T>, Vec<_>) = batch.into_iter().unzip();
+            match run(inner, items).await {
+                Ok(results) => {
+                    for (reply, r) in replies.into_iter().zip(results) {
+                        let _ = reply.send(Ok(r));
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(same_error(&e)));
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Claims a batch of deliveries for this node; `true` for each one it got.
+async fn claim_batch(inner: Arc<Inner>, ids: Vec<i64>) -> Result<Vec<bool>, StoreError> {
+    let err = |e| pg_error("claiming deliveries", e);
+    let now = now_ms();
+    let client = inner.fast.get().await.map_err(pool_error)?;
+    // A retry may be claimed up to 100 ms early: a node's timer and the database's clock
+    // are read at different moments. A keyed delivery waits for every earlier open one of
+    // its key (within a batch too: the statement sees the earlier one still open).
+    let st = client
+        .prepare_cached(
+            "UPDATE deliveries d SET state = 'running', owner = $2, lease_until = $3, updated_at = $4
+             WHERE d.id = ANY($1::int8[])
+               AND ((d.state IN ('pending', 'retrying') AND (d.next_at IS NULL OR d.next_at <= $4::int8 + 100))
+                    OR (d.state = 'running' AND (d.owner = $2 OR d.lease_until < $4)))
+               AND (d.ordering_key IS NULL OR NOT EXISTS (
+                    SELECT 1 FROM deliveries o
+                    WHERE o.trigger = d.trigger AND o.ordering_key = d.ordering_key AND o.id < d.id
+                      AND o.state IN ('pending', 'retrying', 'running')))
+             RETURNING d.id",
+        )
+        .await
+        .map_err(err)?;
+    let claimed: HashSet<i64> = client
+        .query(&st, &[&ids, &inner.node, &(now + inner.lease_ms), &now])
+        .await
+        .map_err(err)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(ids.iter().map(|id| claimed.contains(id)).collect())
+}
+
+/// Records a batch of attempts and their deliveries' new states in one durable statement.
+async fn finish_batch(inner: Arc<Inner>, done: Vec<Finish>) -> Result<Vec<()>, StoreError> {
+    let err = |e| pg_error("recording attempts", e);
+    let n = done.len();
+    let mut id = Vec::with_capacity(n);
+    let mut attempt = Vec::with_capacity(n);
+    let mut started_at = Vec::with_capacity(n);
+    let mut duration_ms = Vec::with_capacity(n);
+    let mut outcome = Vec::with_capacity(n);
+    let mut detail = Vec::with_capacity(n);
+    let mut state = Vec::with_capacity(n);
+    let mut next_at = Vec::with_capacity(n);
+    let mut last_error: Vec<Option<String>> = Vec::with_capacity(n);
+    // One row per delivery: a record kept back and sent again can meet its own retry.
+    let mut seen = HashSet::new();
+    for (d, record, st, next) in done.into_iter().rev() {
+        if !seen.insert((d, record.n)) {
+            continue;
+        }
+        id.push(d);
+        attempt.push(record.n as i32);
+        started_at.push(record.started_at);
+        duration_ms.push(record.duration_ms);
+        last_error.push((record.outcome != "succeeded").then(|| record.detail.clone()));
+        outcome.push(record.outcome);
+        detail.push(record.detail);
+        state.push(st.as_str());
+        next_at.push(next);
+    }
+    let client = inner.pool.get().await.map_err(pool_error)?;
+    // The state changes only while this node holds the delivery (or nobody does, for a
+    // delivery dead-lettered without running): a node whose lease ran out and was taken
+    // over does not overwrite the new owner's outcome. The latest attempt of a delivery
+    // sets its state, and a record written again (its first answer was lost) or late (a
+    // later attempt was recorded first) changes nothing.
+    let st = client
+        .prepare_cached(
+            "WITH a AS (
+                INSERT INTO attempts (delivery_id, n, started_at, duration_ms, outcome, detail, node)
+                SELECT u.id, u.n, u.started_at, u.duration_ms, u.outcome, u.detail, $10
+                FROM UNNEST($1::int8[], $2::int4[], $3::int8[], $4::int8[], $5::text[], $6::text[])
+                     AS u(id, n, started_at, duration_ms, outcome, detail)
+                ON CONFLICT (delivery_id, n) DO NOTHING),
+             latest AS (
+                SELECT DISTINCT ON (u.id) u.*
+                FROM UNNEST($1::int8[], $2::int4[], $7::text[], $8::int8[], $9::text[])
+                     AS u(id, n, state, next_at, last_error)
+                ORDER BY u.id, u.n DESC)
+             UPDATE deliveries d SET state = l.state, attempts = l.n, next_at = l.next_at,
+                    updated_at = $11, last_error = l.last_error, owner = NULL, lease_until = NULL
+             FROM latest l
+             WHERE d.id = l.id AND (d.owner = $10 OR d.owner IS NULL) AND d.attempts < l.n",
+        )
+        .await
+        .map_err(err)?;
+    client
+        .execute(
+            &st,
+            &[
+                &id,
+                &attempt,
+                &started_at,
+                &duration_ms,
+                &outcome,
+                &detail,
+                &state,
+                &next_at,
+                &last_error,
+                &inner.node,
+                &now_ms(),
+            ],
+        )
+        .await
+        .map_err(err)?;
+    Ok(vec![(); n])
 }
 
 type IngestOp = (
@@ -475,10 +636,14 @@ impl PgStore {
             .map_err(|e| pg_error("registering this node", e))?;
         drop(client);
         let (tx, rx) = mpsc::channel(65_536);
+        let (claims, claims_rx) = mpsc::channel(65_536);
+        let (finishes, finishes_rx) = mpsc::channel(65_536);
         let inner = Arc::new(Inner {
             pool: durable,
             fast,
             ingest: tx,
+            claims,
+            finishes,
             node: o.node,
             lease_ms: o.lease.as_millis() as i64,
             dedup_window_ms: o.dedup_window.as_millis() as i64,
@@ -487,6 +652,8 @@ impl PgStore {
         for _ in 0..WRITERS {
             tokio::spawn(writer(Arc::downgrade(&inner), rx.clone()));
         }
+        spawn_batcher(Arc::downgrade(&inner), claims_rx, claim_batch);
+        spawn_batcher(Arc::downgrade(&inner), finishes_rx, finish_batch);
         tokio::spawn(renew_leases(Arc::downgrade(&inner), o.lease));
         Ok(PgStore { inner })
     }
@@ -498,6 +665,15 @@ impl PgStore {
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.inner.pool.get().await.map_err(pool_error)
+    }
+
+    /// Hands a request to its batching task and waits for the answer.
+    async fn batched<T, R>(&self, to: &mpsc::Sender<Op<T, R>>, item: T) -> Result<R, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        to.send((item, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn fast(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -1188,32 +1364,7 @@ impl super::Store for PgStore {
 #[async_trait::async_trait]
 impl super::Bus for PgStore {
     async fn claim(&self, id: i64) -> Result<bool, StoreError> {
-        let now = now_ms();
-        let client = self.fast().await?;
-        // A retry may be claimed up to 100 ms early: a node's timer and the database's
-        // clock are read at different moments.
-        let st = client
-            .prepare_cached(
-                "UPDATE deliveries d SET state = 'running', owner = $2, lease_until = $3, updated_at = $4
-                 WHERE d.id = $1
-                   AND ((d.state IN ('pending', 'retrying') AND (d.next_at IS NULL OR d.next_at <= $4::int8 + 100))
-                        OR (d.state = 'running' AND (d.owner = $2 OR d.lease_until < $4)))
-                   AND (d.ordering_key IS NULL OR NOT EXISTS (
-                        SELECT 1 FROM deliveries o
-                        WHERE o.trigger = d.trigger AND o.ordering_key = d.ordering_key AND o.id < d.id
-                          AND o.state IN ('pending', 'retrying', 'running')))
-                 RETURNING d.id",
-            )
-            .await
-            .map_err(|e| pg_error("claiming a delivery", e))?;
-        let rows = client
-            .query(
-                &st,
-                &[&id, &self.inner.node, &(now + self.inner.lease_ms), &now],
-            )
-            .await
-            .map_err(|e| pg_error("claiming a delivery", e))?;
-        Ok(!rows.is_empty())
+        self.batched(&self.inner.claims, id).await
     }
 
     async fn defer(&self, id: i64, at: i64) -> Result<(), StoreError> {
@@ -1235,44 +1386,8 @@ impl super::Bus for PgStore {
         state: State,
         next_at: Option<i64>,
     ) -> Result<(), StoreError> {
-        let err = |e| pg_error("recording an attempt", e);
-        let last_error = (attempt.outcome != "succeeded").then_some(attempt.detail.as_str());
-        let client = self.client().await?;
-        // The state changes only while this node holds the delivery (or nobody does, for a
-        // delivery dead-lettered without running): a node whose lease ran out and was
-        // taken over does not overwrite the new owner's outcome.
-        let st = client
-            .prepare_cached(
-                "WITH a AS (
-                    INSERT INTO attempts (delivery_id, n, started_at, duration_ms, outcome, detail, node)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7)
-                    ON CONFLICT (delivery_id, n) DO NOTHING)
-                 UPDATE deliveries SET state = $8, attempts = $2, next_at = $9, updated_at = $10,
-                        last_error = $11, owner = NULL, lease_until = NULL
-                 WHERE id = $1 AND (owner = $7 OR owner IS NULL)",
-            )
+        self.batched(&self.inner.finishes, (id, attempt, state, next_at))
             .await
-            .map_err(err)?;
-        client
-            .execute(
-                &st,
-                &[
-                    &id,
-                    &(attempt.n as i32),
-                    &attempt.started_at,
-                    &attempt.duration_ms,
-                    &attempt.outcome,
-                    &attempt.detail,
-                    &self.inner.node,
-                    &state.as_str(),
-                    &next_at,
-                    &now_ms(),
-                    &last_error,
-                ],
-            )
-            .await
-            .map_err(err)?;
-        Ok(())
     }
 
     async fn replay(&self, id: i64) -> Result<OpenDelivery, StoreError> {

@@ -339,8 +339,11 @@ impl Running {
             config.http.queue,
             dispatch_tx.clone(),
         );
+        // Redirects are not followed: a redirect would carry an action's headers (its
+        // tokens) to wherever the target points; the attempt records it instead.
         let client = reqwest::Client::builder()
             .user_agent(concat!("reflex/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("building the HTTP client")?;
         let secrets: serde_json::Map<String, serde_json::Value> = config

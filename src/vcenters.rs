@@ -48,11 +48,20 @@ impl Vcenters {
         for (name, v) in cfg {
             let url = v.url.value.trim_end_matches('/').to_string();
             match reqwest::Url::parse(&url) {
-                Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {}
+                Ok(u) if u.scheme() == "https" => {}
+                Ok(u) if u.scheme() == "http" && !v.insecure => {
+                    diags.at(&v.url.referenced, format!("vcenter `{name}`: url `{url}` would send the password in clear text; use https://, or set `insecure: true` for a lab"));
+                    continue;
+                }
+                Ok(u) if u.scheme() == "http" => {}
                 _ => {
                     diags.at(&v.url.referenced, format!("vcenter `{name}`: url `{url}` must be an https:// URL such as https://vc.example.com/sdk"));
                     continue;
                 }
+            }
+            if v.ca_file.is_some() && v.thumbprint.is_some() {
+                diags.at(&v.url.referenced, format!("vcenter `{name}`: set `ca_file` or `thumbprint`, not both (a thumbprint trusts exactly one certificate, so the CA file would be ignored)"));
+                continue;
             }
             let ca_pem = match &v.ca_file {
                 Some(path) => match std::fs::read(path) {

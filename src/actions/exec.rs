@@ -18,7 +18,9 @@ pub struct ExecConfig {
     /// Its arguments.
     #[serde(default)]
     pub args: Vec<String>,
-    /// Extra environment variables. The program also gets `REFLEX_EVENT_ID`, `REFLEX_EVENT_TYPE`.
+    /// The program's environment: only these, `PATH` and `REFLEX_EVENT_ID`,
+    /// `REFLEX_EVENT_TYPE` (reflex's own environment, where its secrets may be, is not
+    /// passed on).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Working directory.
@@ -51,6 +53,10 @@ impl ExecAction {
     /// Runs the program; a non-zero exit is an error carrying the end of stderr.
     pub async fn execute(&self, event: &Event) -> Result<Outcome, ActionError> {
         let mut cmd = tokio::process::Command::new(&self.command);
+        cmd.env_clear();
+        if let Some(path) = std::env::var_os("PATH") {
+            cmd.env("PATH", path);
+        }
         cmd.args(&self.args)
             .envs(&self.env)
             .env("REFLEX_EVENT_ID", event.id())
@@ -102,5 +108,35 @@ impl ExecAction {
                 tail(&out.stderr)
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudevents::{EventBuilder, EventBuilderV10};
+
+    #[tokio::test]
+    async fn the_program_gets_a_clean_environment() {
+        std::env::set_var("REFLEX_TEST_EXEC_INHERITED", "hunter2");
+        let a = ExecAction::build(&ExecConfig {
+            command: "sh".into(),
+            args: vec![
+                "-c".into(),
+                "echo \"[$REFLEX_TEST_EXEC_INHERITED][$GIVEN][$REFLEX_EVENT_ID]\"".into(),
+            ],
+            env: [("GIVEN".to_string(), "yes".to_string())].into(),
+            dir: None,
+        })
+        .unwrap();
+        let ev = EventBuilderV10::new()
+            .id("e1")
+            .source("/t")
+            .ty("t")
+            .build()
+            .unwrap();
+        let out = a.execute(&ev).await.unwrap();
+        // `sh` was found on PATH; nothing else of reflex's environment reached it.
+        assert_eq!(out.detail, "exit 0: [][yes][e1]");
     }
 }

@@ -242,7 +242,11 @@ pub(crate) fn status_error(
         return None;
     }
     let snippet: String = body.chars().take(1024).collect();
-    let msg = format!("HTTP {status}: {snippet}");
+    let msg = if status.is_redirection() {
+        format!("HTTP {status}: redirects are not followed (they would carry the action's headers elsewhere); point the action at the final URL")
+    } else {
+        format!("HTTP {status}: {snippet}")
+    };
     let transient = status.is_server_error() || matches!(status.as_u16(), 408 | 425 | 429);
     let retry_after = matches!(status.as_u16(), 429 | 503)
         .then(|| headers.get(reqwest::header::RETRY_AFTER))

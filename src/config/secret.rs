@@ -56,7 +56,16 @@ pub fn resolve(raw: &str) -> Result<String, String> {
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
-        resolve(&raw).map(Secret).map_err(serde::de::Error::custom)
+        let value = resolve(&raw).map_err(serde::de::Error::custom)?;
+        if value.is_empty() {
+            // An empty token or key would sign or authenticate with nothing.
+            return Err(serde::de::Error::custom(if raw.is_empty() {
+                "the secret is empty; give it a value (or remove the setting)".to_string()
+            } else {
+                format!("the secret `{raw}` resolves to an empty value; give it a value (or remove the setting)")
+            }));
+        }
+        Ok(Secret(value))
     }
 }
 
@@ -92,5 +101,18 @@ mod tests {
         );
         assert!(resolve("${vault:x}").is_err());
         assert_eq!(format!("{:?}", Secret::new("x")), "<redacted>");
+    }
+
+    #[test]
+    fn an_empty_secret_is_refused() {
+        std::env::set_var("REFLEX_TEST_SECRET_EMPTY", "");
+        let e = serde_json::from_str::<Secret>("\"${env:REFLEX_TEST_SECRET_EMPTY}\"").unwrap_err();
+        assert!(e.to_string().contains("resolves to an empty value"), "{e}");
+        let e = serde_json::from_str::<Secret>("\"\"").unwrap_err();
+        assert!(e.to_string().contains("the secret is empty"), "{e}");
+        assert_eq!(
+            serde_json::from_str::<Secret>("\"k\"").unwrap().expose(),
+            "k"
+        );
     }
 }

@@ -77,6 +77,29 @@ pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Rejecti
     })
 }
 
+/// What a sender is told when the store cannot take its event.
+pub const STORE_REFUSED: &str = "the event could not be stored; it was not accepted, retry later";
+
+/// Logs a store failure at most once a second (an outage fails every request), with the
+/// number of failures not logged since the last line.
+fn log_store_error(source: &str, e: &crate::store::StoreError) {
+    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    static QUIET: AtomicU64 = AtomicU64::new(0);
+    let now = crate::store::now_ms();
+    let last = LAST.load(Ordering::Relaxed);
+    if now - last >= 1000
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let not_logged = QUIET.swap(0, Ordering::Relaxed);
+        tracing::error!(source, error = %e, not_logged, "cannot store events; they are refused with 503");
+    } else {
+        QUIET.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Submits events and turns the result into `202` with ids, `503` or `500`.
 pub async fn submit(ingest: &Ingest, source: &str, events: Vec<Event>) -> Response {
     match ingest.submit(source, events).await {
@@ -101,13 +124,10 @@ pub async fn submit(ingest: &Ingest, source: &str, events: Vec<Event>) -> Respon
         }
         Err(IngestError::Store(e)) => {
             ingest.metrics().event_rejected(source, "store");
-            tracing::error!(source, error = %e, "cannot store events");
-            Rejection::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store",
-                format!("the event could not be stored ({e}); it was not accepted, retry later"),
-            )
-            .into_response()
+            log_store_error(source, &e);
+            // The cause (a path, a host, a driver's words) is for the operator's log, not
+            // for whoever sent the request.
+            Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "store", STORE_REFUSED).into_response()
         }
     }
 }

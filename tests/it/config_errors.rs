@@ -41,6 +41,17 @@ fn missing_env_secret() {
 }
 
 #[test]
+fn vcenter_in_clear_text_or_with_two_trust_settings() {
+    insta::assert_snapshot!(check(
+        r#"vcenters:
+  plain: {url: "http://vc.example.com/sdk", username: u, password: p}
+  lab: {url: "http://vc.lab/sdk", username: u, password: p, insecure: true}
+  both: {url: "https://vc.example.com/sdk", username: u, password: p, ca_file: /etc/ssl/certs/ca-certificates.crt, thumbprint: "AA:BB"}
+"#
+    ));
+}
+
+#[test]
 fn wrong_value_type() {
     insta::assert_snapshot!(check("http:\n  queue: lots\n"));
 }

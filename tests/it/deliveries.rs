@@ -379,6 +379,48 @@ triggers:
 }
 
 #[tokio::test]
+async fn redirects_are_not_followed_with_the_actions_headers() {
+    let mut elsewhere = Receiver::start().await;
+    let mut first = Receiver::start_with_reply(Some((
+        vec![("location", format!("http://{}/stolen", elsewhere.addr))],
+        String::new(),
+    )))
+    .await;
+    first.status.store(302, std::sync::atomic::Ordering::SeqCst);
+    let r = Reflex::start(&format!(
+        r#"
+secrets:
+  key: "k-123-secret"
+sources:
+  - {{name: ce, type: cloudevents, path: /events}}
+triggers:
+  - name: call
+    action:
+      type: http_request
+      url: "http://{}/api"
+      headers: {{X-Api-Key: "{{{{ secrets.key }}}}"}}
+    delivery: {{max_attempts: 1}}
+"#,
+        first.addr
+    ))
+    .await;
+    post_ce(&r, "/events", cloudevent("rd-1", "t", json!({}))).await;
+    let got = first.next(5).await;
+    assert_eq!(got.headers["x-api-key"], "k-123-secret");
+    let dead = r.wait_deliveries("state=dead", 5, |l| l.len() == 1).await;
+    elsewhere.nothing_for(300).await;
+    let d = r
+        .api_get(&format!("/api/v1/deliveries/{}", dead[0]["id"]))
+        .await;
+    let detail = d["attempt_log"][0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("302") && detail.contains("redirects are not followed"),
+        "{detail}"
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
 async fn exec_gets_the_event_on_stdin_and_failures_are_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.json");

@@ -405,6 +405,14 @@ async fn postgres_restarted_under_load_loses_nothing_acknowledged() {
                             .headers()
                             .get("retry-after")
                             .map(|v| v.to_str().unwrap().to_string());
+                        // The cause stays in the operator's log: no driver text, host
+                        // or path reaches the sender.
+                        let body: serde_json::Value = r.json().await.unwrap();
+                        assert_eq!(
+                            body["error"]["message"],
+                            "the event could not be stored; it was not accepted, retry later",
+                            "{body}"
+                        );
                         refused.lock().unwrap().push(after);
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }

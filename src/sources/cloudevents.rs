@@ -146,7 +146,16 @@ pub async fn parse_request(
             })
             .collect();
     }
-    let event = cloudevents::binding::http::to_event(headers, bytes.to_vec())
+    let mut event = cloudevents::binding::http::to_event(headers, bytes.to_vec())
         .map_err(|e| invalid(format!("invalid CloudEvent: {e}")))?;
+    // Binary mode with no Content-Type (the Python SDK's default): the SDKs read a body
+    // that parses as JSON as JSON, so filters see `event.data.*` as the sender meant.
+    if ct.is_empty() {
+        if let Some(cloudevents::Data::Binary(raw)) = event.data() {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(raw) {
+                event.set_data_unchecked(v);
+            }
+        }
+    }
     Ok(vec![event])
 }

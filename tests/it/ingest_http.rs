@@ -1,6 +1,6 @@
 //! Every status code of the HTTP sources, and what gets stored.
 
-use crate::common::{cloudevent, post_ce, Reflex};
+use crate::common::{cloudevent, post_ce, Receiver, Reflex};
 use serde_json::json;
 
 const CONFIG: &str = r#"
@@ -449,5 +449,58 @@ async fn event_history_search() {
     let (status, e) = error_reason(resp).await;
     assert_eq!(status, 400);
     assert!(e["message"].as_str().unwrap().contains("RFC 3339"), "{e}");
+    r.stop().await;
+}
+
+/// A binary-mode CloudEvent without Content-Type (the CloudEvents Python SDK's default) is
+/// read as JSON when its body is JSON, so filters see its fields.
+#[tokio::test]
+async fn binary_mode_without_content_type_is_read_as_json() {
+    let mut rcv = Receiver::start().await;
+    let r = Reflex::start(&format!(
+        r#"
+sources:
+  - {{name: ce, type: cloudevents, path: /events}}
+triggers:
+  - name: critical
+    when: 'event.data.severity == "critical"'
+    action: {{type: http, url: "{}", mode: structured}}
+"#,
+        rcv.url()
+    ))
+    .await;
+    let resp = r
+        .client
+        .post(format!("{}/events", r.http))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "py-1")
+        .header("ce-source", "/python")
+        .header("ce-type", "alert")
+        .body(r#"{"severity": "critical"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let got = rcv.next(5).await;
+    let ev: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(ev["data"], serde_json::json!({"severity": "critical"}), "{ev}");
+    // A body that is not JSON stays binary.
+    let resp = r
+        .client
+        .post(format!("{}/events", r.http))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "py-2")
+        .header("ce-source", "/python")
+        .header("ce-type", "alert")
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let listed = r.api_get("/api/v1/events?id=py-2").await;
+    let stored = r
+        .api_get(&format!("/api/v1/events/{}", listed["events"][0]["seq"]))
+        .await;
+    assert_eq!(stored["event"]["data_base64"], "bm90IGpzb24=", "{stored}");
     r.stop().await;
 }

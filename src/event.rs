@@ -122,3 +122,40 @@ mod tests {
         assert_eq!(back, e);
     }
 }
+
+/// Deepest nesting accepted in an event's data: the stored event wraps it in two more
+/// levels, well under serde_json's limit of 128 for reading it back.
+pub const MAX_DEPTH: usize = 64;
+
+/// How deep `v` nests (a scalar is 0, `[1]` is 1), counting no further than `stop`.
+pub fn json_depth(v: &serde_json::Value, stop: usize) -> usize {
+    let mut deepest = 0;
+    let mut todo = vec![(v, 0usize)];
+    while let Some((v, d)) = todo.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
+            serde_json::Value::Array(a) => Box::new(a.iter()),
+            serde_json::Value::Object(o) => Box::new(o.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(d + 1);
+        if deepest >= stop {
+            return deepest;
+        }
+        todo.extend(children.map(|c| (c, d + 1)));
+    }
+    deepest
+}
+
+#[cfg(test)]
+mod depth_tests {
+    use super::json_depth;
+    use serde_json::json;
+
+    #[test]
+    fn depth_counts_the_deepest_branch() {
+        assert_eq!(json_depth(&json!(1), 99), 0);
+        assert_eq!(json_depth(&json!([]), 99), 1);
+        assert_eq!(json_depth(&json!({"a": [1, {"b": [[]]}], "c": 2}), 99), 5);
+        assert_eq!(json_depth(&json!([[[[[[]]]]]]), 3), 3);
+    }
+}

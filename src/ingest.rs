@@ -21,6 +21,16 @@ pub enum IngestError {
     /// The pipeline is stopping (shutdown or reload); the sender should retry.
     #[error("reflex is stopping or reloading; retry shortly")]
     Stopping,
+    /// An event's data nests deeper than reflex stores (it could not be read back).
+    #[error("event `{id}`: its data nests {depth} levels deep; the limit is {limit}")]
+    TooDeep {
+        /// The event's id.
+        id: String,
+        /// How deep its data nests (at least).
+        depth: usize,
+        /// [`crate::event::MAX_DEPTH`].
+        limit: usize,
+    },
 }
 
 /// The result for one accepted event.
@@ -90,6 +100,19 @@ impl Ingest {
         let inner = &self.0;
         if inner.stopping.load(std::sync::atomic::Ordering::Acquire) {
             return Err(IngestError::Stopping);
+        }
+        // Refused whole, before anything is stored: what is acknowledged can be read back.
+        for e in &events {
+            if let Some(cloudevents::Data::Json(v)) = e.data() {
+                let depth = crate::event::json_depth(v, crate::event::MAX_DEPTH + 1);
+                if depth > crate::event::MAX_DEPTH {
+                    return Err(IngestError::TooDeep {
+                        id: e.id().to_string(),
+                        depth,
+                        limit: crate::event::MAX_DEPTH,
+                    });
+                }
+            }
         }
         let n = events.len();
         let _permit = inner

@@ -113,6 +113,10 @@ pub async fn submit(ingest: &Ingest, source: &str, events: Vec<Event>) -> Respon
             )
             .into_response()
         }
+        Err(e @ IngestError::TooDeep { .. }) => {
+            ingest.metrics().event_rejected(source, "too_deep");
+            Rejection::new(StatusCode::BAD_REQUEST, "too_deep", e.to_string()).into_response()
+        }
         Err(IngestError::Stopping) => {
             ingest.metrics().event_rejected(source, "stopping");
             Rejection::new(

@@ -483,7 +483,11 @@ triggers:
     assert_eq!(resp.status(), 202);
     let got = rcv.next(5).await;
     let ev: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
-    assert_eq!(ev["data"], serde_json::json!({"severity": "critical"}), "{ev}");
+    assert_eq!(
+        ev["data"],
+        serde_json::json!({"severity": "critical"}),
+        "{ev}"
+    );
     // A body that is not JSON stays binary.
     let resp = r
         .client
@@ -502,5 +506,39 @@ triggers:
         .api_get(&format!("/api/v1/events/{}", listed["events"][0]["seq"]))
         .await;
     assert_eq!(stored["event"]["data_base64"], "bm90IGpzb24=", "{stored}");
+    r.stop().await;
+}
+
+/// Data nested deeper than reflex can read back is refused at ingest with 400, not
+/// acknowledged and then dead-lettered; data just under the limit is stored and readable.
+#[tokio::test]
+async fn data_nested_too_deep_is_refused_at_ingest() {
+    let r = Reflex::start(
+        r#"
+sources:
+  - {name: ce, type: cloudevents, path: /events}
+"#,
+    )
+    .await;
+    let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    let body = |id: &str, depth: usize| {
+        format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"/t","type":"t","datacontenttype":"application/json","data":{}}}"#,
+            nested(depth)
+        )
+    };
+    let resp = post_ce(&r, "/events", body("deep", 120)).await;
+    assert_eq!(resp.status(), 400);
+    let err: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["reason"], "too_deep", "{err}");
+    let resp = post_ce(&r, "/events", body("fine", 64)).await;
+    assert_eq!(resp.status(), 202);
+    let listed = r.api_get("/api/v1/events?id=fine").await;
+    let stored = r
+        .api_get(&format!("/api/v1/events/{}", listed["events"][0]["seq"]))
+        .await;
+    assert_eq!(stored["event"]["id"], "fine", "{stored}");
+    let listed = r.api_get("/api/v1/events?id=deep").await;
+    assert_eq!(listed["events"], json!([]));
     r.stop().await;
 }

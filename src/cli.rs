@@ -211,6 +211,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Check { config } => match reflex::compile_file(&config) {
             Ok(c) => {
+                for w in &c.warnings {
+                    eprintln!("{}: warning: {w}", config.display());
+                }
                 println!(
                     "{}: ok ({} sources, {} triggers)",
                     config.display(),

@@ -33,6 +33,29 @@ pub struct Compiled {
     pub sources: Vec<sources::Source>,
     /// The vCenters (not connected yet).
     pub vcenters: vcenters::Vcenters,
+    /// What runs but deserves the operator's attention (`reflex check` prints it, `run`
+    /// logs it).
+    pub warnings: Vec<String>,
+}
+
+/// Findings that do not stop reflex: sources that take unauthenticated events from
+/// beyond this machine.
+fn warnings(config: &Config) -> Vec<String> {
+    let listen = config.http.listen;
+    if listen.ip().is_loopback() {
+        return Vec::new();
+    }
+    config
+        .sources
+        .iter()
+        .filter(|s| s.value.unauthenticated())
+        .map(|s| {
+            format!(
+                "source `{}` accepts events without authentication (auth: none) on {listen}, which is not a loopback address: anyone who can reach it can send events; set `auth`",
+                s.value.name().value
+            )
+        })
+        .collect()
 }
 
 /// Reads and checks a configuration file, reporting every problem at once. Touches no
@@ -58,6 +81,7 @@ pub fn compile(file: String, config: Config) -> Result<Compiled, ConfigError> {
         });
     }
     Ok(Compiled {
+        warnings: warnings(&config),
         config,
         router: Arc::new(router),
         sources,
@@ -319,7 +343,11 @@ impl Running {
             router,
             sources,
             vcenters,
+            warnings,
         } = compiled;
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
         let dedup = store::DedupLimits {
             window: config.store.dedup_window.0,
             max_keys: config.store.dedup_max_keys,

@@ -27,7 +27,16 @@ pub enum SourceConfig {
 }
 
 impl SourceConfig {
-    fn name(&self) -> &crate::config::Text {
+    /// Whether it accepts events from anyone who can reach the listener.
+    pub fn unauthenticated(&self) -> bool {
+        match self {
+            SourceConfig::Webhook(c) => matches!(c.auth, auth::AuthConfig::None),
+            SourceConfig::Cloudevents(c) => matches!(c.auth, auth::AuthConfig::None),
+            SourceConfig::Vcenter(_) => false,
+        }
+    }
+
+    pub(crate) fn name(&self) -> &crate::config::Text {
         match self {
             SourceConfig::Webhook(c) => &c.name,
             SourceConfig::Cloudevents(c) => &c.name,

@@ -363,3 +363,39 @@ fn next_n() -> u64 {
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
 }
+
+/// `reflex check` warns about a source without authentication on a listener beyond
+/// loopback (and still passes the file); on loopback it says nothing.
+#[test]
+fn check_warns_about_unauthenticated_sources_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |listen: &str| {
+        let path = dir
+            .path()
+            .join(format!("{}.yaml", listen.replace([':', '.'], "_")));
+        std::fs::write(
+            &path,
+            format!(
+                r#"http: {{listen: "{listen}"}}
+sources:
+  - {{name: open-hook, type: webhook, path: /h}}
+  - {{name: signed, type: webhook, path: /s, auth: {{type: bearer, token: t0ken}}}}
+"#
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let public = write("0.0.0.0:8080");
+    let (ok, out) = cli("", &["check", "-c", public.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: source `open-hook` accepts events without authentication"),
+        "{out}"
+    );
+    assert!(!out.contains("`signed`"), "{out}");
+    let local = write("127.0.0.1:8080");
+    let (ok, out) = cli("", &["check", "-c", local.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(!out.contains("warning"), "{out}");
+}

@@ -204,6 +204,13 @@ impl Metrics {
         encode(&mut s, &self.registry).expect("writing to a String cannot fail");
         s
     }
+
+    /// The metrics in the Prometheus text format 0.0.4, for scrapers and tools (such as
+    /// `promtool check metrics`) that do not ask for OpenMetrics: a counter's `HELP` and
+    /// `TYPE` name its samples (`…_total`), and there is no `# EOF`.
+    pub fn render_text(&self) -> String {
+        to_prometheus_text(&self.render())
+    }
 }
 
 /// Starts logging; `RUST_LOG` overrides the configured level.
@@ -219,4 +226,103 @@ pub fn init_logging(cfg: &LogConfig) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Rewrites an OpenMetrics exposition as Prometheus text 0.0.4 (see [`Metrics::render_text`]).
+fn to_prometheus_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checks what `promtool check metrics` checks of the text format: every sample's
+    /// family has `HELP` and `TYPE` under the name the format expects, declared once,
+    /// before its samples. Returns the problems.
+    fn text_format_problems(text: &str) -> Vec<String> {
+        let mut help = std::collections::HashSet::new();
+        let mut types = std::collections::HashMap::new();
+        let mut problems = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap_or("");
+                if !help.insert(name.to_string()) {
+                    problems.push(format!("second HELP for {name}"));
+                }
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+                types.insert(name.to_string(), kind.to_string());
+                continue;
+            }
+            if line.starts_with('#') || line.is_empty() {
+                problems.push(format!("unexpected line {line:?}"));
+                continue;
+            }
+            let sample = line.split(['{', ' ']).next().unwrap_or("");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| {
+                    let base = sample.strip_suffix(s)?;
+                    (types.get(base).map(String::as_str) == Some("histogram")).then_some(base)
+                })
+                .unwrap_or(sample);
+            if !help.contains(family) {
+                problems.push(format!("no help text for {sample}"));
+            }
+            match types.get(family).map(String::as_str) {
+                None => problems.push(format!("no type for {sample}")),
+                Some("counter") if !sample.ends_with("_total") => {
+                    problems.push(format!("counter {sample} does not end in _total"))
+                }
+                _ => {}
+            }
+        }
+        problems
+    }
+
+    #[test]
+    fn the_text_format_has_help_and_type_for_every_sample() {
+        let m = Metrics::new();
+        m.event_received("hook", 3);
+        m.event_rejected("hook", "auth");
+        m.delivery("t", "succeeded");
+        m.delivery_latency("t", 0.2);
+        m.queue_depth.set(4);
+        // What the OpenMetrics exposition gives a text-format parser:
+        let open = m.render();
+        assert!(!text_format_problems(&open).is_empty());
+        let text = m.render_text();
+        assert_eq!(text_format_problems(&text), Vec::<String>::new(), "{text}");
+        assert!(text.contains("# HELP reflex_deliveries_total "), "{text}");
+        assert!(
+            text.contains("reflex_delivery_latency_seconds_bucket{"),
+            "{text}"
+        );
+    }
 }

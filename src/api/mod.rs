@@ -95,18 +95,33 @@ async fn readyz(AxState(s): AxState<Shared>) -> Response {
     }
 }
 
-async fn metrics(AxState(s): AxState<Shared>) -> Response {
+/// OpenMetrics for a scraper that asks for it (Prometheus does), the Prometheus text
+/// format otherwise (curl, `promtool check metrics`).
+async fn metrics(AxState(s): AxState<Shared>, headers: axum::http::HeaderMap) -> Response {
     if let Some(bytes) = s.backend.store.size_bytes().await {
         s.metrics.store_bytes.set(bytes);
     }
-    (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.render(),
-    )
-        .into_response()
+    let open_metrics = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if open_metrics {
+        (
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            s.metrics.render(),
+        )
+            .into_response()
+    } else {
+        (
+            [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+            s.metrics.render_text(),
+        )
+            .into_response()
+    }
 }
 
 fn store_error(e: StoreError) -> Response {

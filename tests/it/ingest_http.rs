@@ -542,3 +542,46 @@ sources:
     assert_eq!(listed["events"], json!([]));
     r.stop().await;
 }
+
+/// `/metrics` answers the Prometheus text format unless OpenMetrics is asked for.
+#[tokio::test]
+async fn metrics_in_both_formats() {
+    let r = Reflex::start("sources:\n  - {name: ce, type: cloudevents, path: /events}\n").await;
+    post_ce(&r, "/events", cloudevent("m-1", "t", json!({}))).await;
+    let plain = r
+        .client
+        .get(format!("{}/metrics", r.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        plain.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = plain.text().await.unwrap();
+    assert!(
+        text.contains("# HELP reflex_events_received_total "),
+        "{text}"
+    );
+    assert!(
+        text.contains("reflex_events_received_total{source=\"ce\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("# EOF"), "{text}");
+    let open = r
+        .client
+        .get(format!("{}/metrics", r.api))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(open.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    assert!(open.text().await.unwrap().ends_with("# EOF\n"));
+    r.stop().await;
+}

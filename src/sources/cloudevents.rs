@@ -121,6 +121,7 @@ pub async fn parse_request(
             ),
         ));
     }
+    auth.verify_headers(headers)?;
     let bytes = read_body(body, limit).await?;
     auth.verify(headers, &bytes)?;
     let invalid = |e: String| Rejection::new(StatusCode::BAD_REQUEST, "invalid_cloudevent", e);

@@ -178,6 +178,7 @@ impl Webhook {
                 format!("content-type must be application/json, got `{ct}`"),
             ));
         }
+        self.auth.verify_headers(headers)?;
         let bytes = read_body(body, self.limit).await?;
         self.auth.verify(headers, &bytes)?;
         let body: Value = serde_json::from_slice(&bytes).map_err(|e| {

@@ -585,3 +585,37 @@ async fn metrics_in_both_formats() {
     assert!(open.text().await.unwrap().ends_with("# EOF\n"));
     r.stop().await;
 }
+
+/// A request without credentials is answered `401` from its headers: a sender announcing a
+/// large body gets no chance to make reflex read it.
+#[tokio::test]
+async fn no_credentials_gets_401_before_the_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = Reflex::start(
+        r#"
+sources:
+  - {name: hook, type: webhook, path: /h, auth: {type: bearer, token: t0ken}}
+  - {name: signed, type: webhook, path: /s, auth: {type: hmac, header: X-Sig, secret: k3y}}
+"#,
+    )
+    .await;
+    let addr = r.http.trim_start_matches("http://").to_string();
+    for path in ["/h", "/s"] {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        // Headers announcing 900 KB, and only a few bytes of it.
+        s.write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900000\r\n\r\n{{\"a\":")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut buf))
+            .await
+            .expect("no answer while the body is still owed")
+            .unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 401"), "{path}: {head}");
+    }
+    r.stop().await;
+}

@@ -8,6 +8,7 @@ pub mod config;
 pub mod deliveries;
 pub mod event;
 pub mod ingest;
+pub mod listener;
 pub mod router;
 pub mod sources;
 pub mod store;
@@ -413,17 +414,25 @@ impl Running {
         let stop_http = CancellationToken::new();
         let http_addr = listeners.http.local_addr()?;
         let api_addr = listeners.api.local_addr()?;
-        let serve = |l: TcpListener, routes: axum::Router| {
-            let stop = stop_http.clone();
-            tokio::spawn(async move {
-                axum::serve(l, routes)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
-            })
+        let serve = |l: TcpListener, routes: axum::Router, limits: listener::Limits| {
+            tokio::spawn(listener::serve(l, routes, limits, stop_http.clone()))
+        };
+        // A body that trickles in is cut off (408) rather than holding its connection.
+        let http_routes = http_routes.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            config.http.body_timeout.0,
+        ));
+        let http_limits = listener::Limits {
+            max_connections: config.http.max_connections,
+            header_timeout: config.http.header_timeout.0,
+        };
+        // The API serves operators and scrapers: few connections.
+        let api_limits = listener::Limits {
+            max_connections: 256,
+            header_timeout: config.http.header_timeout.0,
         };
         let servers = vec![
-            serve(listeners.http, http_routes),
-            serve(listeners.api, api_routes),
+            serve(listeners.http, http_routes, http_limits),
+            serve(listeners.api, api_routes, api_limits),
         ];
         let retention = store::Retention {
             max_age: config.store.retention.max_age.map(|d| d.0),

@@ -67,6 +67,13 @@ pub struct HttpConfig {
     /// How long requests in progress get to finish when reflex stops or reloads; events of
     /// those still open after it are refused with `503` (the sender retries).
     pub drain: Duration,
+    /// Time allowed for a request's headers, and for the next request on an idle
+    /// kept-alive connection; a client that stalls is disconnected.
+    pub header_timeout: Duration,
+    /// Time allowed for a request's body once its headers are in (`408` after it).
+    pub body_timeout: Duration,
+    /// Connections open at once; more are closed as they arrive.
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -76,6 +83,9 @@ impl Default for HttpConfig {
             max_body: ByteSize(1024 * 1024),
             queue: 20_000,
             drain: Duration(std::time::Duration::from_secs(10)),
+            header_timeout: Duration(std::time::Duration::from_secs(15)),
+            body_timeout: Duration(std::time::Duration::from_secs(30)),
+            max_connections: 4096,
         }
     }
 }

@@ -60,8 +60,15 @@ impl IntoResponse for Rejection {
 pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Rejection> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         // axum wraps http-body-util's LengthLimitError; its message is the stable signal.
-        let too_large = format!("{e:?}").contains("LengthLimitError");
-        if too_large {
+        let why = format!("{e:?}");
+        let too_large = why.contains("LengthLimitError");
+        if why.contains("TimeoutError") || why.contains("Elapsed") {
+            Rejection::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the body did not arrive within http.body_timeout",
+            )
+        } else if too_large {
             Rejection::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",

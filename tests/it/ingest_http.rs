@@ -619,3 +619,74 @@ sources:
     }
     r.stop().await;
 }
+
+/// The sources listener bounds what a client can hold: a stalled header is cut off after
+/// `header_timeout`, a trickling body gets `408` after `body_timeout`, connections past
+/// `max_connections` are closed at once, and normal senders are served again as soon as
+/// the stalled ones are gone.
+#[tokio::test]
+async fn the_listener_bounds_stalled_clients_and_connections() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = Reflex::start(
+        r#"
+http: {header_timeout: 1s, body_timeout: 1s, max_connections: 3}
+sources:
+  - {name: ce, type: cloudevents, path: /events}
+"#,
+    )
+    .await;
+    let addr = r.http.trim_start_matches("http://").to_string();
+    // Reads until the server closes or answers; returns what came and when.
+    async fn answer(s: &mut tokio::net::TcpStream, within: Duration) -> (String, Duration) {
+        let start = Instant::now();
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(within, s.read(&mut buf))
+            .await
+            .expect("the server neither answered nor closed in time")
+            .unwrap_or(0);
+        (
+            String::from_utf8_lossy(&buf[..n]).to_string(),
+            start.elapsed(),
+        )
+    }
+
+    // A trickling body: 408 after about a second.
+    let mut slow_body = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow_body
+        .write_all(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/cloudevents+json\r\nContent-Length: 100\r\n\r\n{\"specversion\"")
+        .await
+        .unwrap();
+    let (head, took) = answer(&mut slow_body, Duration::from_secs(5)).await;
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(took >= Duration::from_millis(800), "{took:?}");
+    drop(slow_body);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Three clients stall mid-header and take every connection slot.
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"POST /events HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A fourth is closed at once.
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (head, took) = answer(&mut extra, Duration::from_secs(1)).await;
+    assert!(
+        head.is_empty() && took < Duration::from_millis(500),
+        "{head:?} after {took:?}"
+    );
+    // The stalled ones are cut off after the header timeout…
+    for s in &mut stalled {
+        let (_, took) = answer(s, Duration::from_secs(5)).await;
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+    // …and a normal sender is served.
+    let resp = post_ce(&r, "/events", cloudevent("after-stall", "t", json!({}))).await;
+    assert_eq!(resp.status(), 202);
+    r.stop().await;
+}

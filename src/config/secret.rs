@@ -17,8 +17,53 @@ impl Secret {
 
     /// A secret from a literal (tests and generated keys).
     pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
+        let value = value.into();
+        remember(&value);
+        Secret(value)
     }
+}
+
+/// Every secret value read so far (and its URL-encoded forms), so that text about to be
+/// logged, recorded or answered can be masked by value wherever a secret ended up in it
+/// (a URL in a driver's error, a program's output).
+static KNOWN: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
+
+/// Secrets shorter than this are not masked (they would mask ordinary words).
+const MIN_MASKED: usize = 4;
+
+fn remember(value: &str) {
+    if value.len() < MIN_MASKED {
+        return;
+    }
+    let encoded = [
+        value.to_string(),
+        percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
+            .to_string(),
+        url::form_urlencoded::byte_serialize(value.as_bytes()).collect::<String>(),
+    ];
+    let mut known = KNOWN.write().unwrap_or_else(|e| e.into_inner());
+    for v in encoded {
+        if !known.contains(&v) {
+            known.push(v);
+        }
+    }
+    // Longest first: a secret that contains another is masked whole.
+    known.sort_by_key(|v| std::cmp::Reverse(v.len()));
+}
+
+/// `text` with every known secret value replaced by `<redacted>`.
+pub fn redact(text: &str) -> std::borrow::Cow<'_, str> {
+    let known = KNOWN.read().unwrap_or_else(|e| e.into_inner());
+    if !known.iter().any(|v| text.contains(v.as_str())) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = text.to_string();
+    for v in known.iter() {
+        if out.contains(v.as_str()) {
+            out = out.replace(v.as_str(), "<redacted>");
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 impl fmt::Debug for Secret {
@@ -65,6 +110,7 @@ impl<'de> Deserialize<'de> for Secret {
                 format!("the secret `{raw}` resolves to an empty value; give it a value (or remove the setting)")
             }));
         }
+        remember(&value);
         Ok(Secret(value))
     }
 }
@@ -101,6 +147,20 @@ mod tests {
         );
         assert!(resolve("${vault:x}").is_err());
         assert_eq!(format!("{:?}", Secret::new("x")), "<redacted>");
+    }
+
+    #[test]
+    fn known_secrets_are_masked_by_value_and_url_encoded() {
+        let _ = serde_json::from_str::<Secret>("\"tok/en+with space\"").unwrap();
+        let text = "GET http://h/tok%2Fen%2Bwith%20space/x failed; body tok/en+with space; form tok%2Fen%2Bwith+space";
+        assert_eq!(
+            redact(text),
+            "GET http://h/<redacted>/x failed; body <redacted>; form <redacted>"
+        );
+        assert!(matches!(
+            redact("nothing here"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 
     #[test]

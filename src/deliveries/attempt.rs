@@ -76,6 +76,13 @@ pub(super) async fn attempt(
             ("timeout", msg.clone(), Some(ActionError::transient(msg)))
         }
     };
+    // A secret can end up in what an action reports (a URL in a driver's error, a
+    // program's output): masked by value before it is recorded, logged or answered.
+    let detail = crate::config::secret::redact(&detail).into_owned();
+    let error = error.map(|mut e| {
+        e.message = crate::config::secret::redact(&e.message).into_owned();
+        e
+    });
     let record = AttemptRecord {
         n,
         started_at,

@@ -378,6 +378,42 @@ triggers:
     r.stop().await;
 }
 
+/// A secret templated into a URL (as Slack and Telegram webhook URLs are built) is masked
+/// by value in the attempt record and the API's answers when the request fails.
+#[tokio::test]
+async fn a_secret_in_a_url_is_masked_in_records() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let r = Reflex::start(&format!(
+        r#"
+secrets:
+  hook: "T0KEN-in-the-path-42"
+sources:
+  - {{name: ce, type: cloudevents, path: /events}}
+triggers:
+  - name: slack
+    action: {{type: http_request, url: "http://127.0.0.1:{port}/services/{{{{ secrets.hook }}}}"}}
+    delivery: {{max_attempts: 1}}
+"#
+    ))
+    .await;
+    post_ce(&r, "/events", cloudevent("sec-1", "t", json!({}))).await;
+    let dead = r.wait_deliveries("state=dead", 5, |l| l.len() == 1).await;
+    let d = r
+        .api_get(&format!("/api/v1/deliveries/{}", dead[0]["id"]))
+        .await;
+    let text = d.to_string();
+    assert!(
+        !text.contains("T0KEN-in-the-path-42"),
+        "the secret leaked: {text}"
+    );
+    assert!(text.contains("/services/<redacted>"), "{text}");
+    let listed = r.api_get("/api/v1/deliveries?state=dead").await.to_string();
+    assert!(!listed.contains("T0KEN-in-the-path-42"), "{listed}");
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn redirects_are_not_followed_with_the_actions_headers() {
     let mut elsewhere = Receiver::start().await;

@@ -73,7 +73,36 @@ pub fn routes(state: Shared) -> Router {
         .with_state(state)
 }
 
+/// Whether a browser sent this request from another site's page: its `Origin` names
+/// another host than the one it asked (`Host`), or `Sec-Fetch-Site` says cross-site. The
+/// CLI and scripts send neither.
+fn from_another_site(headers: &axum::http::HeaderMap) -> bool {
+    let get = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    if get("sec-fetch-site") == Some("cross-site") {
+        return true;
+    }
+    match get("origin") {
+        None => false,
+        Some(origin) => {
+            let origin_host = origin
+                .split_once("://")
+                .map(|(_, rest)| rest.trim_end_matches('/'));
+            origin_host.is_none() || origin_host != get("host")
+        }
+    }
+}
+
 async fn require_token(AxState(s): AxState<Shared>, req: Request, next: Next) -> Response {
+    // A page on another site can make a browser POST to a loopback API without a token:
+    // state changes from such requests are refused.
+    if req.method() != axum::http::Method::GET && from_another_site(req.headers()) {
+        return Rejection::new(
+            StatusCode::FORBIDDEN,
+            "cross_origin",
+            "requests from another site's page cannot change state; use the CLI or a script",
+        )
+        .into_response();
+    }
     if let Some(token) = &s.token {
         let auth = AuthConfig::Bearer {
             token: token.clone(),

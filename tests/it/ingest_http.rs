@@ -690,3 +690,42 @@ sources:
     assert_eq!(resp.status(), 202);
     r.stop().await;
 }
+
+/// A web page on another site cannot make a browser change state through the API on
+/// loopback; the CLI and scripts (no Origin) and same-origin requests can.
+#[tokio::test]
+async fn the_api_refuses_state_changes_from_another_sites_page() {
+    let r = Reflex::start("sources:\n  - {name: ce, type: cloudevents, path: /events}\n").await;
+    let post = |origin: Option<&'static str>, fetch_site: Option<&'static str>| {
+        let mut req = r
+            .client
+            .post(format!("{}/api/v1/events", r.api))
+            .header("content-type", "application/cloudevents+json")
+            .body(cloudevent("o-1", "t", json!({})));
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        if let Some(f) = fetch_site {
+            req = req.header("sec-fetch-site", f);
+        }
+        req.send()
+    };
+    let evil = post(Some("http://evil.example"), None).await.unwrap();
+    assert_eq!(evil.status(), 403);
+    let evil = post(None, Some("cross-site")).await.unwrap();
+    assert_eq!(evil.status(), 403);
+    let same = format!("http://{}", r.api.trim_start_matches("http://"));
+    let same: &'static str = Box::leak(same.into_boxed_str());
+    assert_eq!(post(Some(same), None).await.unwrap().status(), 202);
+    assert_eq!(post(None, None).await.unwrap().status(), 202);
+    // Reads stay open to any page (they need the token off loopback).
+    let read = r
+        .client
+        .get(format!("{}/api/v1/events", r.api))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    r.stop().await;
+}

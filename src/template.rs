@@ -2,6 +2,13 @@
 //! to files or the process environment; rendering is bounded by fuel.
 
 use minijinja::{Environment, UndefinedBehavior};
+
+/// What a URL template encodes in a value: everything but RFC 3986's unreserved characters.
+const URL_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 use std::sync::Arc;
 
 /// Fuel per render: enough for real templates, a stop for runaway loops.
@@ -32,6 +39,41 @@ impl Template {
             env: Arc::new(env),
             source: source.into(),
         })
+    }
+
+    /// Compiles a URL template: every value is percent-encoded as it is inserted (only
+    /// `A-Z a-z 0-9 - . _ ~` stay as they are), so that event data cannot add path
+    /// segments, a query or a fragment; `{{ value | safe }}` inserts it as it is.
+    pub fn compile_url(source: &str) -> Result<Template, String> {
+        let mut t = Self::compile(source)?;
+        let env = Arc::get_mut(&mut t.env).expect("just made");
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::Custom("url".into()));
+        env.set_formatter(|out, state, value| {
+            let url = matches!(state.auto_escape(), minijinja::AutoEscape::Custom(n) if n == "url");
+            if !url {
+                return minijinja::escape_formatter(out, state, value);
+            }
+            if value.is_undefined() || value.is_none() {
+                return Ok(());
+            }
+            let text = value.to_string();
+            let written = if value.is_safe() {
+                write!(out, "{text}")
+            } else {
+                write!(
+                    out,
+                    "{}",
+                    percent_encoding::utf8_percent_encode(&text, URL_VALUE)
+                )
+            };
+            written
+                .map_err(|_| minijinja::Error::new(minijinja::ErrorKind::WriteFailure, "writing"))
+        });
+        // Recompiled so that the template takes the new auto-escape setting.
+        env.remove_template("t");
+        env.add_template_owned("t", source.to_string())
+            .map_err(|e| format!("invalid template `{source}`: {}", describe(&e)))?;
+        Ok(t)
     }
 
     /// Renders with `ctx` (an object such as `{"event": …}`).
@@ -114,5 +156,33 @@ mod tests {
         .unwrap();
         let e = t.render(&json!({})).unwrap_err();
         assert!(e.contains("fuel"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::Template;
+    use serde_json::json;
+
+    #[test]
+    fn url_templates_encode_values_unless_marked_safe() {
+        let ctx = json!({"event": {"subject": "a/../../admin?x=1#f", "n": 7}, "secrets": {"hook": "T0/B1/xyz"}});
+        let t = Template::compile_url(
+            "http://h/vm/{{ event.subject }}/n/{{ event.n }}{{ event.missing }}",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&ctx).unwrap(),
+            "http://h/vm/a%2F..%2F..%2Fadmin%3Fx%3D1%23f/n/7"
+        );
+        let t = Template::compile_url("https://hooks.slack.com/services/{{ secrets.hook | safe }}")
+            .unwrap();
+        assert_eq!(
+            t.render(&ctx).unwrap(),
+            "https://hooks.slack.com/services/T0/B1/xyz"
+        );
+        // Other templates are unchanged.
+        let t = Template::compile("{{ event.subject }}").unwrap();
+        assert_eq!(t.render(&ctx).unwrap(), "a/../../admin?x=1#f");
     }
 }

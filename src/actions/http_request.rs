@@ -16,7 +16,9 @@ pub struct HttpRequestConfig {
     /// Method (template), `POST` by default.
     #[serde(default = "default_method")]
     pub method: String,
-    /// URL (template).
+    /// URL (template). Values are percent-encoded as they are inserted
+    /// (`{{ event.subject }}` cannot add a path segment or a query); `{{ x | safe }}`
+    /// inserts one as it is, e.g. a Slack webhook path kept in a secret.
     pub url: String,
     /// Headers (templates), e.g. `Authorization: "Bearer {{ secrets.token }}"`.
     #[serde(default)]
@@ -52,7 +54,7 @@ impl HttpRequestAction {
         }
         Ok(HttpRequestAction {
             method: Template::compile(&c.method).map_err(|e| format!("method: {e}"))?,
-            url: Template::compile(&c.url).map_err(|e| format!("url: {e}"))?,
+            url: Template::compile_url(&c.url).map_err(|e| format!("url: {e}"))?,
             headers,
             body: c
                 .body

@@ -227,9 +227,16 @@ impl Webhook {
                 "mapping.type rendered empty for this body",
             ));
         }
-        let id = match &self.mapping.id {
-            Some(t) => render("id", t)?,
-            None => uuid::Uuid::now_v7().to_string(),
+        let id = match (&self.mapping.id, &self.auth) {
+            (Some(t), _) => render("id", t)?,
+            // A Standard Webhooks sender names each message, and repeats the name when it
+            // retries: the (verified) `webhook-id` makes the retries deduplicate.
+            (None, AuthConfig::StandardWebhooks { .. }) => headers
+                .get("webhook-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+            (None, _) => uuid::Uuid::now_v7().to_string(),
         };
         if id.is_empty() {
             return Err(Rejection::new(

@@ -69,13 +69,15 @@ impl HttpAction {
         })?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp.bytes().await.map_err(|e| {
-            ActionError::transient(format!(
-                "reading the reply of {}: {}",
-                self.url,
-                describe_reqwest(&e)
-            ))
-        })?;
+        let (body, truncated) = super::read_bounded(resp, super::MAX_REPLY)
+            .await
+            .map_err(|e| {
+                ActionError::transient(format!(
+                    "reading the reply of {}: {}",
+                    self.url,
+                    describe_reqwest(&e)
+                ))
+            })?;
         if let Some(err) = status_error(status, &headers, &String::from_utf8_lossy(&body)) {
             return Err(err);
         }
@@ -89,7 +91,14 @@ impl HttpAction {
                 detail: format!("HTTP {status}"),
             });
         }
-        let reply = to_event(&headers, body.to_vec()).map_err(|e| {
+        if truncated {
+            return Err(ActionError::permanent(format!(
+                "the reply of {} is a CloudEvent larger than {} bytes; it was not read",
+                self.url,
+                super::MAX_REPLY
+            )));
+        }
+        let reply = to_event(&headers, body).map_err(|e| {
             ActionError::permanent(format!(
                 "the reply of {} is not a valid CloudEvent: {e}",
                 self.url

@@ -96,7 +96,11 @@ impl HttpRequestAction {
             .map_err(|e| ActionError::transient(format!("{what}: {}", describe_reqwest(&e))))?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp.text().await.unwrap_or_default();
+        // Only its start is kept (in an error's record): the rest is not read.
+        let body = super::read_bounded(resp, 64 * 1024)
+            .await
+            .map(|(b, _)| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
         if let Some(mut err) = status_error(status, &headers, &body) {
             err.message = format!("{what}: {}", err.message);
             return Err(err);

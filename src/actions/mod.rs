@@ -275,6 +275,27 @@ pub(crate) fn parse_retry_after(
     Some(at.duration_since(now).unwrap_or_default())
 }
 
+/// Largest reply body read from a target; the rest is not read (a CloudEvent reply
+/// larger than this is refused).
+pub(crate) const MAX_REPLY: usize = 1024 * 1024;
+
+/// Reads at most `limit` bytes of a reply body; `true` when there was more.
+pub(crate) async fn read_bounded(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = limit - out.len();
+        if chunk.len() > room {
+            out.extend_from_slice(&chunk[..room]);
+            return Ok((out, true));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok((out, false))
+}
+
 /// Describes a reqwest error with its causes (connection refused, timeout…).
 pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
     let mut s = e.to_string();

@@ -414,6 +414,46 @@ triggers:
     r.stop().await;
 }
 
+/// A CloudEvent reply larger than 1 MiB is not read (nor ingested): the attempt records why.
+#[tokio::test]
+async fn a_huge_reply_is_not_read() {
+    let huge = format!("\"{}\"", "x".repeat(2 * 1024 * 1024));
+    let mut rcv = Receiver::start_with_reply(Some((
+        vec![
+            ("ce-specversion", "1.0".to_string()),
+            ("ce-id", "reply-1".to_string()),
+            ("ce-source", "/fn".to_string()),
+            ("ce-type", "t.reply".to_string()),
+            ("content-type", "application/json".to_string()),
+        ],
+        huge,
+    )))
+    .await;
+    let r = Reflex::start(&format!(
+        r#"
+sources:
+  - {{name: ce, type: cloudevents, path: /events}}
+triggers:
+  - name: fn
+    filters: [{{exact: {{type: t.start}}}}]
+    action: {{type: http, url: "{}"}}
+"#,
+        rcv.url()
+    ))
+    .await;
+    post_ce(&r, "/events", cloudevent("big-1", "t.start", json!({}))).await;
+    rcv.next(5).await;
+    let dead = r.wait_deliveries("state=dead", 5, |l| l.len() == 1).await;
+    let d = r
+        .api_get(&format!("/api/v1/deliveries/{}", dead[0]["id"]))
+        .await;
+    let detail = d["attempt_log"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("larger than 1048576 bytes"), "{detail}");
+    let replies = r.api_get("/api/v1/events?type=t.reply").await;
+    assert_eq!(replies["events"], json!([]));
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn redirects_are_not_followed_with_the_actions_headers() {
     let mut elsewhere = Receiver::start().await;

@@ -165,7 +165,12 @@ async fn hmac_and_standard_webhooks() {
             .send()
     };
     let good = reflex::sources::auth::sign_standard(secret, "msg_1", now, &body);
-    let first: serde_json::Value = send_std(now, good.clone()).await.unwrap().json().await.unwrap();
+    let first: serde_json::Value = send_std(now, good.clone())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(first["ids"], json!(["msg_1"]), "{first}");
     // The sender's retry of the same message (same webhook-id) is a duplicate.
     let retry: serde_json::Value = send_std(now, good).await.unwrap().json().await.unwrap();

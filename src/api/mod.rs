@@ -301,6 +301,24 @@ async fn show_delivery(AxState(s): AxState<Shared>, Path(id): Path<i64>) -> Resp
 }
 
 async fn replay(AxState(s): AxState<Shared>, Path(id): Path<i64>) -> Response {
+    // Checked before anything changes: a delivery whose trigger is gone stays dead (a
+    // replay would only dead-letter it again, with one more attempt on record).
+    match s.backend.store.delivery(id).await {
+        Ok(Some((d, _))) if s.router.position(&d.trigger).is_none() => {
+            return Rejection::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "delivery {id} cannot be replayed: trigger `{}` is no longer configured",
+                    d.trigger
+                ),
+            )
+            .into_response()
+        }
+        Ok(Some(_)) => {}
+        Ok(None) => return store_error(StoreError::NotFound(format!("delivery {id}"))),
+        Err(e) => return store_error(e),
+    }
     let result = s.backend.bus.replay(id).await;
     if result.is_ok() {
         // The dispatcher reads it back from the store; one with no trigger is dead-lettered.

@@ -882,6 +882,22 @@ async fn start_up_reads_past_deliveries_of_a_removed_trigger() {
         .as_str()
         .unwrap()
         .contains("trigger `gone` is no longer configured"));
+    // Replaying one is refused before anything changes: it stays dead with one attempt.
+    let id = &dead[0]["id"];
+    let resp = r
+        .client
+        .post(format!("{}/api/v1/deliveries/{id}/replay", r.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let d = r.api_get(&format!("/api/v1/deliveries/{id}")).await;
+    assert_eq!(
+        (d["state"].as_str(), d["attempts"].as_u64()),
+        (Some("dead"), Some(1)),
+        "{d}"
+    );
     r.stop().await;
 }
 

@@ -405,6 +405,7 @@ impl Running {
             ready: Default::default(),
             store_ok: AtomicBool::new(true),
             max_body: config.http.max_body.0,
+            metrics_token: config.api.metrics_token,
             reload,
         });
         let (http_routes, pollers) = sources::routes(sources, ingest.clone());

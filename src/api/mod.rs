@@ -44,6 +44,8 @@ pub struct AppState {
     pub store_ok: AtomicBool,
     /// Largest body for `POST /api/v1/events`.
     pub max_body: usize,
+    /// `/metrics` asks for the token too.
+    pub metrics_token: bool,
     /// Where `POST /api/v1/reload` goes; `None` when reflex runs without a file.
     pub reload: Option<mpsc::Sender<crate::ReloadRequest>>,
 }
@@ -65,9 +67,17 @@ pub fn routes(state: Shared) -> Router {
             state.clone(),
             require_token,
         ));
+    let metrics_route =
+        if state.metrics_token {
+            Router::new().route("/metrics", get(metrics)).layer(
+                axum::middleware::from_fn_with_state(state.clone(), require_token),
+            )
+        } else {
+            Router::new().route("/metrics", get(metrics))
+        };
     Router::new()
         .nest("/api/v1", api)
-        .route("/metrics", get(metrics))
+        .merge(metrics_route)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state)

@@ -115,6 +115,8 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Bearer token required by `/api/*`; mandatory when `listen` is not a loopback address.
     pub token: Option<Secret>,
+    /// Require the token for `/metrics` too (Prometheus sends it with `authorization`).
+    pub metrics_token: bool,
 }
 
 impl Default for ApiConfig {
@@ -122,6 +124,7 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: "127.0.0.1:9090".parse().expect("static address"),
             token: None,
+            metrics_token: false,
         }
     }
 }

@@ -738,3 +738,35 @@ async fn the_api_refuses_state_changes_from_another_sites_page() {
     assert_eq!(read.status(), 200);
     r.stop().await;
 }
+
+/// `api.metrics_token: true` puts `/metrics` behind the API token; by default it is open.
+#[tokio::test]
+async fn metrics_behind_the_token_when_asked() {
+    let r = Reflex::start(
+        "api: {token: m3trics-t0ken, metrics_token: true}\nsources:\n  - {name: ce, type: cloudevents, path: /events}\n",
+    )
+    .await;
+    let get = |token: Option<&'static str>| {
+        let mut req = r.client.get(format!("{}/metrics", r.api));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    assert_eq!(get(None).await.unwrap().status(), 401);
+    assert_eq!(get(Some("wrong")).await.unwrap().status(), 401);
+    assert_eq!(get(Some("m3trics-t0ken")).await.unwrap().status(), 200);
+    r.stop().await;
+    let open = Reflex::start(
+        "api: {token: m3trics-t0ken}\nsources:\n  - {name: ce, type: cloudevents, path: /events}\n",
+    )
+    .await;
+    let resp = open
+        .client
+        .get(format!("{}/metrics", open.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    open.stop().await;
+}

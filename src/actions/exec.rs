@@ -79,36 +79,79 @@ impl ExecAction {
             }
         })?;
         let input = crate::event::to_json(event);
+        // Output is read as it comes and only its end is kept, so a chatty program cannot
+        // fill memory.
+        let stdout = tokio::spawn(keep_tail(child.stdout.take()));
+        let stderr = tokio::spawn(keep_tail(child.stderr.take()));
         if let Some(mut stdin) = child.stdin.take() {
             // A program that does not read stdin closes the pipe; that is not a failure.
             let _ = stdin.write_all(input.as_bytes()).await;
         }
-        let out = child
-            .wait_with_output()
+        let status = child
+            .wait()
             .await
             .map_err(|e| ActionError::transient(format!("waiting for `{}`: {e}", self.command)))?;
-        let tail = |b: &[u8]| {
-            let s = String::from_utf8_lossy(b);
-            let s = s.trim();
-            let start = s.len().saturating_sub(2048);
-            let start = (start..s.len())
-                .find(|i| s.is_char_boundary(*i))
-                .unwrap_or(s.len());
-            s[start..].to_string()
-        };
-        if out.status.success() {
+        let (stdout, stderr) = (
+            stdout.await.unwrap_or_default(),
+            stderr.await.unwrap_or_default(),
+        );
+        if status.success() {
             Ok(Outcome {
-                detail: format!("exit 0: {}", tail(&out.stdout)),
+                detail: format!("exit 0: {}", stdout.describe()),
             })
         } else {
             Err(ActionError::transient(format!(
-                "`{}` exited with {}: {}",
+                "`{}` exited with {status}: {}",
                 self.command,
-                out.status,
-                tail(&out.stderr)
+                stderr.describe()
             )))
         }
     }
+}
+
+/// Bytes of a program's output kept (its end).
+const KEEP_OUTPUT: usize = 2048;
+
+/// The end of a stream, and how many bytes came before it.
+#[derive(Default)]
+struct Tail {
+    kept: Vec<u8>,
+    dropped: u64,
+}
+
+impl Tail {
+    fn describe(&self) -> String {
+        let text = String::from_utf8_lossy(&self.kept);
+        let text = text.trim();
+        if self.dropped > 0 {
+            format!("(first {} bytes not kept) {text}", self.dropped)
+        } else {
+            text.to_string()
+        }
+    }
+}
+
+async fn keep_tail<R: tokio::io::AsyncRead + Unpin>(stream: Option<R>) -> Tail {
+    use tokio::io::AsyncReadExt;
+    let mut tail = Tail::default();
+    let Some(mut stream) = stream else {
+        return tail;
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                tail.kept.extend_from_slice(&buf[..n]);
+                if tail.kept.len() > KEEP_OUTPUT {
+                    let cut = tail.kept.len() - KEEP_OUTPUT;
+                    tail.kept.drain(..cut);
+                    tail.dropped += cut as u64;
+                }
+            }
+        }
+    }
+    tail
 }
 
 #[cfg(test)]
@@ -138,5 +181,37 @@ mod tests {
         let out = a.execute(&ev).await.unwrap();
         // `sh` was found on PATH; nothing else of reflex's environment reached it.
         assert_eq!(out.detail, "exit 0: [][yes][e1]");
+    }
+
+    #[tokio::test]
+    async fn only_the_end_of_a_large_output_is_kept() {
+        let a = ExecAction::build(&ExecConfig {
+            command: "sh".into(),
+            args: vec![
+                "-c".into(),
+                "head -c 50000000 /dev/zero | tr '\\0' x; echo END".into(),
+            ],
+            env: Default::default(),
+            dir: None,
+        })
+        .unwrap();
+        let ev = EventBuilderV10::new()
+            .id("e2")
+            .source("/t")
+            .ty("t")
+            .build()
+            .unwrap();
+        let out = a.execute(&ev).await.unwrap();
+        assert!(
+            out.detail
+                .starts_with("exit 0: (first 49997956 bytes not kept) xxx"),
+            "{}",
+            &out.detail[..80]
+        );
+        assert!(
+            out.detail.ends_with("xxxEND"),
+            "{}",
+            &out.detail[out.detail.len() - 20..]
+        );
     }
 }

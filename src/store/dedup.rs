@@ -39,9 +39,14 @@ const DEFAULT_MAX_KEYS: usize = DedupLimits::DEFAULT_MAX_KEYS;
 /// a sender cannot craft one to suppress another source's event (SHA-256).
 pub(crate) type Key = u128;
 
-/// The digest of a (source, id) pair; the source's length keeps the split unambiguous.
-pub(crate) fn key(source: &str, id: &str) -> Key {
+/// The digest of (receiving reflex source, CloudEvents source, id); the lengths keep the
+/// split unambiguous. The receiving source is part of it so that a sender on one source
+/// (say an open CloudEvents endpoint) cannot claim another's ids (a vCenter's) and have
+/// the real events dropped as duplicates.
+pub(crate) fn key(received_by: &str, source: &str, id: &str) -> Key {
     let mut h = Sha256::new();
+    h.update((received_by.len() as u64).to_le_bytes());
+    h.update(received_by.as_bytes());
     h.update((source.len() as u64).to_le_bytes());
     h.update(source.as_bytes());
     h.update(id.as_bytes());
@@ -173,8 +178,10 @@ mod tests {
 
     #[test]
     fn keys_separate_source_from_id() {
-        assert_ne!(key("ab", "c"), key("a", "bc"));
-        assert_eq!(key("a", "b"), key("a", "b"));
+        assert_ne!(key("r", "ab", "c"), key("r", "a", "bc"));
+        assert_ne!(key("ra", "b", "c"), key("r", "ab", "c"));
+        assert_ne!(key("hook", "a", "b"), key("vc", "a", "b"));
+        assert_eq!(key("r", "a", "b"), key("r", "a", "b"));
     }
 
     #[test]

@@ -835,7 +835,7 @@ async fn ingest_on(
     // same order, so they wait for each other instead of deadlocking.
     let keys: Vec<[u8; 16]> = events
         .iter()
-        .map(|e| dedup::key(&e.ce_source, &e.ce_id).to_le_bytes())
+        .map(|e| dedup::key(&e.source_name, &e.ce_source, &e.ce_id).to_le_bytes())
         .collect();
     let mut unique: Vec<&[u8]> = keys
         .iter()

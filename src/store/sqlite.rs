@@ -729,7 +729,7 @@ fn ingest(
          VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?5)",
     )?;
     for e in events {
-        let key = dedup::key(&e.ce_source, &e.ce_id);
+        let key = dedup::key(&e.source_name, &e.ce_source, &e.ce_id);
         if keys.contains(key) {
             out.push(Stored {
                 seq: 0,

@@ -770,3 +770,28 @@ async fn metrics_behind_the_token_when_asked() {
     assert_eq!(resp.status(), 200);
     open.stop().await;
 }
+
+/// Dedup is per receiving source: a sender on one source cannot claim another source's
+/// (source, id) pairs and have its real events dropped; a repeat on the same source is
+/// still a duplicate.
+#[tokio::test]
+async fn dedup_is_per_receiving_source() {
+    let r = Reflex::start(
+        "sources:\n  - {name: open, type: cloudevents, path: /open}\n  - {name: trusted, type: cloudevents, path: /trusted}\n",
+    )
+    .await;
+    let rr = &r;
+    let send = |path: &'static str| async move {
+        let resp = post_ce(rr, path, cloudevent("vc-42", "t", json!({}))).await;
+        assert_eq!(resp.status(), 202);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        body["duplicates"].as_array().unwrap().len()
+    };
+    // The open source sees the id first…
+    assert_eq!(send("/open").await, 0);
+    // …and the trusted source's event with the same (source, id) is still taken.
+    assert_eq!(send("/trusted").await, 0);
+    assert_eq!(send("/trusted").await, 1);
+    assert_eq!(send("/open").await, 1);
+    r.stop().await;
+}

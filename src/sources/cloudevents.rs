@@ -30,6 +30,47 @@ pub struct CloudEventsConfig {
     /// Most events in one batch request.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// Only events whose CloudEvents `source` and `type` start with one of these prefixes
+    /// are accepted (a request with any other is refused whole, `403 not_accepted`).
+    #[serde(default)]
+    pub accept: AcceptConfig,
+}
+
+/// Prefixes of the CloudEvents `source` and `type` a source accepts; empty: any.
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptConfig {
+    /// Prefixes of `source`, e.g. `/alerts/`.
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// Prefixes of `type`, e.g. `com.example.`.
+    #[serde(default)]
+    pub types: Vec<String>,
+}
+
+impl AcceptConfig {
+    /// Why `event` is not accepted, if it is not.
+    fn refuses(&self, event: &Event) -> Option<String> {
+        use cloudevents::AttributesReader;
+        let fits = |prefixes: &[String], value: &str| {
+            prefixes.is_empty() || prefixes.iter().any(|p| value.starts_with(p.as_str()))
+        };
+        if !fits(&self.sources, &event.source().to_string()) {
+            return Some(format!(
+                "event `{}`: source `{}` is not among this endpoint's accepted sources",
+                event.id(),
+                event.source()
+            ));
+        }
+        if !fits(&self.types, event.ty()) {
+            return Some(format!(
+                "event `{}`: type `{}` is not among this endpoint's accepted types",
+                event.id(),
+                event.ty()
+            ));
+        }
+        None
+    }
 }
 
 fn default_max_batch() -> usize {
@@ -43,6 +84,7 @@ pub struct CloudEvents {
     auth: AuthConfig,
     limit: usize,
     max_batch: usize,
+    accept: AcceptConfig,
 }
 
 impl CloudEvents {
@@ -66,6 +108,7 @@ impl CloudEvents {
             auth: c.auth.clone(),
             limit: c.max_body.unwrap_or(config.http.max_body).0,
             max_batch: c.max_batch,
+            accept: c.accept.clone(),
         })
     }
 
@@ -89,7 +132,11 @@ impl CloudEvents {
     }
 
     async fn parse(&self, headers: &HeaderMap, body: Body) -> Result<Vec<Event>, Rejection> {
-        parse_request(headers, body, self.limit, self.max_batch, &self.auth).await
+        let events = parse_request(headers, body, self.limit, self.max_batch, &self.auth).await?;
+        if let Some(why) = events.iter().find_map(|e| self.accept.refuses(e)) {
+            return Err(Rejection::new(StatusCode::FORBIDDEN, "not_accepted", why));
+        }
+        Ok(events)
     }
 }
 

@@ -795,3 +795,40 @@ async fn dedup_is_per_receiving_source() {
     assert_eq!(send("/open").await, 1);
     r.stop().await;
 }
+
+/// A CloudEvents source can restrict the `source` and `type` prefixes it accepts; a request
+/// with any other event is refused whole (403) and nothing of it is stored.
+#[tokio::test]
+async fn a_source_accepts_only_its_prefixes() {
+    let r = Reflex::start(
+        "sources:\n  - {name: alerts, type: cloudevents, path: /alerts, accept: {sources: [/test], types: [com.example.]}}\n",
+    )
+    .await;
+    let ok = post_ce(
+        &r,
+        "/alerts",
+        cloudevent("p-1", "com.example.disk", json!({})),
+    )
+    .await;
+    assert_eq!(ok.status(), 202);
+    let wrong_type = post_ce(
+        &r,
+        "/alerts",
+        cloudevent("p-2", "com.vmware.vsphere.VmPoweredOffEvent", json!({})),
+    )
+    .await;
+    assert_eq!(wrong_type.status(), 403);
+    let err: serde_json::Value = wrong_type.json().await.unwrap();
+    assert_eq!(err["error"]["reason"], "not_accepted", "{err}");
+    let other_source = serde_json::json!({"specversion": "1.0", "id": "p-3", "source": "https://vc1/sdk", "type": "com.example.disk"}).to_string();
+    assert_eq!(post_ce(&r, "/alerts", other_source).await.status(), 403);
+    let stored = r.api_get("/api/v1/events").await;
+    let ids: Vec<&str> = stored["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["p-1"]);
+    r.stop().await;
+}

@@ -127,23 +127,27 @@ mod tests {
 /// levels, well under serde_json's limit of 128 for reading it back.
 pub const MAX_DEPTH: usize = 64;
 
-/// How deep `v` nests (a scalar is 0, `[1]` is 1), counting no further than `stop`.
+/// How deep `v` nests (a scalar is 0, `[1]` is 1), counting no further than `stop` (which
+/// also bounds the recursion). Runs on every ingested event: no allocation.
 pub fn json_depth(v: &serde_json::Value, stop: usize) -> usize {
-    let mut deepest = 0;
-    let mut todo = vec![(v, 0usize)];
-    while let Some((v, d)) = todo.pop() {
-        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
-            serde_json::Value::Array(a) => Box::new(a.iter()),
-            serde_json::Value::Object(o) => Box::new(o.values()),
-            _ => continue,
-        };
-        deepest = deepest.max(d + 1);
-        if deepest >= stop {
-            return deepest;
-        }
-        todo.extend(children.map(|c| (c, d + 1)));
+    if stop == 0 {
+        return 0;
     }
-    deepest
+    let below = |items: &mut dyn Iterator<Item = &serde_json::Value>| {
+        let mut deepest = 0;
+        for c in items {
+            deepest = deepest.max(json_depth(c, stop - 1));
+            if deepest + 1 >= stop {
+                break;
+            }
+        }
+        deepest + 1
+    };
+    match v {
+        serde_json::Value::Array(a) => below(&mut a.iter()),
+        serde_json::Value::Object(o) => below(&mut o.values()),
+        _ => 0,
+    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,12 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut refused: u64 = 0;
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder.http2().timer(TokioTimer::new());
     loop {
         let (stream, _peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -59,12 +65,6 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let mut builder = Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout);
-        builder.http2().timer(TokioTimer::new());
         let service = TowerToHyperService::new(app.clone());
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)

@@ -367,16 +367,7 @@ async fn pipeline(
 async fn failover(bin: &Path, admin: &str, lease_s: u64, trials: usize) -> Result<Vec<Duration>> {
     use vsphere::vm::{PowerOp, VmSelector};
     let sim = vsphere::sim::Simulator::start();
-    let c = vsphere::Client::connect(vsphere::ConnectOptions {
-        url: sim.url.clone(),
-        username: "user".into(),
-        password: "pass".into(),
-        insecure: true,
-        ca_pem: None,
-        thumbprint: None,
-        timeout: Duration::from_secs(60),
-    })
-    .await?;
+    let c = vsphere::Client::connect(crate::vcenter::opts(&sim)).await?;
     let vm = c.find_vm(&VmSelector::Name("DC0_H0_VM1".into())).await?;
     let (port, seen) = receiver().await?;
     let mut took = Vec::new();

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use vsphere::sim::Simulator;
 use vsphere::vm::VmSelector;
 
-fn opts(sim: &Simulator) -> vsphere::ConnectOptions {
+/// Connection options for the simulator's fixed user.
+pub(crate) fn opts(sim: &Simulator) -> vsphere::ConnectOptions {
     vsphere::ConnectOptions {
         url: sim.url.clone(),
         username: "user".into(),

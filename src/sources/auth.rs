@@ -118,6 +118,15 @@ impl AuthConfig {
         }
     }
 
+    /// Whether the scheme signs the body, so that [`AuthConfig::verify`] must see it
+    /// (the others are settled by [`AuthConfig::verify_headers`]).
+    pub fn signs_body(&self) -> bool {
+        matches!(
+            self,
+            AuthConfig::Hmac { .. } | AuthConfig::StandardWebhooks { .. }
+        )
+    }
+
     /// Checks the request; the rejection says what was missing or wrong, never the secret.
     pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Rejection> {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());

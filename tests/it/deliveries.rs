@@ -915,15 +915,17 @@ async fn rate_spaces_attempt_starts() {
         rcv.next(5).await;
         at.push(std::time::Instant::now());
     }
-    // Starts are 50 ms apart; arrivals add a varying network and scheduling delay, so
-    // compare over three (100 ms of starts) and over the whole run.
-    let spans: Vec<u128> = at.windows(3).map(|w| (w[2] - w[0]).as_millis()).collect();
+    // Starts are 50 ms apart; arrivals add a varying network and scheduling delay (one
+    // late arrival shortened a three-arrival window to 33 ms in a CI run), so compare over
+    // five (200 ms of starts) and over the whole run. The exact spacing is checked on
+    // paused time in src/deliveries/tests.rs.
+    let spans: Vec<u128> = at.windows(5).map(|w| (w[4] - w[0]).as_millis()).collect();
     let span = (at[9] - at[0]).as_millis();
     assert!(
         span >= 300,
         "10 starts at 20/s take 450 ms; took {span} ms ({spans:?})"
     );
-    assert!(spans.iter().all(|g| *g >= 40), "spaced: {spans:?}");
+    assert!(spans.iter().all(|g| *g >= 120), "spaced: {spans:?}");
     r.stop().await;
 }
 

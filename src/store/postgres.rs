@@ -2,16 +2,15 @@
 //!
 //! Events, deliveries, attempts, dedup keys, throttle windows and checkpoints live in the
 //! database, so every node sees the same history and dedup holds across nodes (a unique
-//! key, not memory). Ingest batches concurrent requests into one transaction (group
-//! commit). A node runs a delivery only after claiming it: one `UPDATE` that succeeds for
+//! index on the events, not memory). Ingest batches concurrent requests into one statement
+//! (group commit). A node runs a delivery only after claiming it: one `UPDATE` that succeeds for
 //! a single node, and for a delivery with an ordering key only once every earlier delivery
 //! of that key is finished. A claim carries a lease that the node renews while the attempt
 //! runs; a node that dies leaves its running deliveries to the others once the lease ends.
 
-use super::dedup;
 use super::{
     now_ms, AttemptRecord, Checkpoint, DeliveryQuery, DeliveryRecord, EventDetail, EventQuery,
-    EventSummary, NewEvent, OpenDelivery, Retention, State, StoreError, Stored,
+    EventSummary, NewDelivery, NewEvent, OpenDelivery, Retention, State, StoreError, Stored,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::collections::{HashMap, HashSet};
@@ -33,10 +32,11 @@ const POOL_WAIT: Duration = Duration::from_secs(5);
 
 /// The schema, one migration per version, applied in order at start. A migration is never
 /// changed once released: a change is a new migration.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "events, deliveries, attempts, dedup keys, throttles, checkpoints, nodes, leases",
-    r#"
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "events, deliveries, attempts, dedup keys, throttles, checkpoints, nodes, leases",
+        r#"
 CREATE TABLE events (
     seq BIGSERIAL PRIMARY KEY,
     source_name TEXT NOT NULL,
@@ -111,7 +111,30 @@ CREATE TABLE leases (
     fence BIGINT NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        2,
+        "dedup keys held by the events themselves",
+        // One unique index on the events instead of a table of its own: an event and its
+        // key are one row, one index entry and no second lookup. Keys of the events already
+        // stored are computed as `dedup_key` in the code computes them; where one key was
+        // stored twice (after its window had passed), the later event holds it.
+        r#"
+ALTER TABLE events ADD COLUMN dedup_key BYTEA;
+UPDATE events e SET dedup_key = k.key FROM (
+    SELECT DISTINCT ON (key) seq, key FROM (
+        SELECT seq, substring(sha256(
+            int8send(octet_length(convert_to(source_name, 'UTF8'))::int8) || convert_to(source_name, 'UTF8') ||
+            int8send(octet_length(convert_to(ce_source, 'UTF8'))::int8) || convert_to(ce_source, 'UTF8') ||
+            convert_to(ce_id, 'UTF8')) from 1 for 16) AS key
+        FROM events
+    ) x ORDER BY key, seq DESC
+) k WHERE e.seq = k.seq;
+CREATE UNIQUE INDEX events_dedup ON events (dedup_key) WHERE dedup_key IS NOT NULL;
+DROP TABLE dedup_keys;
+"#,
+    ),
+];
 
 /// Any number serves, as long as every node uses the same: start-ups take it in turn.
 const MIGRATION_LOCK: i64 = 0x7265_666c_6578; // "reflex"
@@ -773,9 +796,9 @@ async fn writer(inner: std::sync::Weak<Inner>, rx: Arc<Mutex<mpsc::Receiver<Inge
     }
 }
 
-/// Stores a batch of events and their deliveries in one transaction, in two round trips
-/// when no trigger throttles: the statements of each step are sent together (pipelined) and
-/// the server runs them in order.
+/// Stores a batch of events and their deliveries, in two round trips when no trigger
+/// throttles: one for numbers, one statement that stores each event whose dedup key is
+/// free together with its deliveries.
 async fn ingest(inner: &Inner, events: Vec<NewEvent>) -> Result<Vec<Stored>, StoreError> {
     let client = inner.pool.get().await.map_err(pool_error)?;
     let result = ingest_on(&client, inner, events).await;
@@ -793,14 +816,6 @@ async fn ingest_on(
 ) -> Result<Vec<Stored>, StoreError> {
     let err = |e| pg_error("storing events", e);
     let now = now_ms();
-    let dedup = client
-        .prepare_cached(
-            "INSERT INTO dedup_keys (key, at) SELECT * FROM UNNEST($1::bytea[], $2::int8[])
-             ON CONFLICT (key) DO UPDATE SET at = EXCLUDED.at WHERE dedup_keys.at < $3
-             RETURNING key",
-        )
-        .await
-        .map_err(err)?;
     let numbers = client
         .prepare_cached(
             "SELECT nextval('events_seq_seq') FROM generate_series(1, $1::int8)
@@ -808,63 +823,13 @@ async fn ingest_on(
         )
         .await
         .map_err(err)?;
-    let insert_events = client
-        .prepare_cached(
-            "INSERT INTO events (seq, source_name, ce_source, ce_id, type, subject, body, received_at)
-             SELECT *, $8::int8 FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])",
-        )
-        .await
-        .map_err(err)?;
-    let insert_deliveries = client
-        .prepare_cached(
-            "INSERT INTO deliveries (id, event_seq, trigger, state, ordering_key, created_at, updated_at)
-             SELECT *, $6::int8, $6::int8 FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[])",
-        )
-        .await
-        .map_err(err)?;
-    let throttle = client
-        .prepare_cached(
-            "INSERT INTO throttles (trigger, key, until) VALUES ($1, $2, $3)
-             ON CONFLICT (trigger, key) DO UPDATE SET until = EXCLUDED.until WHERE throttles.until <= $4
-             RETURNING 1",
-        )
-        .await
-        .map_err(err)?;
-
-    // Dedup keys, each once, in key order: concurrent batches take the same locks in the
-    // same order, so they wait for each other instead of deadlocking.
-    let keys: Vec<[u8; 16]> = events
-        .iter()
-        .map(|e| dedup::key(&e.source_name, &e.ce_source, &e.ce_id).to_le_bytes())
-        .collect();
-    let mut unique: Vec<&[u8]> = keys
-        .iter()
-        .map(|k| k.as_slice())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    unique.sort();
-    let ats = vec![now; unique.len()];
     // Numbers for every event and delivery of the batch (duplicates leave gaps), so that
-    // numbering need not wait for the dedup answer.
+    // events and their deliveries go in together in one statement.
     let n_events = events.len() as i64;
     let n_deliveries: i64 = events.iter().map(|e| e.deliveries.len() as i64).sum();
-    let window_start = now - inner.dedup_window_ms;
-    let dedup_params: [&(dyn ToSql + Sync); 3] = [&unique, &ats, &window_start];
-    let numbers_params: [&(dyn ToSql + Sync); 2] = [&n_events, &n_deliveries];
-    // Round trip 1: BEGIN, dedup keys, numbers.
-    let (begun, fresh, numbers) = tokio::join!(
-        client.batch_execute("BEGIN"),
-        client.query(&dedup, &dedup_params),
-        client.query(&numbers, &numbers_params),
-    );
-    begun.map_err(err)?;
-    let fresh: HashSet<Vec<u8>> = fresh
-        .map_err(err)?
-        .iter()
-        .map(|r| r.get::<_, Vec<u8>>(0))
-        .collect();
-    let (mut seqs, mut ids): (Vec<i64>, Vec<i64>) = numbers
+    let (mut seqs, mut ids): (Vec<i64>, Vec<i64>) = client
+        .query(&numbers, &[&n_events, &n_deliveries])
+        .await
         .map_err(err)?
         .iter()
         .map(|r| r.get::<_, i64>(0))
@@ -873,13 +838,13 @@ async fn ingest_on(
     ids.sort_unstable_by_key(|id| -id);
     let (mut seqs, mut ids) = (seqs.into_iter(), ids.into_iter().map(|id| -id));
 
-    // The first of a key in this batch is new if the database took the key.
+    // Only the first of a key in this batch can be new; the database decides whether it is.
     let mut seen = HashSet::new();
-    let mut ev = EventColumns::default();
-    let mut dv = DeliveryColumns::default();
+    let mut rows = Vec::with_capacity(events.len());
     let mut out = Vec::with_capacity(events.len());
-    for (e, key) in events.into_iter().zip(&keys) {
-        if !(fresh.contains(key.as_slice()) && seen.insert(*key)) {
+    for e in events {
+        let key = dedup_key(&e.source_name, &e.ce_source, &e.ce_id);
+        if !seen.insert(key) {
             out.push(Stored {
                 seq: 0,
                 duplicate: true,
@@ -888,47 +853,141 @@ async fn ingest_on(
             continue;
         }
         let seq = seqs.next().expect("one number per event");
-        let mut deliveries = Vec::with_capacity(e.deliveries.len());
-        for d in e.deliveries {
-            let id = ids.next().expect("one number per delivery");
-            let state = match &d.throttle {
-                Some((key, window)) => {
-                    let until = now + window.as_millis() as i64;
-                    let took = client
-                        .query(&throttle, &[&d.trigger, key, &until, &now])
-                        .await
-                        .map_err(err)?;
-                    if took.is_empty() {
-                        State::Throttled
-                    } else {
-                        State::Pending
-                    }
-                }
-                None => State::Pending,
-            };
-            dv.id.push(id);
-            dv.event_seq.push(seq);
-            dv.trigger.push(d.trigger);
-            dv.state.push(state.as_str());
-            dv.ordering_key.push(d.ordering_key);
-            deliveries.push((id, state));
-        }
-        ev.seq.push(seq);
-        ev.source_name.push(e.source_name);
-        ev.ce_source.push(e.ce_source);
-        ev.ce_id.push(e.ce_id);
-        ev.ty.push(e.ty);
-        ev.subject.push(e.subject);
-        ev.body.push(e.body);
+        let deliveries = e
+            .deliveries
+            .into_iter()
+            .map(|d| NewRow {
+                id: ids.next().expect("one number per delivery"),
+                state: State::Pending,
+                d,
+            })
+            .collect();
         out.push(Stored {
             seq,
             duplicate: false,
+            deliveries: vec![],
+        });
+        rows.push(EventRow {
+            key,
+            seq,
+            e: NewEvent {
+                deliveries: vec![],
+                ..e
+            },
             deliveries,
         });
     }
-    // Round trip 2: events, deliveries, COMMIT. Every answer is checked: after a failed
-    // insert the server answers the COMMIT with a rollback.
-    let event_params: [&(dyn ToSql + Sync); 8] = [
+    // Rows in key order: concurrent batches wait for each other's keys in the same order
+    // instead of deadlocking.
+    rows.sort_unstable_by_key(|r| r.key);
+    let mut stored = insert_events(client, &mut rows, now).await?;
+    // A key is held by the last event stored with it. Once that event is older than the
+    // window the key is released (here, when it is met again) and the new event takes it.
+    let held: Vec<&[u8]> = rows
+        .iter()
+        .filter(|r| !stored.contains(&r.seq))
+        .map(|r| r.key.as_slice())
+        .collect();
+    if !held.is_empty() {
+        let released: HashSet<Vec<u8>> = client
+            .query(
+                "UPDATE events e SET dedup_key = NULL
+                 FROM (SELECT seq, dedup_key FROM events
+                       WHERE dedup_key = ANY($1) AND received_at < $2 FOR UPDATE) old
+                 WHERE e.seq = old.seq
+                 RETURNING old.dedup_key",
+                &[&held, &(now - inner.dedup_window_ms)],
+            )
+            .await
+            .map_err(err)?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !released.is_empty() {
+            let mut again: Vec<EventRow> = Vec::new();
+            for r in std::mem::take(&mut rows) {
+                if released.contains(r.key.as_slice()) {
+                    again.push(r);
+                } else {
+                    rows.push(r);
+                }
+            }
+            stored.extend(insert_events(client, &mut again, now).await?);
+            rows.extend(again);
+        }
+    }
+    let mut states: HashMap<i64, Vec<(i64, State)>> = rows
+        .into_iter()
+        .filter(|r| stored.contains(&r.seq))
+        .map(|r| {
+            (
+                r.seq,
+                r.deliveries.iter().map(|d| (d.id, d.state)).collect(),
+            )
+        })
+        .collect();
+    for s in &mut out {
+        match states.remove(&s.seq) {
+            Some(deliveries) => s.deliveries = deliveries,
+            None => {
+                s.seq = 0;
+                s.duplicate = true;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The dedup key as this store keeps it: the first 16 bytes of SHA-256 over (big-endian
+/// length, receiving source, big-endian length, CloudEvents source, id). Migration 2
+/// computes the same in SQL for the events stored before it.
+fn dedup_key(received_by: &str, source: &str, id: &str) -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update((received_by.len() as u64).to_be_bytes());
+    h.update(received_by.as_bytes());
+    h.update((source.len() as u64).to_be_bytes());
+    h.update(source.as_bytes());
+    h.update(id.as_bytes());
+    h.finalize()[..16].try_into().expect("SHA-256 is 32 bytes")
+}
+
+/// An event on its way in, numbered, with its deliveries.
+struct EventRow {
+    key: [u8; 16],
+    seq: i64,
+    e: NewEvent,
+    deliveries: Vec<NewRow>,
+}
+
+/// A delivery on its way in, numbered.
+struct NewRow {
+    id: i64,
+    state: State,
+    d: NewDelivery,
+}
+
+/// Inserts events whose key is free, with their deliveries; answers the numbers of the
+/// events stored. Without throttles this is one statement (its own transaction): the
+/// deliveries go in only for the events that did. A throttled delivery's state depends
+/// on a throttle window taken only for a stored event, so then it takes a transaction.
+async fn insert_events(
+    client: &deadpool_postgres::Client,
+    rows: &mut [EventRow],
+    now: i64,
+) -> Result<HashSet<i64>, StoreError> {
+    const EVENTS: &str = "INSERT INTO events (seq, source_name, ce_source, ce_id, type, subject, body, dedup_key, received_at)
+         SELECT *, $9::int8 FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bytea[])
+         ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
+         RETURNING seq";
+    const DELIVERIES: &str = "INSERT INTO deliveries (id, event_seq, trigger, state, ordering_key, created_at, updated_at)
+         SELECT *, $6::int8, $6::int8 FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[]) AS d";
+    let err = |e| pg_error("storing events", e);
+    if rows.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let ev = EventColumns::of(rows);
+    let event_params: [&(dyn ToSql + Sync); 9] = [
         &ev.seq,
         &ev.source_name,
         &ev.ce_source,
@@ -936,8 +995,73 @@ async fn ingest_on(
         &ev.ty,
         &ev.subject,
         &ev.body,
+        &ev.key,
         &now,
     ];
+    let throttled = rows
+        .iter()
+        .any(|r| r.deliveries.iter().any(|d| d.d.throttle.is_some()));
+    if !throttled {
+        let dv = DeliveryColumns::of(rows.iter());
+        let both = client
+            .prepare_cached(&format!(
+                "WITH ev AS ({EVENTS}),
+                 dv AS (INSERT INTO deliveries (id, event_seq, trigger, state, ordering_key, created_at, updated_at)
+                        SELECT *, $9::int8, $9::int8
+                        FROM UNNEST($10::int8[], $11::int8[], $12::text[], $13::text[], $14::text[])
+                            AS d(id, event_seq, trigger, state, ordering_key)
+                        WHERE d.event_seq IN (SELECT seq FROM ev))
+                 SELECT seq FROM ev"
+            ))
+            .await
+            .map_err(err)?;
+        let mut params = event_params.to_vec();
+        params.extend_from_slice(&[
+            &dv.id,
+            &dv.event_seq,
+            &dv.trigger,
+            &dv.state,
+            &dv.ordering_key,
+        ]);
+        return Ok(client
+            .query(&both, &params)
+            .await
+            .map_err(err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect());
+    }
+    let events = client.prepare_cached(EVENTS).await.map_err(err)?;
+    let deliveries = client.prepare_cached(DELIVERIES).await.map_err(err)?;
+    let throttle = client
+        .prepare_cached(
+            "INSERT INTO throttles (trigger, key, until) VALUES ($1, $2, $3)
+             ON CONFLICT (trigger, key) DO UPDATE SET until = EXCLUDED.until WHERE throttles.until <= $4
+             RETURNING 1",
+        )
+        .await
+        .map_err(err)?;
+    let (begun, stored) = tokio::join!(
+        client.batch_execute("BEGIN"),
+        client.query(&events, &event_params)
+    );
+    begun.map_err(err)?;
+    let stored: HashSet<i64> = stored.map_err(err)?.iter().map(|r| r.get(0)).collect();
+    for r in rows.iter_mut().filter(|r| stored.contains(&r.seq)) {
+        for d in &mut r.deliveries {
+            if let Some((key, window)) = &d.d.throttle {
+                let until = now + window.as_millis() as i64;
+                let took = client
+                    .query(&throttle, &[&d.d.trigger, key, &until, &now])
+                    .await
+                    .map_err(err)?;
+                if took.is_empty() {
+                    d.state = State::Throttled;
+                }
+            }
+        }
+    }
+    let dv = DeliveryColumns::of(rows.iter().filter(|r| stored.contains(&r.seq)));
     let delivery_params: [&(dyn ToSql + Sync); 6] = [
         &dv.id,
         &dv.event_seq,
@@ -946,45 +1070,73 @@ async fn ingest_on(
         &dv.ordering_key,
         &now,
     ];
-    let (events_done, deliveries_done, committed) = tokio::join!(
-        async {
-            if ev.seq.is_empty() {
-                return Ok(0);
-            }
-            client.execute(&insert_events, &event_params).await
-        },
-        async {
-            if dv.id.is_empty() {
-                return Ok(0);
-            }
-            client.execute(&insert_deliveries, &delivery_params).await
-        },
+    // Every answer is checked: after a failed insert the server answers COMMIT with a
+    // rollback.
+    let (inserted, committed) = tokio::join!(
+        client.execute(&deliveries, &delivery_params),
         client.batch_execute("COMMIT"),
     );
-    events_done.map_err(err)?;
-    deliveries_done.map_err(err)?;
+    inserted.map_err(err)?;
     committed.map_err(err)?;
-    Ok(out)
+    Ok(stored)
 }
 
-#[derive(Default)]
-struct EventColumns {
+/// Events as column arrays, for `UNNEST`.
+struct EventColumns<'a> {
     seq: Vec<i64>,
-    source_name: Vec<String>,
-    ce_source: Vec<String>,
-    ce_id: Vec<String>,
-    ty: Vec<String>,
-    subject: Vec<Option<String>>,
-    body: Vec<String>,
+    source_name: Vec<&'a str>,
+    ce_source: Vec<&'a str>,
+    ce_id: Vec<&'a str>,
+    ty: Vec<&'a str>,
+    subject: Vec<Option<&'a str>>,
+    body: Vec<&'a str>,
+    key: Vec<&'a [u8]>,
 }
 
-#[derive(Default)]
-struct DeliveryColumns {
+impl<'a> EventColumns<'a> {
+    fn of(rows: &'a [EventRow]) -> Self {
+        EventColumns {
+            seq: rows.iter().map(|r| r.seq).collect(),
+            source_name: rows.iter().map(|r| r.e.source_name.as_str()).collect(),
+            ce_source: rows.iter().map(|r| r.e.ce_source.as_str()).collect(),
+            ce_id: rows.iter().map(|r| r.e.ce_id.as_str()).collect(),
+            ty: rows.iter().map(|r| r.e.ty.as_str()).collect(),
+            subject: rows.iter().map(|r| r.e.subject.as_deref()).collect(),
+            body: rows.iter().map(|r| r.e.body.as_str()).collect(),
+            key: rows.iter().map(|r| r.key.as_slice()).collect(),
+        }
+    }
+}
+
+/// Deliveries as column arrays, for `UNNEST`.
+struct DeliveryColumns<'a> {
     id: Vec<i64>,
     event_seq: Vec<i64>,
-    trigger: Vec<String>,
+    trigger: Vec<&'a str>,
     state: Vec<&'static str>,
-    ordering_key: Vec<Option<String>>,
+    ordering_key: Vec<Option<&'a str>>,
+}
+
+impl<'a> DeliveryColumns<'a> {
+    fn of(rows: impl Iterator<Item = &'a EventRow>) -> Self {
+        let mut c = DeliveryColumns {
+            id: vec![],
+            event_seq: vec![],
+            trigger: vec![],
+            state: vec![],
+            ordering_key: vec![],
+        };
+        for r in rows {
+            for d in &r.deliveries {
+                c.id.push(d.id);
+                c.event_seq.push(r.seq);
+                c.trigger.push(&d.d.trigger);
+                c.state.push(d.state.as_str());
+                c.ordering_key.push(d.d.ordering_key.as_deref());
+            }
+        }
+        c
+    }
 }
 
 const OPEN_COLUMNS: &str =
@@ -1302,12 +1454,6 @@ impl super::Store for PgStore {
                 .await
                 .map_err(err)?;
         }
-        tx.execute(
-            "DELETE FROM dedup_keys WHERE at < $1",
-            &[&(now - self.inner.dedup_window_ms)],
-        )
-        .await
-        .map_err(err)?;
         tx.execute("DELETE FROM throttles WHERE until < $1", &[&now])
             .await
             .map_err(err)?;

@@ -796,6 +796,32 @@ async fn dedup_is_per_receiving_source() {
     r.stop().await;
 }
 
+/// A repeated (source, id) is a duplicate within `store.dedup_window` and a new event
+/// after it, on either backend; the repeat that was taken is then a duplicate in turn.
+#[tokio::test]
+async fn dedup_holds_for_its_window_and_not_after() {
+    let r = Reflex::start(
+        "store: {path: $DIR/reflex.db, dedup_window: 1s}\nsources:\n  - {name: ce, type: cloudevents, path: /events}\n",
+    )
+    .await;
+    let rr = &r;
+    let send = || async move {
+        let resp = post_ce(rr, "/events", cloudevent("once", "t", json!({}))).await;
+        assert_eq!(resp.status(), 202);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        body["duplicates"].as_array().unwrap().len()
+    };
+    assert_eq!(send().await, 0);
+    assert_eq!(send().await, 1, "a repeat within the window");
+    // Keys live between the window and 1/16 more.
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    assert_eq!(send().await, 0, "the same id after the window is a new event");
+    assert_eq!(send().await, 1, "and its repeat a duplicate");
+    let events = r.api_get("/api/v1/events").await;
+    assert_eq!(events["events"].as_array().unwrap().len(), 2, "{events}");
+    r.stop().await;
+}
+
 /// A CloudEvents source can restrict the `source` and `type` prefixes it accepts; a request
 /// with any other event is refused whole (403) and nothing of it is stored.
 #[tokio::test]

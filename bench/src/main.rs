@@ -48,6 +48,15 @@ fn parse_args() -> Result<Args> {
             "--results" => a.results = Some(val()?),
             "--no-vcenter" => a.vcenter = false,
             "--postgres" => a.pg = Some(val()?),
+            "pg-store" => {
+                // The PostgreSQL store's ingest alone next to the plain client, for tuning:
+                // `pg-store URL SECONDS`.
+                let url = val()?;
+                let secs: u64 = val()?.parse()?;
+                let rt = tokio::runtime::Runtime::new()?;
+                println!("{}", rt.block_on(postgres::store_only(&url, secs))?);
+                std::process::exit(0);
+            }
             "noop-server" => return noop_server(val()?.parse()?).map(|_| unreachable!()),
             "load" => {
                 // Load only (for profiling a running server): `load URL SECONDS`.

@@ -429,6 +429,20 @@ async fn failover(bin: &Path, admin: &str, lease_s: u64, trials: usize) -> Resul
 }
 
 /// Runs (h), (i) and (j); returns the report section.
+/// (h) without HTTP, next to the plain client, with 64 tasks and 240-byte bodies.
+pub async fn store_only(admin: &str, secs: u64) -> Result<String> {
+    let db = Db::create(admin, "plain").await?;
+    let plain = plain_inserts(&db, 2, 32, 240, secs).await?;
+    db.drop_db().await;
+    let db = Db::create(admin, "store").await?;
+    let store = store_ingest(&db, 64, 240, secs).await?;
+    db.drop_db().await;
+    Ok(format!(
+        "store alone {store:.0} events/s, plain client {plain:.0} rows/s: {:.2}",
+        store / plain
+    ))
+}
+
 pub async fn run(bin: &Path, admin: &str, secs: u64, conc: usize) -> Result<String> {
     // (h) reflex first, then the plain client on a fresh database of the same server.
     eprintln!("(h) saturating reflex's webhook ingest on the PostgreSQL store for {secs}s…");

@@ -10,7 +10,7 @@
 
 use super::{
     now_ms, AttemptRecord, Checkpoint, DeliveryQuery, DeliveryRecord, EventDetail, EventQuery,
-    EventSummary, NewDelivery, NewEvent, OpenDelivery, Retention, State, StoreError, Stored,
+    EventSummary, NewEvent, OpenDelivery, Retention, State, StoreError, Stored,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::collections::{HashMap, HashSet};
@@ -23,10 +23,11 @@ use tokio_postgres::Row;
 
 /// Most events committed in one ingest transaction.
 const MAX_BATCH_EVENTS: usize = 1000;
-/// Ingest transactions in flight at once (each takes a batch of requests). One: measured
-/// with 64 concurrent senders on 2 cores, one writer committing batches of ~30 events held
-/// 18.2k events/s, two writers with ~15 each 16.6k, four with ~8 each 14.1k.
-const WRITERS: usize = 1;
+/// Ingest statements in flight at once (each takes a batch of requests). Two: measured
+/// with 64 concurrent senders on 2 cores (`reflex-bench pg-store`), one writer held 31k
+/// events/s, two 48–50k, three 52k, four 38k; two keep one batch filling while the other
+/// waits for its commit.
+const WRITERS: usize = 2;
 /// How long a request waits for a connection before it is answered "unavailable".
 const POOL_WAIT: Duration = Duration::from_secs(5);
 
@@ -796,9 +797,8 @@ async fn writer(inner: std::sync::Weak<Inner>, rx: Arc<Mutex<mpsc::Receiver<Inge
     }
 }
 
-/// Stores a batch of events and their deliveries, in two round trips when no trigger
-/// throttles: one for numbers, one statement that stores each event whose dedup key is
-/// free together with its deliveries.
+/// Stores a batch of events and their deliveries, in one statement when no trigger
+/// throttles (see [`INSERT_EVENTS`]).
 async fn ingest(inner: &Inner, events: Vec<NewEvent>) -> Result<Vec<Stored>, StoreError> {
     let client = inner.pool.get().await.map_err(pool_error)?;
     let result = ingest_on(&client, inner, events).await;
@@ -814,78 +814,31 @@ async fn ingest_on(
     inner: &Inner,
     events: Vec<NewEvent>,
 ) -> Result<Vec<Stored>, StoreError> {
-    let err = |e| pg_error("storing events", e);
     let now = now_ms();
-    let numbers = client
-        .prepare_cached(
-            "SELECT nextval('events_seq_seq') FROM generate_series(1, $1::int8)
-             UNION ALL SELECT -nextval('deliveries_id_seq') FROM generate_series(1, $2::int8)",
-        )
-        .await
-        .map_err(err)?;
-    // Numbers for every event and delivery of the batch (duplicates leave gaps), so that
-    // events and their deliveries go in together in one statement.
-    let n_events = events.len() as i64;
-    let n_deliveries: i64 = events.iter().map(|e| e.deliveries.len() as i64).sum();
-    let (mut seqs, mut ids): (Vec<i64>, Vec<i64>) = client
-        .query(&numbers, &[&n_events, &n_deliveries])
-        .await
-        .map_err(err)?
-        .iter()
-        .map(|r| r.get::<_, i64>(0))
-        .partition(|n| *n > 0);
-    seqs.sort_unstable();
-    ids.sort_unstable_by_key(|id| -id);
-    let (mut seqs, mut ids) = (seqs.into_iter(), ids.into_iter().map(|id| -id));
-
     // Only the first of a key in this batch can be new; the database decides whether it is.
     let mut seen = HashSet::new();
-    let mut rows = Vec::with_capacity(events.len());
-    let mut out = Vec::with_capacity(events.len());
+    let mut rows: Vec<EventRow> = Vec::with_capacity(events.len());
+    let mut place: Vec<Option<usize>> = Vec::with_capacity(events.len());
     for e in events {
         let key = dedup_key(&e.source_name, &e.ce_source, &e.ce_id);
-        if !seen.insert(key) {
-            out.push(Stored {
-                seq: 0,
-                duplicate: true,
+        if seen.insert(key) {
+            place.push(Some(rows.len()));
+            rows.push(EventRow {
+                key,
+                e,
+                seq: None,
                 deliveries: vec![],
             });
-            continue;
+        } else {
+            place.push(None);
         }
-        let seq = seqs.next().expect("one number per event");
-        let deliveries = e
-            .deliveries
-            .into_iter()
-            .map(|d| NewRow {
-                id: ids.next().expect("one number per delivery"),
-                state: State::Pending,
-                d,
-            })
-            .collect();
-        out.push(Stored {
-            seq,
-            duplicate: false,
-            deliveries: vec![],
-        });
-        rows.push(EventRow {
-            key,
-            seq,
-            e: NewEvent {
-                deliveries: vec![],
-                ..e
-            },
-            deliveries,
-        });
     }
-    // Rows in key order: concurrent batches wait for each other's keys in the same order
-    // instead of deadlocking.
-    rows.sort_unstable_by_key(|r| r.key);
-    let mut stored = insert_events(client, &mut rows, now).await?;
+    insert_events(client, rows.iter_mut().collect(), now).await?;
     // A key is held by the last event stored with it. Once that event is older than the
     // window the key is released (here, when it is met again) and the new event takes it.
     let held: Vec<&[u8]> = rows
         .iter()
-        .filter(|r| !stored.contains(&r.seq))
+        .filter(|r| r.seq.is_none())
         .map(|r| r.key.as_slice())
         .collect();
     if !held.is_empty() {
@@ -899,43 +852,38 @@ async fn ingest_on(
                 &[&held, &(now - inner.dedup_window_ms)],
             )
             .await
-            .map_err(err)?
+            .map_err(|e| pg_error("releasing dedup keys past their window", e))?
             .into_iter()
             .map(|r| r.get(0))
             .collect();
         if !released.is_empty() {
-            let mut again: Vec<EventRow> = Vec::new();
-            for r in std::mem::take(&mut rows) {
-                if released.contains(r.key.as_slice()) {
-                    again.push(r);
-                } else {
-                    rows.push(r);
-                }
-            }
-            stored.extend(insert_events(client, &mut again, now).await?);
-            rows.extend(again);
+            let again = rows
+                .iter_mut()
+                .filter(|r| released.contains(r.key.as_slice()))
+                .collect();
+            insert_events(client, again, now).await?;
         }
     }
-    let mut states: HashMap<i64, Vec<(i64, State)>> = rows
+    let mut rows: Vec<Option<EventRow>> = rows.into_iter().map(Some).collect();
+    Ok(place
         .into_iter()
-        .filter(|r| stored.contains(&r.seq))
-        .map(|r| {
-            (
-                r.seq,
-                r.deliveries.iter().map(|d| (d.id, d.state)).collect(),
-            )
+        .map(|at| match at.and_then(|i| rows[i].take()) {
+            Some(EventRow {
+                seq: Some(seq),
+                deliveries,
+                ..
+            }) => Stored {
+                seq,
+                duplicate: false,
+                deliveries,
+            },
+            _ => Stored {
+                seq: 0,
+                duplicate: true,
+                deliveries: vec![],
+            },
         })
-        .collect();
-    for s in &mut out {
-        match states.remove(&s.seq) {
-            Some(deliveries) => s.deliveries = deliveries,
-            None => {
-                s.seq = 0;
-                s.duplicate = true;
-            }
-        }
-    }
-    Ok(out)
+        .collect())
 }
 
 /// The dedup key as this store keeps it: the first 16 bytes of SHA-256 over (big-endian
@@ -952,43 +900,81 @@ fn dedup_key(received_by: &str, source: &str, id: &str) -> [u8; 16] {
     h.finalize()[..16].try_into().expect("SHA-256 is 32 bytes")
 }
 
-/// An event on its way in, numbered, with its deliveries.
+/// An event on its way in; `seq` and `deliveries` are set once it is stored.
 struct EventRow {
     key: [u8; 16],
-    seq: i64,
     e: NewEvent,
-    deliveries: Vec<NewRow>,
+    seq: Option<i64>,
+    deliveries: Vec<(i64, State)>,
 }
 
-/// A delivery on its way in, numbered.
-struct NewRow {
-    id: i64,
-    state: State,
-    d: NewDelivery,
-}
+/// One statement stores each event whose dedup key is free, with its deliveries, and
+/// answers the numbers given. Numbers follow the order of arrival (`nextval` runs after
+/// the `ORDER BY`), so a request's events and a key's deliveries keep their order; rows go
+/// into the unique index in key order, so that concurrent batches wait for each other's
+/// keys in the same order instead of deadlocking.
+const INSERT_EVENTS: &str = "
+WITH e AS (
+    SELECT nextval('events_seq_seq') AS seq, u.*
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])
+         WITH ORDINALITY AS u(source_name, ce_source, ce_id, type, subject, body, dedup_key, ord)
+    ORDER BY u.ord
+),
+ev AS (
+    INSERT INTO events (seq, source_name, ce_source, ce_id, type, subject, body, dedup_key, received_at)
+    SELECT seq, source_name, ce_source, ce_id, type, subject, body, dedup_key, $8 FROM e ORDER BY dedup_key
+    ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
+    RETURNING seq
+),
+d AS (
+    SELECT nextval('deliveries_id_seq') AS id, x.*
+    FROM UNNEST($9::int8[], $10::text[], $11::text[], $12::text[])
+         WITH ORDINALITY AS x(event, trigger, state, ordering_key, ord)
+    ORDER BY x.ord
+),
+dv AS (
+    INSERT INTO deliveries (id, event_seq, trigger, state, ordering_key, created_at, updated_at)
+    SELECT d.id, e.seq, d.trigger, d.state, d.ordering_key, $8, $8
+    FROM d JOIN e ON e.ord = d.event JOIN ev ON ev.seq = e.seq
+    RETURNING id
+)
+SELECT 0, e.ord, e.seq FROM e JOIN ev ON ev.seq = e.seq
+UNION ALL
+SELECT 1, d.ord, d.id FROM d JOIN dv ON dv.id = d.id";
 
-/// Inserts events whose key is free, with their deliveries; answers the numbers of the
-/// events stored. Without throttles this is one statement (its own transaction): the
-/// deliveries go in only for the events that did. A throttled delivery's state depends
-/// on a throttle window taken only for a stored event, so then it takes a transaction.
+/// Stores `rows` whose key is free, with their deliveries, and sets the numbers of those
+/// stored. Without throttles this is one statement, its own transaction. A throttled
+/// delivery's state depends on a throttle window taken only for a stored event, so then the
+/// statement, the windows and the states are one transaction.
 async fn insert_events(
     client: &deadpool_postgres::Client,
-    rows: &mut [EventRow],
+    mut rows: Vec<&mut EventRow>,
     now: i64,
-) -> Result<HashSet<i64>, StoreError> {
-    const EVENTS: &str = "INSERT INTO events (seq, source_name, ce_source, ce_id, type, subject, body, dedup_key, received_at)
-         SELECT *, $9::int8 FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bytea[])
-         ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
-         RETURNING seq";
-    const DELIVERIES: &str = "INSERT INTO deliveries (id, event_seq, trigger, state, ordering_key, created_at, updated_at)
-         SELECT *, $6::int8, $6::int8 FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[]) AS d";
+) -> Result<(), StoreError> {
     let err = |e| pg_error("storing events", e);
     if rows.is_empty() {
-        return Ok(HashSet::new());
+        return Ok(());
     }
-    let ev = EventColumns::of(rows);
-    let event_params: [&(dyn ToSql + Sync); 9] = [
-        &ev.seq,
+    let statement = client.prepare_cached(INSERT_EVENTS).await.map_err(err)?;
+    let mut ev = EventColumns::default();
+    let mut dv = DeliveryColumns::default();
+    for (i, r) in rows.iter().enumerate() {
+        let e = &r.e;
+        ev.source_name.push(&e.source_name);
+        ev.ce_source.push(&e.ce_source);
+        ev.ce_id.push(&e.ce_id);
+        ev.ty.push(&e.ty);
+        ev.subject.push(e.subject.as_deref());
+        ev.body.push(&e.body);
+        ev.key.push(&r.key);
+        for d in &e.deliveries {
+            dv.event.push(i as i64 + 1);
+            dv.trigger.push(&d.trigger);
+            dv.state.push(State::Pending.as_str());
+            dv.ordering_key.push(d.ordering_key.as_deref());
+        }
+    }
+    let params: [&(dyn ToSql + Sync); 12] = [
         &ev.source_name,
         &ev.ce_source,
         &ev.ce_id,
@@ -997,42 +983,37 @@ async fn insert_events(
         &ev.body,
         &ev.key,
         &now,
+        &dv.event,
+        &dv.trigger,
+        &dv.state,
+        &dv.ordering_key,
     ];
     let throttled = rows
         .iter()
-        .any(|r| r.deliveries.iter().any(|d| d.d.throttle.is_some()));
-    if !throttled {
-        let dv = DeliveryColumns::of(rows.iter());
-        let both = client
-            .prepare_cached(&format!(
-                "WITH ev AS ({EVENTS}),
-                 dv AS (INSERT INTO deliveries (id, event_seq, trigger, state, ordering_key, created_at, updated_at)
-                        SELECT *, $9::int8, $9::int8
-                        FROM UNNEST($10::int8[], $11::int8[], $12::text[], $13::text[], $14::text[])
-                            AS d(id, event_seq, trigger, state, ordering_key)
-                        WHERE d.event_seq IN (SELECT seq FROM ev))
-                 SELECT seq FROM ev"
-            ))
-            .await
-            .map_err(err)?;
-        let mut params = event_params.to_vec();
-        params.extend_from_slice(&[
-            &dv.id,
-            &dv.event_seq,
-            &dv.trigger,
-            &dv.state,
-            &dv.ordering_key,
-        ]);
-        return Ok(client
-            .query(&both, &params)
-            .await
-            .map_err(err)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect());
+        .any(|r| r.e.deliveries.iter().any(|d| d.throttle.is_some()));
+    if throttled {
+        client.batch_execute("BEGIN").await.map_err(err)?;
     }
-    let events = client.prepare_cached(EVENTS).await.map_err(err)?;
-    let deliveries = client.prepare_cached(DELIVERIES).await.map_err(err)?;
+    let numbered = client.query(&statement, &params).await.map_err(err)?;
+    let mut ids = vec![None; dv.event.len()];
+    for n in numbered {
+        let (kind, ord, number): (i32, i64, i64) = (n.get(0), n.get(1), n.get(2));
+        match kind {
+            0 => rows[ord as usize - 1].seq = Some(number),
+            _ => ids[ord as usize - 1] = Some(number),
+        }
+    }
+    let mut ids = ids.into_iter();
+    for r in rows.iter_mut() {
+        for _ in &r.e.deliveries {
+            if let Some(id) = ids.next().flatten() {
+                r.deliveries.push((id, State::Pending));
+            }
+        }
+    }
+    if !throttled {
+        return Ok(());
+    }
     let throttle = client
         .prepare_cached(
             "INSERT INTO throttles (trigger, key, until) VALUES ($1, $2, $3)
@@ -1041,49 +1022,37 @@ async fn insert_events(
         )
         .await
         .map_err(err)?;
-    let (begun, stored) = tokio::join!(
-        client.batch_execute("BEGIN"),
-        client.query(&events, &event_params)
-    );
-    begun.map_err(err)?;
-    let stored: HashSet<i64> = stored.map_err(err)?.iter().map(|r| r.get(0)).collect();
-    for r in rows.iter_mut().filter(|r| stored.contains(&r.seq)) {
-        for d in &mut r.deliveries {
-            if let Some((key, window)) = &d.d.throttle {
+    let mut held_back: Vec<i64> = Vec::new();
+    for r in rows.iter_mut().filter(|r| r.seq.is_some()) {
+        for (d, (id, state)) in r.e.deliveries.iter().zip(r.deliveries.iter_mut()) {
+            if let Some((key, window)) = &d.throttle {
                 let until = now + window.as_millis() as i64;
                 let took = client
-                    .query(&throttle, &[&d.d.trigger, key, &until, &now])
+                    .query(&throttle, &[&d.trigger, key, &until, &now])
                     .await
                     .map_err(err)?;
                 if took.is_empty() {
-                    d.state = State::Throttled;
+                    *state = State::Throttled;
+                    held_back.push(*id);
                 }
             }
         }
     }
-    let dv = DeliveryColumns::of(rows.iter().filter(|r| stored.contains(&r.seq)));
-    let delivery_params: [&(dyn ToSql + Sync); 6] = [
-        &dv.id,
-        &dv.event_seq,
-        &dv.trigger,
-        &dv.state,
-        &dv.ordering_key,
-        &now,
-    ];
-    // Every answer is checked: after a failed insert the server answers COMMIT with a
-    // rollback.
-    let (inserted, committed) = tokio::join!(
-        client.execute(&deliveries, &delivery_params),
-        client.batch_execute("COMMIT"),
-    );
-    inserted.map_err(err)?;
-    committed.map_err(err)?;
-    Ok(stored)
+    if !held_back.is_empty() {
+        client
+            .execute(
+                "UPDATE deliveries SET state = $2 WHERE id = ANY($1)",
+                &[&held_back, &State::Throttled.as_str()],
+            )
+            .await
+            .map_err(err)?;
+    }
+    client.batch_execute("COMMIT").await.map_err(err)
 }
 
 /// Events as column arrays, for `UNNEST`.
+#[derive(Default)]
 struct EventColumns<'a> {
-    seq: Vec<i64>,
     source_name: Vec<&'a str>,
     ce_source: Vec<&'a str>,
     ce_id: Vec<&'a str>,
@@ -1093,50 +1062,13 @@ struct EventColumns<'a> {
     key: Vec<&'a [u8]>,
 }
 
-impl<'a> EventColumns<'a> {
-    fn of(rows: &'a [EventRow]) -> Self {
-        EventColumns {
-            seq: rows.iter().map(|r| r.seq).collect(),
-            source_name: rows.iter().map(|r| r.e.source_name.as_str()).collect(),
-            ce_source: rows.iter().map(|r| r.e.ce_source.as_str()).collect(),
-            ce_id: rows.iter().map(|r| r.e.ce_id.as_str()).collect(),
-            ty: rows.iter().map(|r| r.e.ty.as_str()).collect(),
-            subject: rows.iter().map(|r| r.e.subject.as_deref()).collect(),
-            body: rows.iter().map(|r| r.e.body.as_str()).collect(),
-            key: rows.iter().map(|r| r.key.as_slice()).collect(),
-        }
-    }
-}
-
-/// Deliveries as column arrays, for `UNNEST`.
+/// Deliveries as column arrays, for `UNNEST`; `event` is the 1-based place of its event.
+#[derive(Default)]
 struct DeliveryColumns<'a> {
-    id: Vec<i64>,
-    event_seq: Vec<i64>,
+    event: Vec<i64>,
     trigger: Vec<&'a str>,
     state: Vec<&'static str>,
     ordering_key: Vec<Option<&'a str>>,
-}
-
-impl<'a> DeliveryColumns<'a> {
-    fn of(rows: impl Iterator<Item = &'a EventRow>) -> Self {
-        let mut c = DeliveryColumns {
-            id: vec![],
-            event_seq: vec![],
-            trigger: vec![],
-            state: vec![],
-            ordering_key: vec![],
-        };
-        for r in rows {
-            for d in &r.deliveries {
-                c.id.push(d.id);
-                c.event_seq.push(r.seq);
-                c.trigger.push(&d.d.trigger);
-                c.state.push(d.state.as_str());
-                c.ordering_key.push(d.d.ordering_key.as_deref());
-            }
-        }
-        c
-    }
 }
 
 const OPEN_COLUMNS: &str =

@@ -815,7 +815,11 @@ async fn dedup_holds_for_its_window_and_not_after() {
     assert_eq!(send().await, 1, "a repeat within the window");
     // Keys live between the window and 1/16 more.
     tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
-    assert_eq!(send().await, 0, "the same id after the window is a new event");
+    assert_eq!(
+        send().await,
+        0,
+        "the same id after the window is a new event"
+    );
     assert_eq!(send().await, 1, "and its repeat a duplicate");
     let events = r.api_get("/api/v1/events").await;
     assert_eq!(events["events"].as_array().unwrap().len(), 2, "{events}");

@@ -56,6 +56,9 @@ struct Inner {
 #[derive(Clone)]
 pub struct Ingest(Arc<Inner>);
 
+/// The extension attribute naming the reflex source that received an event.
+pub const RECEIVED_BY: &str = "receivedby";
+
 impl Ingest {
     /// Creates the ingest path with room for `capacity` events not yet durable.
     pub fn new(
@@ -135,6 +138,10 @@ impl Ingest {
         let mut routed = Vec::with_capacity(events.len());
         for mut event in events {
             crate::event::normalize(&mut event);
+            // Which reflex source took the event, for filters (`exact: {receivedby: vc}`),
+            // CEL and templates. Always set here, over whatever the sender put there, so that
+            // a trigger can trust it.
+            event.set_extension(RECEIVED_BY, source_name);
             let mut errors = Vec::new();
             let matches = inner.router.route(&event, &mut errors);
             for e in errors {

@@ -1006,3 +1006,43 @@ async fn an_attempt_cut_off_by_the_drain_is_recorded_and_runs_again() {
     assert_eq!(ok[0]["attempts"], 2);
     r.stop().await;
 }
+
+/// `receivedby` names the reflex source that took an event, in filters, CEL and the
+/// delivered event; a sender cannot claim it (its own `receivedby` is overwritten).
+#[tokio::test]
+async fn triggers_can_insist_on_the_receiving_source() {
+    let mut rcv = Receiver::start().await;
+    let r = Reflex::start(&format!(
+        r#"
+sources:
+  - {{name: open, type: cloudevents, path: /open}}
+  - {{name: trusted, type: cloudevents, path: /trusted}}
+triggers:
+  - name: by-filter
+    filters: [{{exact: {{receivedby: trusted}}}}]
+    action: {{type: http, url: "{url}"}}
+  - name: by-cel
+    when: 'event.receivedby == "trusted"'
+    action: {{type: http, url: "{url}"}}
+"#,
+        url = rcv.url()
+    ))
+    .await;
+    let spoofed = serde_json::json!({"specversion": "1.0", "id": "spoof", "source": "/test", "type": "t", "receivedby": "trusted"}).to_string();
+    assert_eq!(post_ce(&r, "/open", spoofed).await.status(), 202);
+    assert_eq!(
+        post_ce(&r, "/trusted", cloudevent("real", "t", json!({})))
+            .await
+            .status(),
+        202
+    );
+    for _ in 0..2 {
+        let got = rcv.next(5).await;
+        assert_eq!(got.id(), "real");
+        assert_eq!(got.headers["ce-receivedby"], "trusted");
+    }
+    rcv.nothing_for(300).await;
+    let events = r.api_get("/api/v1/events?limit=10").await.to_string();
+    assert!(events.contains("spoof"), "the spoofed event is stored: {events}");
+    r.stop().await;
+}

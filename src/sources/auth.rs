@@ -1,5 +1,7 @@
-//! Request authentication for HTTP sources: none, bearer token, HMAC-SHA256 of the body in a
-//! named header, or Standard Webhooks. Every comparison is constant-time.
+//! Request authentication for HTTP sources: none, bearer token, HMAC-SHA256 of the body (or
+//! of a timestamp and the body) in a named header, or Standard Webhooks. Every comparison is
+//! constant-time. A signed request with a timestamp is accepted once: [`Replays`] remembers
+//! it until its timestamp is out of tolerance.
 
 use super::util::Rejection;
 use crate::config::{Duration, Secret};
@@ -36,6 +38,9 @@ pub enum AuthConfig {
         /// `hex` (default) or `base64`.
         #[serde(default)]
         encoding: Encoding,
+        /// Sign a timestamp with the body, refuse stale timestamps and refuse a request
+        /// that was already accepted (a captured request cannot be sent again).
+        timestamp: Option<HmacTimestamp>,
     },
     /// Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`).
     StandardWebhooks {
@@ -44,6 +49,58 @@ pub enum AuthConfig {
         /// Largest accepted clock difference; 5 minutes by default.
         tolerance: Option<Duration>,
     },
+}
+
+/// The timestamp part of an HMAC scheme, e.g. Slack's: `{header:
+/// X-Slack-Request-Timestamp, signed: "v0:{timestamp}:{body}"}` with `prefix: "v0="`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HmacTimestamp {
+    /// Header carrying the Unix time (seconds) of the request.
+    pub header: String,
+    /// What is signed: fixed text with one `{timestamp}` and one `{body}`;
+    /// `{timestamp}.{body}` by default.
+    #[serde(default = "default_signed")]
+    pub signed: String,
+    /// Largest accepted clock difference; 5 minutes by default.
+    pub tolerance: Option<Duration>,
+}
+
+fn default_signed() -> String {
+    "{timestamp}.{body}".into()
+}
+
+impl HmacTimestamp {
+    fn tolerance_secs(&self) -> i64 {
+        self.tolerance
+            .map(|d| d.0)
+            .unwrap_or(std::time::Duration::from_secs(300))
+            .as_secs() as i64
+    }
+
+    /// The signed text around `{timestamp}` and `{body}`, in order, with which comes first.
+    fn parts(&self) -> Option<(&str, &str, &str, bool)> {
+        let (t, b) = (
+            self.signed.find("{timestamp}")?,
+            self.signed.find("{body}")?,
+        );
+        if self.signed.matches("{timestamp}").count() != 1
+            || self.signed.matches("{body}").count() != 1
+        {
+            return None;
+        }
+        let (first, first_len, second, second_len) = if t < b {
+            (t, "{timestamp}".len(), b, "{body}".len())
+        } else {
+            (b, "{body}".len(), t, "{timestamp}".len())
+        };
+        Some((
+            &self.signed[..first],
+            &self.signed[first + first_len..second],
+            &self.signed[second + second_len..],
+            t < b,
+        ))
+    }
 }
 
 /// Signature encoding.
@@ -94,7 +151,15 @@ impl AuthConfig {
         match self {
             AuthConfig::None => Ok(()),
             AuthConfig::Bearer { .. } => self.verify(headers, b""),
-            AuthConfig::Hmac { header, .. } => present(header),
+            AuthConfig::Hmac {
+                header, timestamp, ..
+            } => {
+                present(header)?;
+                match timestamp {
+                    Some(ts) => fresh(headers, ts).map(|_| ()),
+                    None => Ok(()),
+                }
+            }
             AuthConfig::StandardWebhooks { tolerance, .. } => {
                 present("webhook-id")?;
                 present("webhook-signature")?;
@@ -116,6 +181,42 @@ impl AuthConfig {
                 Ok(())
             }
         }
+    }
+
+    /// What is wrong with the scheme's settings, for the source's diagnostics.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            AuthConfig::Hmac {
+                timestamp: Some(ts),
+                ..
+            } if ts.parts().is_none() => Err(format!(
+                "auth.timestamp.signed must hold `{{timestamp}}` and `{{body}}` once each, e.g. `{{timestamp}}.{{body}}`; got `{}`",
+                ts.signed
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// For a scheme that signs a timestamp: what identifies this request for replay
+    /// refusal (its signature header), and until when (Unix seconds) it must be remembered.
+    pub fn replay_key(&self, headers: &HeaderMap) -> Option<(String, i64)> {
+        let AuthConfig::Hmac {
+            header,
+            timestamp: Some(ts),
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let t: i64 = headers
+            .get(&ts.header)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let sig = headers.get(header)?.to_str().ok()?;
+        Some((sig.to_string(), t + ts.tolerance_secs()))
     }
 
     /// Whether the scheme signs the body, so that [`AuthConfig::verify`] must see it
@@ -152,6 +253,7 @@ impl AuthConfig {
                 secret,
                 prefix,
                 encoding,
+                timestamp,
             } => {
                 let raw = header(name)
                     .ok_or_else(|| unauthorized(format!("missing signature header `{name}`")))?;
@@ -171,7 +273,11 @@ impl AuthConfig {
                         "signature header `{name}` is not valid {encoding:?}"
                     ))
                 })?;
-                let want = hmac(secret.expose().as_bytes(), &[body]);
+                let key = secret.expose().as_bytes();
+                let want = match timestamp {
+                    None => hmac(key, &[body]),
+                    Some(ts) => timestamped_mac(key, ts, fresh(headers, ts)?, body),
+                };
                 if bool::from(got.ct_eq(&want)) {
                     Ok(())
                 } else {
@@ -217,6 +323,126 @@ impl AuthConfig {
                     ))
                 }
             }
+        }
+    }
+}
+
+/// HMAC-SHA256 of `ts.signed` with the timestamp `t` and the body in their places.
+fn timestamped_mac(key: &[u8], ts: &HmacTimestamp, t: &str, body: &[u8]) -> Vec<u8> {
+    let (before, between, after, t_first) = ts.parts().expect("checked when the source was built");
+    let (x, y): (&[u8], &[u8]) = if t_first {
+        (t.as_bytes(), body)
+    } else {
+        (body, t.as_bytes())
+    };
+    hmac(
+        key,
+        &[
+            before.as_bytes(),
+            x,
+            between.as_bytes(),
+            y,
+            after.as_bytes(),
+        ],
+    )
+}
+
+/// A timestamped HMAC signature, hex (for clients and tests); `signed` as in
+/// [`HmacTimestamp::signed`].
+pub fn sign_timestamped(key: &[u8], signed: &str, t: i64, body: &[u8]) -> String {
+    let ts = HmacTimestamp {
+        header: String::new(),
+        signed: signed.into(),
+        tolerance: None,
+    };
+    hex(&timestamped_mac(key, &ts, &t.to_string(), body))
+}
+
+/// The request's timestamp header, checked to be within tolerance of now.
+fn fresh<'h>(headers: &'h HeaderMap, ts: &HmacTimestamp) -> Result<&'h str, Rejection> {
+    let name = &ts.header;
+    let raw = headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| unauthorized(format!("missing timestamp header `{name}`")))?
+        .trim();
+    let t: i64 = raw
+        .parse()
+        .map_err(|_| unauthorized(format!("`{name}` is not a Unix timestamp")))?;
+    let tol = ts.tolerance_secs();
+    if (chrono::Utc::now().timestamp() - t).abs() > tol {
+        return Err(unauthorized(format!(
+            "`{name}` is more than {tol}s away from now"
+        )));
+    }
+    Ok(raw)
+}
+
+/// Most signed requests remembered per source for replay refusal; past it the oldest are
+/// forgotten early (with a warning).
+const MAX_REMEMBERED: usize = 100_000;
+
+/// Signed requests a source accepted, each remembered until its timestamp is out of
+/// tolerance (after that the timestamp check refuses it anyway).
+#[derive(Default)]
+pub struct Replays {
+    memory: std::sync::Mutex<ReplayMemory>,
+}
+
+#[derive(Default)]
+struct ReplayMemory {
+    keys: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<(i64, String)>,
+    warned: bool,
+}
+
+impl Replays {
+    /// Refuses (409 `replayed`) a signed request this source already accepted.
+    pub fn refuse(&self, auth: &AuthConfig, headers: &HeaderMap) -> Result<(), Rejection> {
+        let Some((key, _)) = auth.replay_key(headers) else {
+            return Ok(());
+        };
+        let mut m = self.memory.lock().expect("replay memory");
+        m.forget_expired(chrono::Utc::now().timestamp());
+        if m.keys.contains(&key) {
+            return Err(Rejection::new(
+                StatusCode::CONFLICT,
+                "replayed",
+                "this signed request was already accepted; a new request needs a new timestamp and signature",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Remembers a signed request once it was accepted (not before: a request refused
+    /// for another reason may be retried as it is).
+    pub fn accepted(&self, auth: &AuthConfig, headers: &HeaderMap) {
+        let Some((key, until)) = auth.replay_key(headers) else {
+            return;
+        };
+        let mut m = self.memory.lock().expect("replay memory");
+        if m.order.len() >= MAX_REMEMBERED {
+            if !m.warned {
+                m.warned = true;
+                tracing::warn!(
+                    "more than {MAX_REMEMBERED} signed requests within the timestamp tolerance: the oldest are forgotten early, so a replay of one of them would be accepted; shorten auth.timestamp.tolerance"
+                );
+            }
+            if let Some((_, old)) = m.order.pop_front() {
+                m.keys.remove(&old);
+            }
+        }
+        if m.keys.insert(key.clone()) {
+            m.order.push_back((until, key));
+        }
+    }
+}
+
+impl ReplayMemory {
+    fn forget_expired(&mut self, now: i64) {
+        while self.order.front().is_some_and(|(until, _)| *until < now) {
+            let (_, key) = self.order.pop_front().expect("front exists");
+            self.keys.remove(&key);
         }
     }
 }
@@ -286,6 +512,7 @@ mod tests {
             secret: Secret::new("k"),
             prefix: "sha256=".into(),
             encoding: Encoding::Hex,
+            timestamp: None,
         };
         let sig = sign_hex(b"k", b"{\"a\":1}");
         assert!(a
@@ -301,6 +528,87 @@ mod tests {
             )
             .is_err());
         assert!(a.verify(&headers(&[("x-sig", sig)]), b"{\"a\":1}").is_err());
+    }
+
+    #[test]
+    fn hmac_with_a_timestamp_slack_style() {
+        // Computed independently: Python's hmac.new(key, b"v0:1531420618:token=abc&text=hi",
+        // sha256).hexdigest().
+        assert_eq!(
+            sign_timestamped(
+                b"8f742231b10e8888abcd99yyyzzz85a5",
+                "v0:{timestamp}:{body}",
+                1531420618,
+                b"token=abc&text=hi"
+            ),
+            "2f91acd988f5856896084cb880b2cec71e40f294561294161ef4318d521be91d"
+        );
+        let a = AuthConfig::Hmac {
+            header: "x-slack-signature".into(),
+            secret: Secret::new("k"),
+            prefix: "v0=".into(),
+            encoding: Encoding::Hex,
+            timestamp: Some(HmacTimestamp {
+                header: "x-slack-request-timestamp".into(),
+                signed: "v0:{timestamp}:{body}".into(),
+                tolerance: None,
+            }),
+        };
+        assert!(a.check().is_ok());
+        let now = chrono::Utc::now().timestamp();
+        let signed = |t: i64, body: &[u8]| {
+            headers(&[
+                ("x-slack-request-timestamp", t.to_string()),
+                (
+                    "x-slack-signature",
+                    format!(
+                        "v0={}",
+                        sign_timestamped(b"k", "v0:{timestamp}:{body}", t, body)
+                    ),
+                ),
+            ])
+        };
+        assert!(a.verify(&signed(now, b"x"), b"x").is_ok());
+        // The body signed with another timestamp than the one sent.
+        let mut moved = signed(now, b"x");
+        moved.insert(
+            "x-slack-request-timestamp",
+            (now - 1).to_string().parse().unwrap(),
+        );
+        assert!(a.verify(&moved, b"x").is_err());
+        // Stale, even when correctly signed; refused on the headers alone.
+        let stale = signed(now - 600, b"x");
+        assert!(a
+            .verify_headers(&stale)
+            .unwrap_err()
+            .message
+            .contains("away from now"));
+        assert!(a.verify(&stale, b"x").is_err());
+        // Remembered once accepted, refused after that.
+        let replays = Replays::default();
+        let h = signed(now, b"x");
+        assert!(replays.refuse(&a, &h).is_ok());
+        replays.accepted(&a, &h);
+        assert_eq!(replays.refuse(&a, &h).unwrap_err().reason, "replayed");
+        assert!(replays.refuse(&a, &signed(now, b"y")).is_ok());
+    }
+
+    #[test]
+    fn a_signed_text_needs_both_placeholders() {
+        let a = |signed: &str| AuthConfig::Hmac {
+            header: "x".into(),
+            secret: Secret::new("k"),
+            prefix: String::new(),
+            encoding: Encoding::Hex,
+            timestamp: Some(HmacTimestamp {
+                header: "t".into(),
+                signed: signed.into(),
+                tolerance: None,
+            }),
+        };
+        assert!(a("{body}|{timestamp}").check().is_ok());
+        assert!(a("{body}").check().unwrap_err().contains("{timestamp}"));
+        assert!(a("{timestamp}{body}{body}").check().is_err());
     }
 
     #[test]

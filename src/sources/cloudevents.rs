@@ -1,6 +1,6 @@
 //! `type: cloudevents` — CloudEvents 1.0 over HTTP in binary, structured and batch modes.
 
-use super::auth::AuthConfig;
+use super::auth::{AuthConfig, Replays};
 use super::util::{read_body, reject, submit, Rejection};
 use crate::config::{ByteSize, Config, Diagnostics, Text};
 use crate::ingest::Ingest;
@@ -82,6 +82,7 @@ pub struct CloudEvents {
     name: String,
     path: String,
     auth: AuthConfig,
+    replays: Replays,
     limit: usize,
     max_batch: usize,
     accept: AcceptConfig,
@@ -102,10 +103,15 @@ impl CloudEvents {
             );
             return None;
         }
+        if let Err(e) = c.auth.check() {
+            diags.at(loc, format!("source `{}`: {e}", c.name.value));
+            return None;
+        }
         Some(CloudEvents {
             name: c.name.value.clone(),
             path: c.path.value.clone(),
             auth: c.auth.clone(),
+            replays: Replays::default(),
             limit: c.max_body.unwrap_or(config.http.max_body).0,
             max_batch: c.max_batch,
             accept: c.accept.clone(),
@@ -122,8 +128,17 @@ impl CloudEvents {
                 let this = this.clone();
                 let ingest = ingest.clone();
                 async move {
+                    if let Err(r) = this.replays.refuse(&this.auth, &headers) {
+                        return reject(&ingest, &this.name, r);
+                    }
                     match this.parse(&headers, body).await {
-                        Ok(events) => submit(&ingest, &this.name, events).await,
+                        Ok(events) => {
+                            let answer = submit(&ingest, &this.name, events).await;
+                            if answer.status() == StatusCode::ACCEPTED {
+                                this.replays.accepted(&this.auth, &headers);
+                            }
+                            answer
+                        }
                         Err(r) => reject(&ingest, &this.name, r),
                     }
                 }

@@ -1,7 +1,7 @@
 //! `type: webhook` — JSON from any system (Graylog, Splunk, Loki, Log Insight…), checked
 //! (auth, size, JSON Schema) and mapped to a CloudEvent with templates over `body`.
 
-use super::auth::AuthConfig;
+use super::auth::{AuthConfig, Replays};
 use super::util::{read_body, reject, submit, Rejection};
 use crate::config::{ByteSize, Config, Diagnostics, Text};
 use crate::event::ROUTING_KEY_EXT;
@@ -70,6 +70,7 @@ pub struct Webhook {
     name: String,
     path: String,
     auth: AuthConfig,
+    replays: Replays,
     schema: Option<jsonschema::Validator>,
     mapping: Mapping,
     limit: usize,
@@ -102,6 +103,10 @@ impl Webhook {
         let id = tpl("id", c.mapping.id.as_deref());
         let data = tpl("data", c.mapping.data.as_deref());
         let routing_key = tpl("routing_key", c.mapping.routing_key.as_deref());
+        if let Err(e) = c.auth.check() {
+            diags.at(loc, format!("source `{name}`: {e}"));
+            ok = false;
+        }
         let schema = match &c.schema {
             Some(s) => match jsonschema::validator_for(s) {
                 Ok(v) => Some(v),
@@ -123,6 +128,7 @@ impl Webhook {
             name: name.clone(),
             path: c.path.value.clone(),
             auth: c.auth.clone(),
+            replays: Replays::default(),
             schema,
             mapping: Mapping {
                 ty: ty?,
@@ -150,8 +156,17 @@ impl Webhook {
     }
 
     async fn handle(&self, ingest: &Ingest, headers: HeaderMap, body: Body) -> Response {
+        if let Err(r) = self.replays.refuse(&self.auth, &headers) {
+            return reject(ingest, &self.name, r);
+        }
         match self.to_event(&headers, body).await {
-            Ok(event) => submit(ingest, &self.name, vec![event]).await,
+            Ok(event) => {
+                let answer = submit(ingest, &self.name, vec![event]).await;
+                if answer.status() == StatusCode::ACCEPTED {
+                    self.replays.accepted(&self.auth, &headers);
+                }
+                answer
+            }
             Err(r) => reject(ingest, &self.name, r),
         }
     }

@@ -1043,6 +1043,9 @@ triggers:
     }
     rcv.nothing_for(300).await;
     let events = r.api_get("/api/v1/events?limit=10").await.to_string();
-    assert!(events.contains("spoof"), "the spoofed event is stored: {events}");
+    assert!(
+        events.contains("spoof"),
+        "the spoofed event is stored: {events}"
+    );
     r.stop().await;
 }

@@ -28,6 +28,15 @@ sources:
     type: webhook
     path: /hooks/signed
     auth: {type: hmac, header: X-Signature, secret: k3y, prefix: "sha256="}
+  - name: slack
+    type: webhook
+    path: /hooks/slack
+    auth:
+      type: hmac
+      header: X-Slack-Signature
+      prefix: "v0="
+      secret: k3y
+      timestamp: {header: X-Slack-Request-Timestamp, signed: "v0:{timestamp}:{body}", tolerance: 1m}
   - name: std
     type: webhook
     path: /hooks/std
@@ -127,6 +136,50 @@ async fn webhook_statuses_and_mapping() {
         m.contains(r#"reflex_events_received_total{source="hook"} 1"#),
         "{m}"
     );
+    r.stop().await;
+}
+
+/// A timestamped HMAC (Slack's scheme): a stale timestamp is refused before the body is
+/// read, and a captured request sent again is refused as a replay and stored once.
+#[tokio::test]
+async fn timestamped_hmac_refuses_stale_and_replayed_requests() {
+    let r = start().await;
+    let body = br#"{"a":1}"#.to_vec();
+    let send = |t: i64, body: Vec<u8>| {
+        let sig =
+            reflex::sources::auth::sign_timestamped(b"k3y", "v0:{timestamp}:{body}", t, &body);
+        r.client
+            .post(format!("{}/hooks/slack", r.http))
+            .header("content-type", "application/json")
+            .header("x-slack-request-timestamp", t.to_string())
+            .header("x-slack-signature", format!("v0={sig}"))
+            .body(body)
+            .send()
+    };
+    let now = chrono::Utc::now().timestamp();
+    assert_eq!(send(now, body.clone()).await.unwrap().status(), 202);
+    let (status, err) = error_reason(send(now, body.clone()).await.unwrap()).await;
+    assert_eq!(
+        (status, err["reason"].as_str()),
+        (409, Some("replayed")),
+        "{err}"
+    );
+    // The same body sent anew (a new timestamp, a new signature) is a new request.
+    assert_eq!(send(now + 1, body.clone()).await.unwrap().status(), 202);
+    let (status, err) = error_reason(send(now - 120, body.clone()).await.unwrap()).await;
+    assert_eq!(status, 401, "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("away from now"),
+        "{err}"
+    );
+    let events = r.api_get("/api/v1/events?limit=100").await;
+    let n = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["received_by"] == "slack")
+        .count();
+    assert_eq!(n, 2, "{events}");
     r.stop().await;
 }
 

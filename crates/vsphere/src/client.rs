@@ -109,6 +109,42 @@ pub struct Client {
     pub content: ServiceContent,
 }
 
+/// Most bytes read from one vCenter answer (SOAP or REST). A history page of 1000 events is
+/// about 2 MB; an answer past this is refused instead of being held in memory.
+pub const MAX_RESPONSE: usize = 64 << 20;
+
+/// Reads an answer's body up to `limit` bytes (refused early when its length says more).
+pub(crate) async fn read_bounded(
+    mut resp: reqwest::Response,
+    limit: usize,
+    method: &str,
+    url: &str,
+) -> Result<String, Error> {
+    let too_large = || {
+        Error::Protocol {
+        method: method.into(),
+        message: format!(
+            "the answer is larger than {} MiB; reflex does not read it (narrow the request, e.g. a smaller page)",
+            limit >> 20
+        ),
+    }
+    };
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| conn_err(method, url, &e))? {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).map_err(|_| Error::Protocol {
+        method: method.into(),
+        message: "the answer is not UTF-8".into(),
+    })
+}
+
 fn conn_err(what: &str, url: &str, e: &reqwest::Error) -> Error {
     let mut s = format!("{what} {url}: {e}");
     let mut src = std::error::Error::source(e);
@@ -304,7 +340,7 @@ impl Client {
                 v.strip_prefix(&format!("{COOKIE}="))
                     .map(|r| r.split(';').next().unwrap_or("").to_string())
             });
-        let text = resp.text().await.map_err(|e| conn_err(method, url, &e))?;
+        let text = read_bounded(resp, MAX_RESPONSE, method, url).await?;
         let env = Node::parse(&text).map_err(|e| Error::Protocol {
             method: method.into(),
             message: format!("HTTP {status}: {e}"),
@@ -615,6 +651,69 @@ mod tests {
     use super::*;
 
     const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/samples");
+
+    /// A server that answers every request with `head` and then `body_len` bytes of body.
+    async fn oversized(head: &'static str, body_len: usize) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![b'x'; 1 << 20];
+                    let mut sent = 0;
+                    while sent < body_len {
+                        let n = chunk.len().min(body_len - sent);
+                        // Chunked framing when the head says so.
+                        let ok = if head.contains("chunked") {
+                            s.write_all(format!("{n:x}\r\n").as_bytes()).await.is_ok()
+                                && s.write_all(&chunk[..n]).await.is_ok()
+                                && s.write_all(b"\r\n").await.is_ok()
+                        } else {
+                            s.write_all(&chunk[..n]).await.is_ok()
+                        };
+                        if !ok {
+                            return;
+                        }
+                        sent += n;
+                    }
+                    let _ = s.write_all(b"0\r\n\r\n").await;
+                });
+            }
+        });
+        format!("http://{addr}/sdk")
+    }
+
+    #[tokio::test]
+    async fn oversized_answers_are_refused() {
+        let http = reqwest::Client::new();
+        let si = MoRef::new("ServiceInstance", "ServiceInstance");
+        // Announced too large: refused before reading.
+        let url = oversized(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/xml\r\ncontent-length: 100000000\r\n\r\n",
+            1 << 20,
+        )
+        .await;
+        let e = Client::raw_call(&http, &url, None, "RetrieveServiceContent", &si, vec![])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("larger than 64 MiB"), "{e}");
+        // No length, more than the bound streamed: refused at the bound.
+        let url = oversized(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/xml\r\ntransfer-encoding: chunked\r\n\r\n",
+            MAX_RESPONSE + (1 << 20),
+        )
+        .await;
+        let e = Client::raw_call(&http, &url, None, "RetrieveServiceContent", &si, vec![])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("larger than 64 MiB"), "{e}");
+    }
 
     fn sample(name: &str) -> String {
         std::fs::read_to_string(format!("{SAMPLES}/{name}")).unwrap()

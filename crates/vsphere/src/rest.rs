@@ -30,7 +30,16 @@ impl Client {
             .await
             .map_err(|e| Error::Connection(format!("POST {url}: {e}")))?;
         let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let body: Value = crate::client::read_bounded(
+            resp,
+            crate::client::MAX_RESPONSE,
+            "POST /rest/com/vmware/cis/session",
+            &url,
+        )
+        .await
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
         if status.as_u16() == 401 {
             return Err(Error::Fault {
                 method: "POST /rest/com/vmware/cis/session".into(),
@@ -72,7 +81,13 @@ impl Client {
                 session = self.rest_session(Some(&session)).await?;
                 continue;
             }
-            let text = resp.text().await.unwrap_or_default();
+            let text = crate::client::read_bounded(
+                resp,
+                crate::client::MAX_RESPONSE,
+                &format!("{method} {path}"),
+                &url,
+            )
+            .await?;
             if !status.is_success() {
                 let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
                 let kind = v["type"]

@@ -87,6 +87,14 @@ pub fn is_nic(d: &Node) -> bool {
         || (d.child("macAddress").is_some() && d.child("connectable").is_some())
 }
 
+/// The moids of `refs`, for an error that names the candidates.
+fn moids(refs: &[MoRef]) -> String {
+    refs.iter()
+        .map(|r| r.value.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn vm(moid: &str) -> MoRef {
     MoRef::new("VirtualMachine", moid)
 }
@@ -118,7 +126,8 @@ impl Client {
                     0 => Err(Error::NotFound(sel.to_string())),
                     1 => Ok(hits.into_iter().next().expect("one")),
                     n => Err(Error::Invalid(format!(
-                        "{n} VMs are named `{name}`; select it by moid or instance UUID"
+                        "{n} VMs are named `{name}` ({}); select it by moid or instance UUID",
+                        moids(&hits)
                     ))),
                 }
             }
@@ -139,16 +148,37 @@ impl Client {
                     .ok_or_else(|| Error::NotFound(sel.to_string()))
             }
             VmSelector::DnsName(dns) => {
+                // All of them: the first of several would be a guess, and a guess here is
+                // the wrong VM's NICs disconnected.
                 let r = self
                     .call(
-                        "FindByDnsName",
+                        "FindAllByDnsName",
                         &self.content.search_index,
                         vec![Node::text("dnsName", dns), Node::text("vmSearch", "true")],
                     )
                     .await?;
-                r.child("returnval")
-                    .and_then(MoRef::from_node)
-                    .ok_or_else(|| Error::NotFound(sel.to_string()))
+                let hits: Vec<MoRef> = r
+                    .children_named("returnval")
+                    .filter_map(MoRef::from_node)
+                    .collect();
+                match hits.len() {
+                    0 => Err(Error::NotFound(sel.to_string())),
+                    1 => Ok(hits.into_iter().next().expect("one")),
+                    n => {
+                        let mut named = Vec::with_capacity(n);
+                        for vm in &hits {
+                            let name = self.property(vm, "name").await.ok().flatten();
+                            named.push(match name {
+                                Some(n) => format!("{vm} `{}`", n.text),
+                                None => vm.to_string(),
+                            });
+                        }
+                        Err(Error::Invalid(format!(
+                            "{n} VMs have the DNS name `{dns}` ({}); select it by moid or instance UUID",
+                            named.join(", ")
+                        )))
+                    }
+                }
             }
         }
     }
@@ -380,19 +410,19 @@ impl Client {
     /// Finds one object of `kind` by name among all of that kind.
     pub async fn find_by_name(&self, kind: &str, name: &str) -> Result<MoRef, Error> {
         let all = self.list(kind, &["name"]).await?;
-        let mut hits = all
+        let hits: Vec<MoRef> = all
             .into_iter()
             .filter(|(_, p)| p.iter().any(|(k, v)| k == "name" && v.text == name))
-            .map(|(m, _)| m);
-        let first = hits
-            .next()
-            .ok_or_else(|| Error::NotFound(format!("{kind} named `{name}`")))?;
-        if hits.next().is_some() {
-            return Err(Error::Invalid(format!(
-                "more than one {kind} is named `{name}`"
-            )));
+            .map(|(m, _)| m)
+            .collect();
+        match hits.len() {
+            0 => Err(Error::NotFound(format!("{kind} named `{name}`"))),
+            1 => Ok(hits.into_iter().next().expect("one")),
+            n => Err(Error::Invalid(format!(
+                "{n} objects of type {kind} are named `{name}` ({}); name one that is unique",
+                moids(&hits)
+            ))),
         }
-        Ok(first)
     }
 
     /// Moves a VM's storage to a datastore (a given one, or the allowed one with the most
@@ -506,11 +536,18 @@ impl Client {
 
     /// Clones a VM or template. A VM with the new name already existing is "already so".
     pub async fn clone_vm(&self, source: &VmSelector, spec: &CloneSpec) -> Result<Change, Error> {
-        if let Ok(existing) = self.find_vm(&VmSelector::Name(spec.name.clone())).await {
-            return Ok(Change::AlreadySo(format!(
-                "a VM named `{}` exists ({existing})",
-                spec.name
-            )));
+        // Only a definite "no such VM" leads to a clone: a lookup that failed (a timeout, a
+        // lost session) says nothing, and cloning then could make a second copy.
+        match self.find_vm(&VmSelector::Name(spec.name.clone())).await {
+            Ok(existing) => {
+                return Ok(Change::AlreadySo(format!(
+                    "a VM named `{}` exists ({existing})",
+                    spec.name
+                )))
+            }
+            Err(Error::NotFound(_)) => {}
+            Err(Error::Invalid(several)) => return Ok(Change::AlreadySo(several)),
+            Err(e) => return Err(e),
         }
         let src = self.find_vm(source).await?;
         let is_template = self
@@ -621,11 +658,17 @@ impl Client {
 
     /// Creates an empty VM (powered off). A VM with that name already existing is "already so".
     pub async fn create_vm(&self, spec: &CreateSpec) -> Result<Change, Error> {
-        if let Ok(existing) = self.find_vm(&VmSelector::Name(spec.name.clone())).await {
-            return Ok(Change::AlreadySo(format!(
-                "a VM named `{}` exists ({existing})",
-                spec.name
-            )));
+        // Only a definite "no such VM" leads to a create (see `clone_vm`).
+        match self.find_vm(&VmSelector::Name(spec.name.clone())).await {
+            Ok(existing) => {
+                return Ok(Change::AlreadySo(format!(
+                    "a VM named `{}` exists ({existing})",
+                    spec.name
+                )))
+            }
+            Err(Error::NotFound(_)) => {}
+            Err(Error::Invalid(several)) => return Ok(Change::AlreadySo(several)),
+            Err(e) => return Err(e),
         }
         let folder = match &spec.folder {
             Some(f) => self.find_by_name("Folder", f).await?,

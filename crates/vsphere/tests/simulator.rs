@@ -91,6 +91,63 @@ async fn find_vms_every_way() {
     }
 }
 
+/// Sets a VM's guest host name the simulator's way (an `extraConfig` key it applies).
+async fn set_host_name(c: &Client, vm: &vsphere::MoRef, name: &str) {
+    let spec = Node::new("spec").with(
+        Node::new("extraConfig")
+            .typed("OptionValue")
+            .with(Node::text("key", "SET.guest.hostName"))
+            .with(Node::text("value", name).typed("xsd:string")),
+    );
+    c.run_task("ReconfigVM_Task", vm, vec![spec], Duration::from_secs(30))
+        .await
+        .unwrap();
+}
+
+/// A DNS name or a name that several VMs share is refused with the candidates named,
+/// never answered with the first of them.
+#[tokio::test]
+async fn ambiguous_lookups_name_the_candidates() {
+    let sim = Simulator::start();
+    let c = connect(&sim).await;
+    let cc = &c;
+    let vm = |n: &'static str| async move { cc.find_vm(&VmSelector::Name(n.into())).await };
+    let (a, b, d) = (
+        vm("DC0_H0_VM0").await.unwrap(),
+        vm("DC0_H0_VM1").await.unwrap(),
+        vm("DC0_C0_RP0_VM0").await.unwrap(),
+    );
+    set_host_name(&c, &a, "dup.example").await;
+    set_host_name(&c, &b, "dup.example").await;
+    set_host_name(&c, &d, "one.example").await;
+    assert_eq!(
+        c.find_vm(&VmSelector::DnsName("one.example".into()))
+            .await
+            .unwrap(),
+        d
+    );
+    let e = c
+        .find_vm(&VmSelector::DnsName("dup.example".into()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("2 VMs have the DNS name `dup.example`"),
+        "{msg}"
+    );
+    assert!(msg.contains(&a.value) && msg.contains(&b.value), "{msg}");
+    assert!(
+        msg.contains("DC0_H0_VM0") && msg.contains("DC0_H0_VM1"),
+        "{msg}"
+    );
+    let e = c
+        .find_vm(&VmSelector::DnsName("none.example".into()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NotFound(_)), "{e}");
+}
+
 async fn nic_state(c: &Client, vm: &vsphere::MoRef) -> Vec<(bool, bool)> {
     c.nic_connection(vm)
         .await

@@ -7,6 +7,8 @@ pub mod api;
 pub mod config;
 pub mod deliveries;
 pub mod event;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ingest;
 pub mod listener;
 pub mod router;

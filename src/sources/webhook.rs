@@ -171,7 +171,8 @@ impl Webhook {
         }
     }
 
-    async fn to_event(
+    /// Authenticates, validates and maps one request to its event (the fuzz target's entry).
+    pub async fn to_event(
         &self,
         headers: &HeaderMap,
         body: Body,

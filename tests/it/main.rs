@@ -5,6 +5,7 @@ mod common;
 mod config_errors;
 mod deliveries;
 mod e2e_binary;
+mod fuzz_regressions;
 mod ingest_http;
 mod nodes;
 mod reload;

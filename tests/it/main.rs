@@ -9,4 +9,5 @@ mod fuzz_regressions;
 mod ingest_http;
 mod nodes;
 mod reload;
+mod secrets;
 mod vsphere;

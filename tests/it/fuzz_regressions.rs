@@ -25,7 +25,8 @@ fn replay(target: &str, run: fn(&[u8])) -> usize {
 #[test]
 fn fuzz_inputs_do_not_crash() {
     use reflex::fuzzing;
-    let targets: [(&str, fn(&[u8])); 4] = [
+    type Run = fn(&[u8]);
+    let targets: [(&str, Run); 4] = [
         ("config", fuzzing::config),
         ("cloudevents", fuzzing::cloudevents),
         ("webhook", fuzzing::webhook),

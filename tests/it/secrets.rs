@@ -32,6 +32,7 @@ async fn secrets_appear_nowhere() {
     rcv.status.store(500, std::sync::atomic::Ordering::SeqCst);
     let closed = free_port();
     let (http, api) = (free_port(), free_port());
+    let rcv_url = format!("http://{}", rcv.addr);
     let config = dir.path().join("reflex.yaml");
     std::fs::write(
         &config,
@@ -78,7 +79,7 @@ triggers:
 "#,
             store = crate::common::store_config(&dir.path().join("data")),
             vc = sim.url,
-            rcv = format!("http://{}", rcv.addr),
+            rcv = rcv_url,
         ),
     )
     .unwrap();

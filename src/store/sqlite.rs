@@ -551,11 +551,25 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, mut k
         keys.expire(now);
         let mut added = Vec::new();
         let result = (|| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
+            let mut tx = conn.transaction()?;
             for (op, tries) in batch {
                 match op {
                     Op::Ingest(events, reply) => {
-                        let r = ingest(&tx, events, now, &mut keys, &mut added);
+                        // A request's events are stored whole or not at all, whatever the
+                        // rest of the batch does: a failure must not leave a dedup key (or
+                        // an event) behind that the sender's retry would meet as a duplicate.
+                        let mark = added.len();
+                        let mut sp = tx.savepoint()?;
+                        let r = ingest(&sp, events, now, &mut keys, &mut added);
+                        if r.is_ok() {
+                            sp.commit()?;
+                        } else {
+                            sp.set_drop_behavior(rusqlite::DropBehavior::Rollback);
+                            sp.finish()?;
+                            for k in added.drain(mark..) {
+                                keys.remove(k);
+                            }
+                        }
                         replies.push(Reply::Ingest(reply, r));
                     }
                     Op::Running(id) => {
@@ -709,7 +723,7 @@ fn first_kept_key(
 }
 
 fn ingest(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     events: Vec<NewEvent>,
     now: i64,
     keys: &mut Dedup,

@@ -10,4 +10,5 @@ mod ingest_http;
 mod nodes;
 mod reload;
 mod secrets;
+mod store_faults;
 mod vsphere;

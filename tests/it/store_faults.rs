@@ -1,7 +1,7 @@
 //! Faults injected into the store itself (a database trigger that refuses one event), on
 //! the backend the suite runs on.
 
-use reflex::store::{NewEvent, Store};
+use reflex::store::NewEvent;
 
 fn event(id: &str) -> NewEvent {
     NewEvent {

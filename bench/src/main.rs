@@ -48,6 +48,16 @@ fn parse_args() -> Result<Args> {
             "--results" => a.results = Some(val()?),
             "--no-vcenter" => a.vcenter = false,
             "--postgres" => a.pg = Some(val()?),
+            "vcenter" => {
+                // (d) and (e) alone: `vcenter`.
+                let me = std::env::current_exe()?;
+                let rt = tokio::runtime::Runtime::new()?;
+                print!(
+                    "{}",
+                    rt.block_on(vcenter::run(&me.with_file_name("reflex"), 10, 20))?
+                );
+                std::process::exit(0);
+            }
             "pg-store" => {
                 // The PostgreSQL store's ingest alone next to the plain client, for tuning:
                 // `pg-store URL SECONDS`.

@@ -2,7 +2,10 @@
 //!
 //! The source reads the `latestPage` of an EventHistoryCollector over the root folder: a
 //! cheap property read that works on real vCenters and on govmomi's simulator, whose
-//! long-lived `ReadNextEvents` never returns new events (govmomi #2134). New events (key
+//! long-lived `ReadNextEvents` never returns new events (govmomi #2134). Between reads it
+//! waits on that page with `WaitForUpdatesEx`, so a read follows an event within
+//! milliseconds; `poll_interval` bounds the wait (a read at least that often, which also
+//! notices a stalled stream). New events (key
 //! above the checkpoint) are ingested in key order; once they are durable, the checkpoint
 //! (key, time) is stored. A restart resumes after the checkpoint, skipping events older than
 //! `max_replay_age`; a first start begins at "now". Failures re-create the session and the
@@ -32,7 +35,8 @@ pub struct VcenterSourceConfig {
     /// Name of a vCenter under `vcenters:`.
     #[schemars(with = "String")]
     pub vcenter: Text,
-    /// How often to look for new events (default 1s).
+    /// The longest time between two reads of the event page (default 1s). Events are read
+    /// as they happen (a long poll on the page); this bounds the wait when none happen.
     pub poll_interval: Option<CfgDuration>,
     /// Events older than this are not replayed after a restart (default 1h).
     pub max_replay_age: Option<CfgDuration>,
@@ -212,15 +216,39 @@ impl VcenterSource {
                 }
             },
             collector: None,
+            watch: None,
             failures: 0,
             stalled: false,
         };
-        let mut delay = Duration::ZERO;
+        // After a good read: wait on the watch (or the poll interval without one); after a
+        // failure: back off.
+        let mut delay = Some(Duration::ZERO);
         let mut lost = false;
+        // The wait stays within a third of the lease, which is renewed between reads.
+        let longest_wait = self.poll.min(store.lease_time() / 3);
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
+            match (delay, &mut state.watch, &state.collector) {
+                (None, Some(watch), Some((client, _))) => {
+                    let client = client.clone();
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        woke = client.wait_for_change(watch, longest_wait) => {
+                            if let Err(e) = woke {
+                                // The read that follows finds out whether the session is gone.
+                                tracing::debug!(source = %self.name, error = %e, "waiting for vCenter events failed; reading the page with a new collector");
+                                state.watch = None;
+                                state.collector = None;
+                            }
+                        }
+                    }
+                }
+                (delay, _, _) => {
+                    let d = delay.unwrap_or_else(|| jitter(self.poll));
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(d) => {}
+                    }
+                }
             }
             if !held.renew().await {
                 tracing::warn!(source = %self.name, "this node lost the source's lease; it stops polling and stands by");
@@ -245,11 +273,12 @@ impl VcenterSource {
                     }
                     state.failures = 0;
                     metrics.source_up(&self.name, true);
-                    delay = jitter(self.poll);
+                    delay = None;
                 }
                 Err(e) => {
                     state.failures += 1;
                     state.collector = None;
+                    state.watch = None;
                     vcenters.reset(&self.vcenter).await;
                     metrics.source_up(&self.name, false);
                     tracing::warn!(source = %self.name, failures = state.failures, error = %e, "reading vCenter events failed; will reconnect");
@@ -268,11 +297,14 @@ impl VcenterSource {
                         .poll
                         .saturating_mul(1 << state.failures.min(6))
                         .min(Duration::from_secs(60));
-                    delay = jitter(backoff);
+                    delay = Some(jitter(backoff));
                 }
             }
         }
         if let Some((client, c)) = state.collector.take() {
+            if let Some(w) = state.watch.take() {
+                client.unwatch(w).await;
+            }
             client.destroy_collector(&c).await;
         }
         lost
@@ -298,6 +330,13 @@ impl VcenterSource {
                     .create_event_collector(self.page_size)
                     .await
                     .map_err(|e| e.to_string())?;
+                st.watch = match client.watch(&c, &["latestPage"]).await {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::warn!(source = %self.name, error = %e, "this vCenter does not let reflex wait for events; polling every poll_interval instead");
+                        None
+                    }
+                };
                 st.collector = Some((client.clone(), c.clone()));
                 (client, c)
             }
@@ -476,6 +515,9 @@ impl VcenterSource {
 struct PollState {
     last_key: Option<i64>,
     collector: Option<(Arc<vsphere::Client>, MoRef)>,
+    /// A watch on the collector's `latestPage`: the source waits on it between reads, so
+    /// an event is read when it happens (`None`: the vCenter refused one; plain polling).
+    watch: Option<vsphere::watch::Watch>,
     failures: u32,
     stalled: bool,
 }

@@ -8,6 +8,7 @@ pub mod pin;
 mod rest;
 pub mod sim;
 pub mod vm;
+pub mod watch;
 pub mod xml;
 
 pub use client::{Client, ConnectOptions, MoRef, ServiceContent};

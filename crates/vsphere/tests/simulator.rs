@@ -540,3 +540,48 @@ async fn a_ca_bundle_makes_the_certificate_trusted() {
         .expect("verified against the CA bundle");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A watch on an event collector's `latestPage` wakes when an event happens, not at the
+/// end of its wait; with nothing happening it waits its time out.
+#[tokio::test]
+async fn a_watch_wakes_on_a_new_event() {
+    let sim = Simulator::start();
+    let c = std::sync::Arc::new(connect(&sim).await);
+    let collector = c.create_event_collector(1000).await.unwrap();
+    let mut w = c.watch(&collector, &["latestPage"]).await.unwrap();
+    // The first answer is the current value.
+    assert!(c
+        .wait_for_change(&mut w, Duration::from_secs(5))
+        .await
+        .unwrap());
+    let started = std::time::Instant::now();
+    assert!(!c
+        .wait_for_change(&mut w, Duration::from_secs(1))
+        .await
+        .unwrap());
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let vm = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM0".into()))
+        .await
+        .unwrap();
+    let c2 = c.clone();
+    let power = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c2.power(&vm, PowerOp::Off).await.unwrap();
+    });
+    let started = std::time::Instant::now();
+    assert!(c
+        .wait_for_change(&mut w, Duration::from_secs(20))
+        .await
+        .unwrap());
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "woke after {waited:?}");
+    power.await.unwrap();
+    let page = c.latest_page(&collector).await.unwrap();
+    assert!(
+        page.iter()
+            .any(|e| vsphere::events::class(e) == "VmPoweredOffEvent"),
+        "the new event is in the page"
+    );
+    c.unwatch(w).await;
+}

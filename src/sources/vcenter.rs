@@ -345,8 +345,15 @@ impl VcenterSource {
             .latest_page(&collector)
             .await
             .map_err(|e| e.to_string())?;
-        page.sort_by_key(|e| vsphere::events::key(e).unwrap_or(0));
-        let newest = page.last().and_then(vsphere::events::key);
+        // Before there is a position to order by: by creation time (keys may have wrapped).
+        let by_time = |e: &&Node| {
+            (
+                e.child_text("createdTime")
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
+                vsphere::events::key(e).unwrap_or(0),
+            )
+        };
+        let newest = page.iter().max_by_key(by_time).and_then(vsphere::events::key);
         let Some(last) = st.last_key else {
             // First start.
             if self.first_start == FirstStart::Now {
@@ -366,11 +373,17 @@ impl VcenterSource {
                 tracing::info!(source = %self.name, key = k, "first start: reading events after the newest one present");
                 return Ok(());
             }
-            st.last_key = Some(0);
+            // `history`: from just before the oldest event of the page.
+            let oldest = page
+                .iter()
+                .min_by_key(by_time)
+                .and_then(vsphere::events::key)
+                .unwrap_or(1);
+            st.last_key = Some(ahead_by(oldest, -1));
             return Box::pin(self.poll_once(st, ingest, store, fence, vcenters, metrics)).await;
         };
-        let last = match newest {
-            Some(n) if n < last => {
+        let (new, missed) = match standing(&mut page, last, self.page_size as usize) {
+            Standing::Behind(n) => {
                 tracing::warn!(source = %self.name, checkpoint = last, newest = n, "vCenter event keys went backwards (a new or reset vCenter); resuming after its newest event");
                 store
                     .set_checkpoint(
@@ -386,21 +399,14 @@ impl VcenterSource {
                 st.last_key = Some(n);
                 return Ok(());
             }
-            _ => last,
+            Standing::Ahead { new, missed } => (new, missed),
         };
+        if missed > 0 {
+            tracing::warn!(source = %self.name, missed, "more events than one page arrived between two reads; lower poll_interval");
+            metrics.vcenter_missed(&self.name, missed as u64);
+        }
         let oldest_allowed = chrono::Utc::now()
             - chrono::Duration::from_std(self.max_age).unwrap_or(chrono::Duration::hours(1));
-        let new: Vec<&Node> = page
-            .iter()
-            .filter(|e| vsphere::events::key(e).is_some_and(|k| k > last))
-            .collect();
-        if let Some(first) = new.first().and_then(|e| vsphere::events::key(e)) {
-            if page.len() >= self.page_size as usize && first > last + 1 {
-                let missed = first - last - 1;
-                tracing::warn!(source = %self.name, missed, "more events than one page arrived between two polls; lower poll_interval");
-                metrics.vcenter_missed(&self.name, missed as u64);
-            }
-        }
         let mut events = Vec::new();
         let mut skipped = 0;
         for e in &new {
@@ -522,6 +528,51 @@ struct PollState {
     stalled: bool,
 }
 
+/// Where a page stands against the checkpoint `last`.
+#[derive(Debug)]
+enum Standing<'a> {
+    /// Every event is behind the checkpoint: a new or reset vCenter (its newest key).
+    Behind(i64),
+    /// The events after the checkpoint, oldest first, and how many between the checkpoint
+    /// and the first of them are not on the page (a full page that does not reach back).
+    Ahead { new: Vec<&'a Node>, missed: i64 },
+}
+
+/// Orders `page` in chain order from `last` (across a wrap of the keys) and finds what is
+/// new in it.
+fn standing(page: &mut [Node], last: i64, page_size: usize) -> Standing<'_> {
+    page.sort_by_key(|e| vsphere::events::key(e).map_or(i64::MIN, |k| ahead(k, last)));
+    let full = page.len() >= page_size;
+    if let Some(n) = page.last().and_then(vsphere::events::key) {
+        if ahead(n, last) < 0 {
+            return Standing::Behind(n);
+        }
+    }
+    let new: Vec<&Node> = page
+        .iter()
+        .filter(|e| vsphere::events::key(e).is_some_and(|k| ahead(k, last) > 0))
+        .collect();
+    let missed = match new.first().and_then(|e| vsphere::events::key(e)) {
+        Some(first) if full && ahead(first, last) > 1 => ahead(first, last) - 1,
+        _ => 0,
+    };
+    Standing::Ahead { new, missed }
+}
+
+/// How far `key` is ahead of `of` in vCenter's event chain. Event keys are 32-bit: after
+/// 2^31 - 1 the next is -2^31 (the Event Broker Appliance stopped there, its issue #809).
+/// Compared as serial numbers (RFC 1982), a key less than 2^31 ahead modulo 2^32 is newer,
+/// so the position survives the wrap; a vCenter reset (keys from 1 again, far behind the
+/// checkpoint) still reads as behind.
+fn ahead(key: i64, of: i64) -> i64 {
+    i64::from((key as i32).wrapping_sub(of as i32))
+}
+
+/// The key `n` places after `key` in the chain (wrapping like vCenter's).
+fn ahead_by(key: i64, n: i32) -> i64 {
+    i64::from((key as i32).wrapping_add(n))
+}
+
 fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
 }
@@ -584,6 +635,58 @@ mod tests {
             .path(&["Body", "ReadNextEventsResponse", "returnval"])
             .unwrap()
             .clone()
+    }
+
+    /// A page as vCenter lists it (newest first): the recorded event with these keys.
+    fn page(keys: &[i64]) -> Vec<Node> {
+        keys.iter()
+            .map(|k| {
+                let mut e = recorded_alarm();
+                e.set_child_text("key", &k.to_string());
+                e
+            })
+            .collect()
+    }
+
+    fn keys(s: &Standing<'_>) -> (Vec<i64>, i64) {
+        match s {
+            Standing::Ahead { new, missed } => (
+                new.iter().filter_map(|e| vsphere::events::key(e)).collect(),
+                *missed,
+            ),
+            Standing::Behind(n) => panic!("behind at {n}"),
+        }
+    }
+
+    /// Keys wrap from 2^31 - 1 to -2^31: what follows the checkpoint is still new, in chain
+    /// order, and nothing is taken for a reset.
+    #[test]
+    fn the_position_survives_the_key_wrap() {
+        const MAX: i64 = i32::MAX as i64;
+        const MIN: i64 = i32::MIN as i64;
+        let mut p = page(&[MIN + 1, MIN, MAX, MAX - 1]);
+        assert_eq!(
+            keys(&standing(&mut p, MAX - 1, 1000)),
+            (vec![MAX, MIN, MIN + 1], 0)
+        );
+        let mut p = page(&[MIN + 1, MIN, MAX, MAX - 1]);
+        assert_eq!(keys(&standing(&mut p, MIN, 1000)), (vec![MIN + 1], 0));
+        let mut p = page(&[MIN + 1, MIN, MAX, MAX - 1]);
+        assert_eq!(keys(&standing(&mut p, MIN + 1, 1000)), (vec![], 0));
+        // A full page that does not reach back to the checkpoint, across the wrap.
+        let mut p = page(&[MIN + 1, MIN, MAX, MAX - 1]);
+        assert_eq!(
+            keys(&standing(&mut p, MAX - 10, 4)),
+            (vec![MAX - 1, MAX, MIN, MIN + 1], 8)
+        );
+        // A reset vCenter (keys from 1 again) is still behind the checkpoint.
+        let mut p = page(&[3, 2, 1]);
+        assert!(matches!(standing(&mut p, 5_000, 1000), Standing::Behind(3)));
+        let mut p = page(&[3, 2, 1]);
+        assert!(matches!(
+            standing(&mut p, MAX - 5, 1000),
+            Standing::Behind(3)
+        ));
     }
 
     #[test]

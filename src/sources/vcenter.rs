@@ -23,6 +23,10 @@ use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+// Keys are compared across their 32-bit wrap: the Event Broker Appliance stopped at the
+// wrap (its issue #809); a vCenter reset (keys from 1 again, far behind the checkpoint)
+// still reads as behind.
+use vsphere::events::ahead;
 use vsphere::{MoRef, Node};
 
 /// Configuration of `type: vcenter`.
@@ -50,8 +54,9 @@ pub struct VcenterSourceConfig {
     pub format: Format,
     /// Consecutive failures before the source is announced as stalled (default 3).
     pub stall_after: Option<u32>,
-    /// Events per collector page, 1 to 1000 (default 1000, the maximum: more events than a
-    /// page between two polls are counted as missed).
+    /// Events per collector page, 1 to 1000 (default 1000, the maximum). More events than
+    /// a page between two reads are read back from a fresh collector; what vCenter no
+    /// longer holds is counted as missed.
     pub page_size: Option<u32>,
 }
 
@@ -353,7 +358,10 @@ impl VcenterSource {
                 vsphere::events::key(e).unwrap_or(0),
             )
         };
-        let newest = page.iter().max_by_key(by_time).and_then(vsphere::events::key);
+        let newest = page
+            .iter()
+            .max_by_key(by_time)
+            .and_then(vsphere::events::key);
         let Some(last) = st.last_key else {
             // First start.
             if self.first_start == FirstStart::Now {
@@ -382,7 +390,7 @@ impl VcenterSource {
             st.last_key = Some(ahead_by(oldest, -1));
             return Box::pin(self.poll_once(st, ingest, store, fence, vcenters, metrics)).await;
         };
-        let (new, missed) = match standing(&mut page, last, self.page_size as usize) {
+        let missed = match standing(&mut page, last, self.page_size as usize) {
             Standing::Behind(n) => {
                 tracing::warn!(source = %self.name, checkpoint = last, newest = n, "vCenter event keys went backwards (a new or reset vCenter); resuming after its newest event");
                 store
@@ -399,11 +407,31 @@ impl VcenterSource {
                 st.last_key = Some(n);
                 return Ok(());
             }
-            Standing::Ahead { new, missed } => (new, missed),
+            Standing::Ahead { missed, .. } => missed,
         };
         if missed > 0 {
-            tracing::warn!(source = %self.name, missed, "more events than one page arrived between two reads; lower poll_interval");
-            metrics.vcenter_missed(&self.name, missed as u64);
+            // More events than a page since the last read: the range between the checkpoint
+            // and the page is read from a fresh collector before going on.
+            let older = client.events_since(last, GAP_LIMIT).await.map_err(|e| {
+                format!(
+                    "reading the {missed} events between the checkpoint and the latest page: {e}"
+                )
+            })?;
+            tracing::info!(source = %self.name, missed, recovered = older.len(), "more events than one page since the last read; read the ones before the page");
+            page.extend(older);
+            page.sort_by_key(vsphere::events::key);
+            page.dedup_by_key(|e| vsphere::events::key(e));
+        }
+        let new = match standing(&mut page, last, usize::MAX) {
+            Standing::Ahead { new, .. } => new,
+            Standing::Behind(_) => Vec::new(),
+        };
+        if let Some(first) = new.first().and_then(|e| vsphere::events::key(e)) {
+            let lost = ahead(first, last) - 1;
+            if missed > 0 && lost > 0 {
+                tracing::warn!(source = %self.name, lost, "vCenter no longer holds some events between the checkpoint and the latest page; lower poll_interval or raise page_size");
+                metrics.vcenter_missed(&self.name, lost as u64);
+            }
         }
         let oldest_allowed = chrono::Utc::now()
             - chrono::Duration::from_std(self.max_age).unwrap_or(chrono::Duration::hours(1));
@@ -528,6 +556,9 @@ struct PollState {
     stalled: bool,
 }
 
+/// Most events read back to fill one gap (a hundred pages).
+const GAP_LIMIT: usize = 100_000;
+
 /// Where a page stands against the checkpoint `last`.
 #[derive(Debug)]
 enum Standing<'a> {
@@ -557,15 +588,6 @@ fn standing(page: &mut [Node], last: i64, page_size: usize) -> Standing<'_> {
         _ => 0,
     };
     Standing::Ahead { new, missed }
-}
-
-/// How far `key` is ahead of `of` in vCenter's event chain. Event keys are 32-bit: after
-/// 2^31 - 1 the next is -2^31 (the Event Broker Appliance stopped there, its issue #809).
-/// Compared as serial numbers (RFC 1982), a key less than 2^31 ahead modulo 2^32 is newer,
-/// so the position survives the wrap; a vCenter reset (keys from 1 again, far behind the
-/// checkpoint) still reads as behind.
-fn ahead(key: i64, of: i64) -> i64 {
-    i64::from((key as i32).wrapping_sub(of as i32))
 }
 
 /// The key `n` places after `key` in the chain (wrapping like vCenter's).

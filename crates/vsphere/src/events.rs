@@ -6,6 +6,13 @@ use crate::xml::Node;
 use crate::Error;
 use serde_json::{Map, Value};
 
+/// How far event key `key` is ahead of `of` in vCenter's event chain. Event keys are
+/// 32-bit: after 2^31 - 1 the next is -2^31. Compared as serial numbers (RFC 1982), a key
+/// less than 2^31 ahead modulo 2^32 is newer, so an order survives the wrap.
+pub fn ahead(key: i64, of: i64) -> i64 {
+    i64::from((key as i32).wrapping_sub(of as i32))
+}
+
 /// Collector page size: the simulator fills smaller first pages wrongly; 1000 is the maximum.
 pub const MAX_COUNT: u32 = 1000;
 
@@ -66,6 +73,42 @@ impl Client {
             .into_iter()
             .filter(|c| c.name == "returnval")
             .collect())
+    }
+
+    /// The events after `after` (a key), as far back as vCenter still holds them and at
+    /// most about `limit`: the latest page of a fresh collector, then older pages with
+    /// `ReadPreviousEvents`, until one reaches back to `after`. For filling a gap when more
+    /// events happened between two reads than one page holds. Unordered.
+    pub async fn events_since(&self, after: i64, limit: usize) -> Result<Vec<Node>, Error> {
+        let c = self.create_event_collector(MAX_COUNT).await?;
+        let result = async {
+            let mut events = self.latest_page(&c).await?;
+            // The scrollable view just before the latest page: reading back goes older.
+            self.call("ResetCollector", &c, vec![]).await?;
+            let reaches =
+                |events: &[Node]| events.iter().filter_map(key).any(|k| ahead(k, after) <= 1);
+            while events.len() < limit && !reaches(&events) {
+                let r = self
+                    .call(
+                        "ReadPreviousEvents",
+                        &c,
+                        vec![Node::text("maxCount", MAX_COUNT.to_string())],
+                    )
+                    .await?;
+                let before = events.len();
+                events.extend(r.children.into_iter().filter(|c| c.name == "returnval"));
+                events.sort_by_key(|e| key(e).map(|k| ahead(k, after)));
+                events.dedup_by_key(|e| key(e));
+                if events.len() == before {
+                    break;
+                }
+            }
+            events.retain(|e| key(e).is_some_and(|k| ahead(k, after) > 0));
+            Ok(events)
+        }
+        .await;
+        self.destroy_collector(&c).await;
+        result
     }
 
     /// Destroys a collector (best effort).

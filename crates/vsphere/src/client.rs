@@ -533,6 +533,8 @@ impl Client {
     }
 
     /// Waits for a task to finish; its error becomes [`Error::Task`] with the fault's name.
+    /// A task still running after the first look is awaited with a watch on its state
+    /// (a long poll), not by polling; where a watch cannot be had, by polling with backoff.
     pub async fn wait_task(
         &self,
         task: &MoRef,
@@ -540,42 +542,79 @@ impl Client {
         timeout: Duration,
     ) -> Result<Option<Node>, Error> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut watch: Option<crate::watch::Watch> = None;
+        let mut watching = true;
         let mut delay = Duration::from_millis(50);
-        loop {
-            let props = self
-                .properties(task, &["info.state", "info.error", "info.result"])
-                .await?;
-            let get = |n: &str| props.iter().find(|(k, _)| k == n).map(|(_, v)| v);
-            match get("info.state").map(|n| n.text.as_str()) {
-                Some("success") => return Ok(get("info.result").cloned()),
-                Some("error") => {
-                    let err = get("info.error");
-                    let name = err
-                        .and_then(|e| e.child("fault"))
-                        .and_then(|f| f.xsi_type.clone())
-                        .unwrap_or_else(|| "TaskError".into());
-                    let message = err
-                        .and_then(|e| e.child_text("localizedMessage"))
-                        .unwrap_or("")
-                        .to_string();
-                    return Err(Error::Task {
-                        task: task.value.clone(),
-                        what: what.into(),
-                        name,
-                        message,
-                    });
-                }
-                _ => {}
+        let result = loop {
+            match self.task_outcome(task, what).await {
+                Ok(Some(done)) => break done,
+                Ok(None) => {}
+                Err(e) => break Err(e),
             }
-            if tokio::time::Instant::now() + delay > deadline {
-                return Err(Error::Connection(format!(
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break Err(Error::Connection(format!(
                     "task {} ({what}) did not finish within {timeout:?}",
                     task.value
                 )));
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            if watching && watch.is_none() {
+                match self.watch(task, &["info.state"]).await {
+                    Ok(w) => watch = Some(w),
+                    Err(_) => watching = false,
+                }
+            }
+            match &mut watch {
+                Some(w) => {
+                    let left = (deadline - now).min(Duration::from_secs(30));
+                    if self.wait_for_change(w, left).await.is_err() {
+                        watch = None;
+                        watching = false;
+                    }
+                }
+                None => {
+                    tokio::time::sleep(delay.min(deadline - now)).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        if let Some(w) = watch {
+            self.unwatch(w).await;
         }
+        result
+    }
+
+    /// A task's outcome if it finished: its result, or its error as [`Error::Task`].
+    async fn task_outcome(
+        &self,
+        task: &MoRef,
+        what: &str,
+    ) -> Result<Option<Result<Option<Node>, Error>>, Error> {
+        let props = self
+            .properties(task, &["info.state", "info.error", "info.result"])
+            .await?;
+        let get = |n: &str| props.iter().find(|(k, _)| k == n).map(|(_, v)| v);
+        Ok(match get("info.state").map(|n| n.text.as_str()) {
+            Some("success") => Some(Ok(get("info.result").cloned())),
+            Some("error") => {
+                let err = get("info.error");
+                let name = err
+                    .and_then(|e| e.child("fault"))
+                    .and_then(|f| f.xsi_type.clone())
+                    .unwrap_or_else(|| "TaskError".into());
+                let message = err
+                    .and_then(|e| e.child_text("localizedMessage"))
+                    .unwrap_or("")
+                    .to_string();
+                Some(Err(Error::Task {
+                    task: task.value.clone(),
+                    what: what.into(),
+                    name,
+                    message,
+                }))
+            }
+            _ => None,
+        })
     }
 
     /// Calls a `*_Task` method and waits for the task.

@@ -42,23 +42,30 @@ pub struct Compiled {
 }
 
 /// Findings that do not stop reflex: sources that take unauthenticated events from
-/// beyond this machine.
+/// beyond this machine; vSphere actions whose attempts may end before their vCenter task.
 fn warnings(config: &Config) -> Vec<String> {
     let listen = config.http.listen;
-    if listen.ip().is_loopback() {
-        return Vec::new();
-    }
-    config
-        .sources
-        .iter()
-        .filter(|s| s.value.unauthenticated())
-        .map(|s| {
+    let mut out: Vec<String> = Vec::new();
+    if !listen.ip().is_loopback() {
+        out.extend(config.sources.iter().filter(|s| s.value.unauthenticated()).map(|s| {
             format!(
                 "source `{}` accepts events without authentication (auth: none) on {listen}, which is not a loopback address: anyone who can reach it can send events; set `auth`",
                 s.value.name().value
             )
-        })
-        .collect()
+        }));
+    }
+    for t in &config.triggers {
+        if let Some(timeout) = t.delivery.timeout {
+            if t.action.runs_vcenter_tasks() && timeout.0 < actions::vsphere::TASK_ATTEMPT {
+                out.push(format!(
+                    "trigger `{}`: delivery.timeout {:?} is shorter than a vCenter task may take (10m): an attempt cut short leaves its task running, and the retry starts the operation again; leave timeout unset (11m for vSphere actions)",
+                    t.name.value,
+                    timeout.0,
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Reads and checks a configuration file, reporting every problem at once. Touches no
@@ -554,5 +561,44 @@ impl Running {
         if !reloading {
             tracing::info!("stopped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// vSphere actions get attempts longer than a vCenter task by default, and a shorter
+    /// one set by hand is a finding of `check`; other actions keep 30 s.
+    #[test]
+    fn vsphere_attempts_outlast_their_tasks() {
+        let yaml = r#"
+vcenters:
+  vc1: {url: "https://127.0.0.1:1/sdk", username: u, password: p, insecure: true}
+triggers:
+  - name: web
+    action: {type: http, url: "http://127.0.0.1:1/"}
+  - name: off
+    action: {type: vsphere.power, vcenter: vc1, op: "off", vm: {name: x}}
+  - name: short
+    action: {type: vsphere.power, vcenter: vc1, op: "off", vm: {name: x}}
+    delivery: {timeout: 30s}
+"#;
+        let compiled = compile("t.yaml".into(), config::parse("t.yaml", yaml).unwrap()).unwrap();
+        let timeout = |name: &str| {
+            compiled
+                .router
+                .triggers
+                .iter()
+                .find(|t| t.name == name)
+                .unwrap()
+                .policy
+                .timeout
+        };
+        assert_eq!(timeout("web"), Duration::from_secs(30));
+        assert_eq!(timeout("off"), actions::vsphere::TASK_ATTEMPT);
+        assert_eq!(timeout("short"), Duration::from_secs(30));
+        assert_eq!(compiled.warnings.len(), 1, "{:?}", compiled.warnings);
+        assert!(compiled.warnings[0].contains("trigger `short`"));
     }
 }

@@ -63,6 +63,29 @@ pub enum ActionConfig {
     VsphereCreateVm(vsphere::CreateConfig),
 }
 
+impl ActionConfig {
+    /// Whether the action waits for vCenter tasks (which may take up to
+    /// [`vsphere::TASK_ATTEMPT`](crate::actions::vsphere::TASK_ATTEMPT)), so that its attempts need more time than the default.
+    pub fn runs_vcenter_tasks(&self) -> bool {
+        !matches!(
+            self,
+            ActionConfig::Http(_)
+                | ActionConfig::HttpRequest(_)
+                | ActionConfig::Exec(_)
+                | ActionConfig::Emit(_)
+        )
+    }
+
+    /// The time allowed for one attempt when the trigger does not say.
+    pub fn default_timeout(&self) -> std::time::Duration {
+        if self.runs_vcenter_tasks() {
+            vsphere::TASK_ATTEMPT
+        } else {
+            std::time::Duration::from_secs(30)
+        }
+    }
+}
+
 /// A compiled action.
 #[derive(Debug)]
 pub enum Action {

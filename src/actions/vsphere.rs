@@ -11,6 +11,11 @@ use serde::Deserialize;
 use serde_json::json;
 use vsphere::vm::{PowerOp, VmSelector};
 
+
+/// Default time for one attempt of a vSphere action: the longest a vCenter task is
+/// awaited (10 minutes) and a minute for the reads around it.
+pub const TASK_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(660);
+
 /// Which VM, by one of: name, moid, instance UUID, DNS name (each a template).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]

@@ -281,8 +281,10 @@ pub struct DeliveryConfig {
     pub max_retry_after: Duration,
     /// Least delay after a 429 Too Many Requests, with or without `Retry-After`.
     pub min_backoff_after_429: Duration,
-    /// Time allowed for one attempt.
-    pub timeout: Duration,
+    /// Time allowed for one attempt: 30s, and 11m for vSphere actions (a vCenter task may
+    /// take up to 10m; an attempt cut short leaves its task running and the retry would
+    /// start the operation again).
+    pub timeout: Option<Duration>,
     /// Attempts of this trigger running at once.
     pub concurrency: usize,
     /// Most attempts started per period, evenly spaced (e.g. `10/s`, `100/min`), to spare
@@ -305,7 +307,7 @@ impl Default for DeliveryConfig {
             jitter: 0.5,
             max_retry_after: Duration(std::time::Duration::from_secs(3600)),
             min_backoff_after_429: Duration(std::time::Duration::from_secs(5)),
-            timeout: Duration(std::time::Duration::from_secs(30)),
+            timeout: None,
             concurrency: 16,
             rate: None,
             ordering_key: None,

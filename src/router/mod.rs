@@ -241,7 +241,10 @@ fn compile_trigger(t: &TriggerConfig, config: &Config, diags: &mut Diagnostics) 
             max_retry_after: d.max_retry_after.0,
             min_after_429: d.min_backoff_after_429.0,
         },
-        timeout: d.timeout.0,
+        timeout: d
+            .timeout
+            .map(|t| t.0)
+            .unwrap_or_else(|| t.action.default_timeout()),
         concurrency: d.concurrency.max(1),
         spacing: d.rate.map(|r| r.interval()),
         ordering_key,

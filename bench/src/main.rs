@@ -10,6 +10,7 @@
 //! (c) RSS of reflex during (b) vs the no-op server's.
 
 mod postgres;
+mod routing;
 mod vcenter;
 
 use anyhow::{bail, Context, Result};
@@ -48,6 +49,12 @@ fn parse_args() -> Result<Args> {
             "--results" => a.results = Some(val()?),
             "--no-vcenter" => a.vcenter = false,
             "--postgres" => a.pg = Some(val()?),
+            "routing" => {
+                // Matching alone: `routing SECONDS`.
+                let secs: u64 = val()?.parse()?;
+                print!("{}", routing::run(secs)?);
+                std::process::exit(0);
+            }
             "vcenter" => {
                 // (d) and (e) alone: `vcenter`.
                 let me = std::env::current_exe()?;

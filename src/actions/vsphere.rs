@@ -11,7 +11,6 @@ use serde::Deserialize;
 use serde_json::json;
 use vsphere::vm::{PowerOp, VmSelector};
 
-
 /// Default time for one attempt of a vSphere action: the longest a vCenter task is
 /// awaited (10 minutes) and a minute for the reads around it.
 pub const TASK_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(660);

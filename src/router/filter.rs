@@ -69,6 +69,16 @@ impl CompiledFilter {
         }
     }
 
+    /// The `type` prefix a prefix filter requires, for the router's prefix index.
+    pub fn prefix_type(&self) -> Option<&str> {
+        match self {
+            CompiledFilter::Prefix(p) => {
+                p.iter().find(|(k, _)| k == "type").map(|(_, v)| v.as_str())
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the event passes.
     pub fn matches(&self, e: &Event) -> bool {
         let each = |p: &[(String, String)], f: &dyn Fn(&str, &str) -> bool| {

@@ -61,6 +61,12 @@ pub struct Router {
     /// Triggers in configuration order.
     pub triggers: Vec<Trigger>,
     by_type: HashMap<String, Vec<usize>>,
+    /// Triggers that require a `type` prefix, by that prefix: an event looks up each of
+    /// its type's leading substrings of the lengths present, so thousands of prefix
+    /// triggers cost a few hash lookups instead of a scan.
+    by_type_prefix: HashMap<String, Vec<usize>>,
+    /// The lengths (bytes) of the prefixes in `by_type_prefix`, ascending.
+    prefix_lengths: Vec<usize>,
     unindexed: Vec<usize>,
 }
 
@@ -78,16 +84,25 @@ impl Router {
 
     fn from_triggers(triggers: Vec<Trigger>) -> Router {
         let mut by_type: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_type_prefix: HashMap<String, Vec<usize>> = HashMap::new();
         let mut unindexed = Vec::new();
         for (i, t) in triggers.iter().enumerate() {
-            match t.filters.iter().find_map(CompiledFilter::exact_type) {
-                Some(ty) => by_type.entry(ty.to_string()).or_default().push(i),
-                None => unindexed.push(i),
+            if let Some(ty) = t.filters.iter().find_map(CompiledFilter::exact_type) {
+                by_type.entry(ty.to_string()).or_default().push(i);
+            } else if let Some(p) = t.filters.iter().find_map(CompiledFilter::prefix_type) {
+                by_type_prefix.entry(p.to_string()).or_default().push(i);
+            } else {
+                unindexed.push(i);
             }
         }
+        let mut prefix_lengths: Vec<usize> = by_type_prefix.keys().map(String::len).collect();
+        prefix_lengths.sort_unstable();
+        prefix_lengths.dedup();
         Router {
             triggers,
             by_type,
+            by_type_prefix,
+            prefix_lengths,
             unindexed,
         }
     }
@@ -100,13 +115,19 @@ impl Router {
     /// The triggers an event matches, in configuration order. An expression that fails to
     /// evaluate counts as no match and is reported in `errors`.
     pub fn route(&self, event: &Event, errors: &mut Vec<String>) -> Vec<Match> {
-        let indexed = self
-            .by_type
-            .get(event.ty())
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
+        let ty = event.ty();
+        let indexed = self.by_type.get(ty).map(Vec::as_slice).unwrap_or(&[]);
         let mut candidates: Vec<usize> = indexed.iter().chain(&self.unindexed).copied().collect();
-        if !indexed.is_empty() && !self.unindexed.is_empty() {
+        let mut sources =
+            usize::from(!indexed.is_empty()) + usize::from(!self.unindexed.is_empty());
+        for &len in self.prefix_lengths.iter().take_while(|l| **l <= ty.len()) {
+            if let Some(hits) = ty.get(..len).and_then(|p| self.by_type_prefix.get(p)) {
+                candidates.extend_from_slice(hits);
+                sources += 1;
+            }
+        }
+        // In configuration order, as the triggers run.
+        if sources > 1 {
             candidates.sort_unstable();
         }
         let mut view = None;
@@ -288,6 +309,58 @@ mod tests {
             .data("application/json", data)
             .build()
             .unwrap()
+    }
+
+    /// Prefix filters on `type` are found through the prefix index, together with exact
+    /// and unindexed triggers, in configuration order; a prefix is only a candidate, the
+    /// trigger's other filters still decide.
+    #[test]
+    fn prefix_triggers_are_indexed_and_keep_their_order() {
+        let r = router(
+            r#"
+triggers:
+  - {name: t0, filters: [{prefix: {type: com.a}}], action: {type: http, url: "http://x/"}}
+  - {name: t1, filters: [{exact: {type: com.a.b}}], action: {type: http, url: "http://x/"}}
+  - {name: t2, filters: [{prefix: {type: com.}}], action: {type: http, url: "http://x/"}}
+  - {name: t3, filters: [{prefix: {subject: vm-}}], action: {type: http, url: "http://x/"}}
+  - {name: t4, filters: [{prefix: {type: com.a.b.c.d}}], action: {type: http, url: "http://x/"}}
+  - {name: t5, filters: [{prefix: {type: com.a}}, {exact: {subject: other}}], action: {type: http, url: "http://x/"}}
+  - {name: t6, filters: [{prefix: {type: "é"}}], action: {type: http, url: "http://x/"}}
+  - {name: t7, filters: [{prefix: {type: com.a.b}}], action: {type: http, url: "http://x/"}}
+"#,
+        );
+        let names = |ty: &str| {
+            r.route(&ev(ty, "vm-1", json!({})), &mut Vec::new())
+                .iter()
+                .map(|m| r.triggers[m.trigger].name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names("com.a.b"), ["t0", "t1", "t2", "t3", "t7"]);
+        assert_eq!(names("com.a"), ["t0", "t2", "t3"]);
+        assert_eq!(names("éa"), ["t3", "t6"]);
+        assert_eq!(names("c"), ["t3"]);
+    }
+
+    #[test]
+    fn ten_thousand_prefix_triggers_each_find_their_events() {
+        let mut yaml = String::from("triggers:\n");
+        for i in 0..10_000 {
+            yaml.push_str(&format!(
+                "  - {{name: t{i}, filters: [{{prefix: {{type: \"p.{i}.\"}}}}], action: {{type: http, url: \"http://x/\"}}}}\n"
+            ));
+        }
+        let r = router(&yaml);
+        for i in [0, 4, 42, 9_999] {
+            let got: Vec<usize> = r
+                .route(&ev(&format!("p.{i}.x"), "s", json!({})), &mut Vec::new())
+                .iter()
+                .map(|m| m.trigger)
+                .collect();
+            assert_eq!(got, [i]);
+        }
+        assert!(r
+            .route(&ev("p.10000.x", "s", json!({})), &mut Vec::new())
+            .is_empty());
     }
 
     #[test]

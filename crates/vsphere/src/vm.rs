@@ -534,20 +534,24 @@ impl Client {
         Ok(Change::Changed(format!("{sel} ({vm}) deleted")))
     }
 
+    /// "Already so" when a VM of this name exists, `None` on a definite "no such VM". A
+    /// lookup that failed (a timeout, a lost session) is an error: it says nothing, and
+    /// creating on it could make a second copy.
+    async fn named_vm_exists(&self, name: &str) -> Result<Option<Change>, Error> {
+        match self.find_vm(&VmSelector::Name(name.to_string())).await {
+            Ok(existing) => Ok(Some(Change::AlreadySo(format!(
+                "a VM named `{name}` exists ({existing})"
+            )))),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(Error::Invalid(several)) => Ok(Some(Change::AlreadySo(several))),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Clones a VM or template. A VM with the new name already existing is "already so".
     pub async fn clone_vm(&self, source: &VmSelector, spec: &CloneSpec) -> Result<Change, Error> {
-        // Only a definite "no such VM" leads to a clone: a lookup that failed (a timeout, a
-        // lost session) says nothing, and cloning then could make a second copy.
-        match self.find_vm(&VmSelector::Name(spec.name.clone())).await {
-            Ok(existing) => {
-                return Ok(Change::AlreadySo(format!(
-                    "a VM named `{}` exists ({existing})",
-                    spec.name
-                )))
-            }
-            Err(Error::NotFound(_)) => {}
-            Err(Error::Invalid(several)) => return Ok(Change::AlreadySo(several)),
-            Err(e) => return Err(e),
+        if let Some(exists) = self.named_vm_exists(&spec.name).await? {
+            return Ok(exists);
         }
         let src = self.find_vm(source).await?;
         let is_template = self
@@ -658,17 +662,8 @@ impl Client {
 
     /// Creates an empty VM (powered off). A VM with that name already existing is "already so".
     pub async fn create_vm(&self, spec: &CreateSpec) -> Result<Change, Error> {
-        // Only a definite "no such VM" leads to a create (see `clone_vm`).
-        match self.find_vm(&VmSelector::Name(spec.name.clone())).await {
-            Ok(existing) => {
-                return Ok(Change::AlreadySo(format!(
-                    "a VM named `{}` exists ({existing})",
-                    spec.name
-                )))
-            }
-            Err(Error::NotFound(_)) => {}
-            Err(Error::Invalid(several)) => return Ok(Change::AlreadySo(several)),
-            Err(e) => return Err(e),
+        if let Some(exists) = self.named_vm_exists(&spec.name).await? {
+            return Ok(exists);
         }
         let folder = match &spec.folder {
             Some(f) => self.find_by_name("Folder", f).await?,

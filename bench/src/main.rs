@@ -12,6 +12,7 @@
 mod postgres;
 mod routing;
 mod vcenter;
+mod wrk;
 
 use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
@@ -49,6 +50,13 @@ fn parse_args() -> Result<Args> {
             "--results" => a.results = Some(val()?),
             "--no-vcenter" => a.vcenter = false,
             "--postgres" => a.pg = Some(val()?),
+            "wrk" => {
+                // The delivery path under wrk: (a), (f), (g).
+                let me = std::env::current_exe()?;
+                let rt = tokio::runtime::Runtime::new()?;
+                print!("{}", rt.block_on(wrk::run(&me.with_file_name("reflex")))?);
+                std::process::exit(0);
+            }
             "routing" => {
                 // Matching alone: `routing SECONDS`.
                 let secs: u64 = val()?.parse()?;
@@ -120,6 +128,16 @@ impl Drop for Proc {
     }
 }
 impl Proc {
+    /// Starts a process whose output is not needed.
+    pub(crate) fn spawn(cmd: &mut Command) -> Result<Proc> {
+        Ok(Proc(cmd.stdout(Stdio::null()).spawn()?))
+    }
+
+    /// Its process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
     fn rss_kb(&self) -> (u64, u64) {
         let s =
             std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();

@@ -341,6 +341,62 @@ triggers:
         assert_eq!(names("c"), ["t3"]);
     }
 
+    /// The indexes return what a scan of every trigger would: random triggers (exact and
+    /// prefix filters on type and subject, alone or combined) against random events.
+    #[test]
+    fn indexed_matching_equals_a_linear_scan() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let word = |rng: &mut rand::rngs::StdRng| {
+            let parts = ["a", "b", "ab", "com", "vm", "é", "x.y"];
+            let n = rng.random_range(1..4);
+            (0..n)
+                .map(|_| parts[rng.random_range(0..parts.len())])
+                .collect::<Vec<_>>()
+                .join(".")
+        };
+        let mut yaml = String::from("triggers:\n");
+        for i in 0..2_000 {
+            let f = match rng.random_range(0..5) {
+                0 => format!("{{exact: {{type: \"{}\"}}}}", word(&mut rng)),
+                1 => format!("{{prefix: {{type: \"{}\"}}}}", word(&mut rng)),
+                2 => format!("{{prefix: {{subject: \"{}\"}}}}", word(&mut rng)),
+                3 => format!(
+                    "{{prefix: {{type: \"{}\"}}}}, {{exact: {{subject: \"{}\"}}}}",
+                    word(&mut rng),
+                    word(&mut rng)
+                ),
+                _ => format!("{{not: {{prefix: {{type: \"{}\"}}}}}}", word(&mut rng)),
+            };
+            yaml.push_str(&format!(
+                "  - {{name: t{i}, filters: [{f}], action: {{type: http, url: \"http://x/\"}}}}\n"
+            ));
+        }
+        let r = router(&yaml);
+        for _ in 0..2_000 {
+            let e = ev(&word(&mut rng), &word(&mut rng), json!({}));
+            let indexed: Vec<usize> = r
+                .route(&e, &mut Vec::new())
+                .iter()
+                .map(|m| m.trigger)
+                .collect();
+            let scanned: Vec<usize> = r
+                .triggers
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.filters.iter().all(|f| f.matches(&e)))
+                .map(|(i, _)| i)
+                .collect();
+            assert_eq!(
+                indexed,
+                scanned,
+                "type {:?} subject {:?}",
+                e.ty(),
+                e.subject()
+            );
+        }
+    }
+
     #[test]
     fn ten_thousand_prefix_triggers_each_find_their_events() {
         let mut yaml = String::from("triggers:\n");

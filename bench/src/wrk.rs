@@ -48,7 +48,7 @@ fn wrk(url: &str, secs: u64, script: &std::path::Path) -> Result<Run> {
     let num = |prefix: &str| -> Option<f64> {
         text.lines()
             .find_map(|l| l.trim().strip_prefix(prefix))
-            .and_then(|v| v.trim().split_whitespace().next()?.parse().ok())
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
     };
     let requests = text
         .lines()

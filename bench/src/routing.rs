@@ -1,6 +1,6 @@
 //! Matching alone: events of varied types through the router with 10 and with 10,000
-//! `prefix` triggers on `type`, none matching (the (g) without HTTP), next to the
-//! same count of `suffix` triggers, which are still checked one by one.
+//! `prefix` triggers on `type`, none matching (the (g) without HTTP), and 10,000
+//! `suffix` triggers.
 
 use cloudevents::{EventBuilder, EventBuilderV10};
 use std::time::{Duration, Instant};
@@ -51,7 +51,7 @@ pub fn run(secs: u64) -> anyhow::Result<String> {
     let many = rate(&router(10_000, "prefix")?, secs);
     let scanned = rate(&router(10_000, "suffix")?, secs);
     Ok(format!(
-        "| (g′) matching alone, 10,000 `prefix` triggers on `type`, none matching | {many:.0} events/s | 10 `prefix` triggers: {few:.0} events/s (10,000 `suffix` triggers, still scanned: {scanned:.0}) | {:.2} | flat |\n",
+        "| (g′) matching alone, 10,000 `prefix` triggers on `type`, none matching | {many:.0} events/s | 10 `prefix` triggers: {few:.0} events/s (10,000 `suffix` triggers: {scanned:.0}) | {:.2} | flat |\n",
         many / few
     ))
 }

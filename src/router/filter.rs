@@ -59,26 +59,6 @@ impl CompiledFilter {
         })
     }
 
-    /// The `type` an exact filter requires, for the router's index.
-    pub fn exact_type(&self) -> Option<&str> {
-        match self {
-            CompiledFilter::Exact(p) => {
-                p.iter().find(|(k, _)| k == "type").map(|(_, v)| v.as_str())
-            }
-            _ => None,
-        }
-    }
-
-    /// The `type` prefix a prefix filter requires, for the router's prefix index.
-    pub fn prefix_type(&self) -> Option<&str> {
-        match self {
-            CompiledFilter::Prefix(p) => {
-                p.iter().find(|(k, _)| k == "type").map(|(_, v)| v.as_str())
-            }
-            _ => None,
-        }
-    }
-
     /// Whether the event passes.
     pub fn matches(&self, e: &Event) -> bool {
         let each = |p: &[(String, String)], f: &dyn Fn(&str, &str) -> bool| {

@@ -2,15 +2,15 @@
 //! that matching an event costs a hash lookup plus the triggers that cannot be indexed.
 
 mod filter;
+mod index;
 
 pub use filter::CompiledFilter;
 
 use crate::actions::Action;
 use crate::config::{Config, Diagnostics, TriggerConfig};
 use crate::template::Template;
-use cloudevents::{AttributesReader, Event};
+use cloudevents::Event;
 use serde_json::json;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,18 +56,11 @@ pub struct Match {
     pub throttle: Option<(String, Duration)>,
 }
 
-/// All triggers, with the exact-type index.
+/// All triggers, with the index that finds an event's candidates.
 pub struct Router {
     /// Triggers in configuration order.
     pub triggers: Vec<Trigger>,
-    by_type: HashMap<String, Vec<usize>>,
-    /// Triggers that require a `type` prefix, by that prefix: an event looks up each of
-    /// its type's leading substrings of the lengths present, so thousands of prefix
-    /// triggers cost a few hash lookups instead of a scan.
-    by_type_prefix: HashMap<String, Vec<usize>>,
-    /// The lengths (bytes) of the prefixes in `by_type_prefix`, ascending.
-    prefix_lengths: Vec<usize>,
-    unindexed: Vec<usize>,
+    index: index::Index,
 }
 
 impl Router {
@@ -83,28 +76,8 @@ impl Router {
     }
 
     fn from_triggers(triggers: Vec<Trigger>) -> Router {
-        let mut by_type: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut by_type_prefix: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut unindexed = Vec::new();
-        for (i, t) in triggers.iter().enumerate() {
-            if let Some(ty) = t.filters.iter().find_map(CompiledFilter::exact_type) {
-                by_type.entry(ty.to_string()).or_default().push(i);
-            } else if let Some(p) = t.filters.iter().find_map(CompiledFilter::prefix_type) {
-                by_type_prefix.entry(p.to_string()).or_default().push(i);
-            } else {
-                unindexed.push(i);
-            }
-        }
-        let mut prefix_lengths: Vec<usize> = by_type_prefix.keys().map(String::len).collect();
-        prefix_lengths.sort_unstable();
-        prefix_lengths.dedup();
-        Router {
-            triggers,
-            by_type,
-            by_type_prefix,
-            prefix_lengths,
-            unindexed,
-        }
+        let index = index::Index::build(triggers.iter().map(|t| t.filters.as_slice()));
+        Router { triggers, index }
     }
 
     /// Index of a trigger by name.
@@ -115,21 +88,7 @@ impl Router {
     /// The triggers an event matches, in configuration order. An expression that fails to
     /// evaluate counts as no match and is reported in `errors`.
     pub fn route(&self, event: &Event, errors: &mut Vec<String>) -> Vec<Match> {
-        let ty = event.ty();
-        let indexed = self.by_type.get(ty).map(Vec::as_slice).unwrap_or(&[]);
-        let mut candidates: Vec<usize> = indexed.iter().chain(&self.unindexed).copied().collect();
-        let mut sources =
-            usize::from(!indexed.is_empty()) + usize::from(!self.unindexed.is_empty());
-        for &len in self.prefix_lengths.iter().take_while(|l| **l <= ty.len()) {
-            if let Some(hits) = ty.get(..len).and_then(|p| self.by_type_prefix.get(p)) {
-                candidates.extend_from_slice(hits);
-                sources += 1;
-            }
-        }
-        // In configuration order, as the triggers run.
-        if sources > 1 {
-            candidates.sort_unstable();
-        }
+        let candidates = self.index.candidates(event);
         let mut view = None;
         // The template context, converted once per event and shared by the key templates.
         let mut tpl_ctx: Option<minijinja::Value> = None;
@@ -341,10 +300,12 @@ triggers:
         assert_eq!(names("c"), ["t3"]);
     }
 
-    /// The indexes return what a scan of every trigger would: random triggers (exact and
-    /// prefix filters on type and subject, alone or combined) against random events.
+    /// The index returns what a scan of every trigger would: random triggers (exact,
+    /// prefix and suffix filters on type and subject, alone, combined, negated or in `any`)
+    /// against random events.
     #[test]
     fn indexed_matching_equals_a_linear_scan() {
+        use cloudevents::AttributesReader;
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let word = |rng: &mut rand::rngs::StdRng| {
@@ -357,10 +318,21 @@ triggers:
         };
         let mut yaml = String::from("triggers:\n");
         for i in 0..2_000 {
-            let f = match rng.random_range(0..5) {
+            let f = match rng.random_range(0..9) {
                 0 => format!("{{exact: {{type: \"{}\"}}}}", word(&mut rng)),
                 1 => format!("{{prefix: {{type: \"{}\"}}}}", word(&mut rng)),
                 2 => format!("{{prefix: {{subject: \"{}\"}}}}", word(&mut rng)),
+                5 => format!("{{suffix: {{type: \"{}\"}}}}", word(&mut rng)),
+                6 => format!("{{exact: {{subject: \"{}\"}}}}", word(&mut rng)),
+                7 => format!(
+                    "{{suffix: {{subject: \"{}\", type: \"{}\"}}}}",
+                    word(&mut rng),
+                    word(&mut rng)
+                ),
+                8 => format!(
+                    "{{any: [{{prefix: {{type: \"{}\"}}}}, {{exact: {{source: /t}}}}]}}",
+                    word(&mut rng)
+                ),
                 3 => format!(
                     "{{prefix: {{type: \"{}\"}}}}, {{exact: {{subject: \"{}\"}}}}",
                     word(&mut rng),

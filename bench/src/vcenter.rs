@@ -62,18 +62,6 @@ fn config(
     path
 }
 
-/// A user event carrying `msg`, to post and recognise.
-fn probe(msg: &str) -> vsphere::Node {
-    vsphere::Node::new("event")
-        .typed("GeneralUserEvent")
-        .with(vsphere::Node::text("key", "0"))
-        .with(vsphere::Node::text("chainId", "0"))
-        .with(vsphere::Node::text("createdTime", "2026-01-01T00:00:00Z"))
-        .with(vsphere::Node::text("userName", ""))
-        .with(vsphere::Node::text("fullFormattedMessage", msg))
-        .with(vsphere::Node::text("message", msg))
-}
-
 /// Runs (d) and (e); returns the report's table rows.
 pub async fn run(reflex_bin: &std::path::Path, rounds: usize, lag_events: usize) -> Result<String> {
     let sim = Simulator::start();
@@ -167,7 +155,8 @@ pub async fn run(reflex_bin: &std::path::Path, rounds: usize, lag_events: usize)
             })
         };
         tokio::time::sleep(Duration::from_millis(37 * (i as u64 % 7) + 20)).await;
-        c.post_event(probe(&format!("wake probe {i}"))).await?;
+        c.post_event(vsphere::events::user_event(&format!("wake probe {i}")))
+            .await?;
         let posted = Instant::now();
         let (w, woke, at) = waiter.await?;
         watch = w;
@@ -213,7 +202,7 @@ pub async fn run(reflex_bin: &std::path::Path, rounds: usize, lag_events: usize)
     let mut sent = Vec::new();
     for i in 0..lag_events {
         let msg = format!("lag probe {i}");
-        c.post_event(probe(&msg)).await?;
+        c.post_event(vsphere::events::user_event(&msg)).await?;
         sent.push((msg, Instant::now()));
         // Spread the probes over the poll cycle.
         tokio::time::sleep(Duration::from_millis(370)).await;

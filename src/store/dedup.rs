@@ -44,14 +44,25 @@ pub(crate) type Key = u128;
 /// (say an open CloudEvents endpoint) cannot claim another's ids (a vCenter's) and have
 /// the real events dropped as duplicates.
 pub(crate) fn key(received_by: &str, source: &str, id: &str) -> Key {
+    u128::from_le_bytes(digest(received_by, source, id, u64::to_le_bytes))
+}
+
+/// The first 16 bytes of SHA-256 over (length, receiving source, length, CloudEvents
+/// source, id), the lengths written by `len` (the embedded store's keys use little-endian,
+/// PostgreSQL's big-endian so that its migration can compute them in SQL).
+pub(crate) fn digest(
+    received_by: &str,
+    source: &str,
+    id: &str,
+    len: fn(u64) -> [u8; 8],
+) -> [u8; 16] {
     let mut h = Sha256::new();
-    h.update((received_by.len() as u64).to_le_bytes());
+    h.update(len(received_by.len() as u64));
     h.update(received_by.as_bytes());
-    h.update((source.len() as u64).to_le_bytes());
+    h.update(len(source.len() as u64));
     h.update(source.as_bytes());
     h.update(id.as_bytes());
-    let d = h.finalize();
-    u128::from_le_bytes(d[..16].try_into().expect("SHA-256 is 32 bytes"))
+    h.finalize()[..16].try_into().expect("SHA-256 is 32 bytes")
 }
 
 /// The keys are already uniform digests: hashing them again would only cost time.

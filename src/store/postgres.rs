@@ -890,14 +890,7 @@ async fn ingest_on(
 /// length, receiving source, big-endian length, CloudEvents source, id). Migration 2
 /// computes the same in SQL for the events stored before it.
 fn dedup_key(received_by: &str, source: &str, id: &str) -> [u8; 16] {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update((received_by.len() as u64).to_be_bytes());
-    h.update(received_by.as_bytes());
-    h.update((source.len() as u64).to_be_bytes());
-    h.update(source.as_bytes());
-    h.update(id.as_bytes());
-    h.finalize()[..16].try_into().expect("SHA-256 is 32 bytes")
+    super::dedup::digest(received_by, source, id, u64::to_be_bytes)
 }
 
 /// An event on its way in; `seq` and `deliveries` are set once it is stored.

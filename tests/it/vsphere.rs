@@ -546,18 +546,9 @@ triggers:
     const N: usize = 35;
     for i in 0..N {
         let msg = format!("burst {i:02}");
-        c.post_event(
-            Node::new("event")
-                .typed("GeneralUserEvent")
-                .with(Node::text("key", "0"))
-                .with(Node::text("chainId", "0"))
-                .with(Node::text("createdTime", "2026-01-01T00:00:00Z"))
-                .with(Node::text("userName", ""))
-                .with(Node::text("fullFormattedMessage", &msg))
-                .with(Node::text("message", &msg)),
-        )
-        .await
-        .unwrap();
+        c.post_event(vsphere::events::user_event(&msg))
+            .await
+            .unwrap();
     }
     let mut got = Vec::new();
     for _ in 0..N {

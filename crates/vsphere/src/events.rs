@@ -219,6 +219,19 @@ pub fn event_data(event: &Node) -> Value {
     to_json(event)
 }
 
+/// A `GeneralUserEvent` carrying `message`, for `PostEvent` (vCenter fills in the key
+/// and the time).
+pub fn user_event(message: &str) -> Node {
+    Node::new("event")
+        .typed("GeneralUserEvent")
+        .with(Node::text("key", "0"))
+        .with(Node::text("chainId", "0"))
+        .with(Node::text("createdTime", "2026-01-01T00:00:00Z"))
+        .with(Node::text("userName", ""))
+        .with(Node::text("fullFormattedMessage", message))
+        .with(Node::text("message", message))
+}
+
 /// An `AlarmStatusChangedEvent` on a VM, for `PostEvent` (alarms cannot be triggered on the
 /// simulator; tests and drills post this instead).
 pub fn alarm_status_changed(

@@ -5,6 +5,7 @@ use super::{describe_reqwest, status_error, ActionContext, ActionError, Outcome}
 use cloudevents::binding::http::{header_prefix, to_event};
 use cloudevents::event::AttributeValue;
 use cloudevents::{AttributesReader, Event};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
@@ -56,12 +57,8 @@ impl HttpAction {
                 .header("content-type", "application/cloudevents+json")
                 .body(crate::event::to_json(event)),
             Mode::Binary => {
-                let (headers, body) = binary_parts(event);
-                let mut req = req;
-                for (k, v) in headers {
-                    req = req.header(k, v);
-                }
-                req.body(body)
+                let (headers, body) = binary_parts(event).map_err(ActionError::permanent)?;
+                req.headers(headers).body(body)
             }
         };
         let resp = req.send().await.map_err(|e| {
@@ -125,19 +122,37 @@ pub(crate) fn parse_http_url(raw: &str) -> Result<reqwest::Url, String> {
     Ok(url)
 }
 
-/// The headers and body of the binary content mode.
-pub fn binary_parts(event: &Event) -> (Vec<(String, String)>, Vec<u8>) {
-    let mut headers = Vec::new();
+/// The headers and body of the binary content mode; an error names an attribute whose value
+/// cannot be an HTTP header (a control character), which structured mode can carry.
+pub fn binary_parts(event: &Event) -> Result<(HeaderMap, Vec<u8>), String> {
+    // Built as a header map directly: the names of the standard attributes are constants,
+    // so the hot path parses no header names (the profile of the full pipeline showed the
+    // per-header parsing of a builder at 2 % of the workers' time).
+    let mut headers = HeaderMap::with_capacity(10);
     for (name, value) in event.iter() {
-        if name == "datacontenttype" {
-            headers.push(("content-type".to_string(), value.to_string()));
-            continue;
-        }
+        let header = match name {
+            "datacontenttype" => CONTENT_TYPE,
+            "specversion" => HeaderName::from_static("ce-specversion"),
+            "id" => HeaderName::from_static("ce-id"),
+            "source" => HeaderName::from_static("ce-source"),
+            "type" => HeaderName::from_static("ce-type"),
+            "subject" => HeaderName::from_static("ce-subject"),
+            "time" => HeaderName::from_static("ce-time"),
+            "dataschema" => HeaderName::from_static("ce-dataschema"),
+            other => HeaderName::try_from(header_prefix(other)).map_err(|_| {
+                format!(
+                    "the extension `{other}` cannot be an HTTP header name; use `mode: structured`"
+                )
+            })?,
+        };
         let v = match value {
             AttributeValue::Time(t) => t.to_rfc3339(),
             other => other.to_string(),
         };
-        headers.push((header_prefix(name), v));
+        let v = HeaderValue::try_from(v).map_err(|_| {
+            format!("the attribute `{name}` holds a character an HTTP header cannot carry (a line break or another control character); use `mode: structured`")
+        })?;
+        headers.insert(header, v);
     }
     let body = match event.data() {
         None => Vec::new(),
@@ -145,5 +160,45 @@ pub fn binary_parts(event: &Event) -> (Vec<(String, String)>, Vec<u8>) {
         Some(cloudevents::Data::String(s)) => s.clone().into_bytes(),
         Some(cloudevents::Data::Json(v)) => serde_json::to_vec(v).expect("JSON serializes"),
     };
-    (headers, body)
+    Ok((headers, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudevents::{EventBuilder, EventBuilderV10};
+
+    fn event(subject: &str) -> Event {
+        EventBuilderV10::new()
+            .id("1")
+            .source("/s")
+            .ty("t.x")
+            .subject(subject)
+            .extension("receivedby", "hook")
+            .data("application/json", serde_json::json!({"a": "b"}))
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn binary_mode_puts_attributes_in_ce_headers() {
+        let (h, body) = binary_parts(&event("vm-1")).unwrap();
+        assert_eq!(h["ce-id"], "1");
+        assert_eq!(h["ce-source"], "/s");
+        assert_eq!(h["ce-type"], "t.x");
+        assert_eq!(h["ce-subject"], "vm-1");
+        assert_eq!(h["ce-specversion"], "1.0");
+        assert_eq!(h["ce-receivedby"], "hook");
+        assert_eq!(h["content-type"], "application/json");
+        assert_eq!(body, br#"{"a":"b"}"#);
+    }
+
+    #[test]
+    fn a_value_no_header_can_carry_is_refused_by_name() {
+        let err = binary_parts(&event("line\nbreak")).unwrap_err();
+        assert!(
+            err.contains("`subject`") && err.contains("structured"),
+            "{err}"
+        );
+    }
 }

@@ -58,11 +58,25 @@ pub(super) async fn attempt(
     }
     let started = tokio::time::Instant::now();
     let n = job.attempts + 1;
-    let result = tokio::time::timeout(
-        trigger.policy.timeout,
-        trigger.action.execute(&job.event, &ctx),
-    )
-    .await;
+    // Most attempts end well within a moment: only a longer one is marked `running` (on a
+    // bus whose claim did not mark it), which spares the others a write.
+    let result = {
+        let action = tokio::time::timeout(
+            trigger.policy.timeout,
+            trigger.action.execute(&job.event, &ctx),
+        );
+        tokio::pin!(action);
+        tokio::select! {
+            biased;
+            r = &mut action => r,
+            _ = tokio::time::sleep(crate::store::RUNNING_MARK_AFTER) => {
+                if let Err(e) = bus.mark_running(job.id).await {
+                    tracing::warn!(delivery = job.id, error = %e, "cannot mark the delivery running; the attempt goes on");
+                }
+                action.await
+            }
+        }
+    };
     let duration_ms = started.elapsed().as_millis() as i64;
     let (outcome, detail, error) = match result {
         Ok(Ok(o)) => ("succeeded", o.detail, None),

@@ -381,6 +381,10 @@ pub struct NodeInfo {
     pub singletons: Vec<String>,
 }
 
+/// How long an attempt runs before its delivery is shown as `running` on a bus whose claim
+/// does not mark it (see [`Bus::mark_running`]).
+pub const RUNNING_MARK_AFTER: Duration = Duration::from_millis(500);
+
 /// Deliveries between ingest and the dispatcher: claim, defer, finish (retry or dead
 /// letter), replay, and reading back what waits.
 #[async_trait::async_trait]
@@ -388,6 +392,13 @@ pub trait Bus: Send + Sync {
     /// Takes a delivery to run an attempt now. `false`: another node has it or it is no
     /// longer open (or, with an ordering key, an earlier one of its key is open); leave it.
     async fn claim(&self, id: i64) -> Result<bool, StoreError>;
+    /// Shows a claimed delivery whose attempt has run for [`RUNNING_MARK_AFTER`] as
+    /// `running`. A bus whose claim marks it already (a shared one) does nothing here;
+    /// the embedded one marks only such long attempts, because a mark costs a write and a
+    /// crash re-runs the attempt whatever the mark says.
+    async fn mark_running(&self, _id: i64) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Puts off an open delivery until `at` (ms since the epoch).
     async fn defer(&self, id: i64, at: i64) -> Result<(), StoreError>;
     /// Records an attempt and the delivery's new state (`next_at` for a retry).

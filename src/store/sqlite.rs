@@ -341,14 +341,19 @@ impl super::Store for SqliteStore {
 
 #[async_trait::async_trait]
 impl super::Bus for SqliteStore {
-    /// One process owns the file: the claim always succeeds. Not awaited: a crash leaves
-    /// the delivery pending, which is correct.
-    async fn claim(&self, id: i64) -> Result<bool, StoreError> {
+    /// One process owns the file: the claim always succeeds, and costs no write (a crash
+    /// leaves the delivery pending, and it runs again at the next start either way).
+    async fn claim(&self, _id: i64) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    /// Not awaited, and only for an attempt still running after [`super::RUNNING_MARK_AFTER`]:
+    /// the mark is for operators, not for recovery.
+    async fn mark_running(&self, id: i64) -> Result<(), StoreError> {
         self.tx
             .send(Op::Running(id))
             .await
-            .map_err(|_| StoreError::Closed)?;
-        Ok(true)
+            .map_err(|_| StoreError::Closed)
     }
 
     /// Not awaited: a crash leaves the delivery due at once.
@@ -573,17 +578,17 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, mut k
                         replies.push(Reply::Ingest(reply, r));
                     }
                     Op::Running(id) => {
-                        tx.execute(
+                        tx.prepare_cached(
                             "UPDATE deliveries SET state='running', updated_at=?2 WHERE id=?1 AND state IN ('pending','retrying')",
-                            params![id, now],
-                        )?;
+                        )?
+                        .execute(params![id, now])?;
                         retry.push((Op::Running(id), tries));
                     }
                     Op::Defer(id, at) => {
-                        tx.execute(
+                        tx.prepare_cached(
                             "UPDATE deliveries SET next_at=?2 WHERE id=?1 AND state IN ('pending','retrying')",
-                            params![id, at],
-                        )?;
+                        )?
+                        .execute(params![id, at])?;
                         retry.push((Op::Defer(id, at), tries));
                     }
                     Op::Finish {
@@ -592,16 +597,16 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, mut k
                         state,
                         next_at,
                     } => {
-                        tx.execute(
+                        tx.prepare_cached(
                             "INSERT OR REPLACE INTO attempts(delivery_id, n, started_at, duration_ms, outcome, detail) VALUES (?1,?2,?3,?4,?5,?6)",
-                            params![id, attempt.n, attempt.started_at, attempt.duration_ms, attempt.outcome, attempt.detail],
-                        )?;
+                        )?
+                        .execute(params![id, attempt.n, attempt.started_at, attempt.duration_ms, attempt.outcome, attempt.detail])?;
                         let last_error =
                             (attempt.outcome != "succeeded").then_some(attempt.detail.as_str());
-                        tx.execute(
+                        tx.prepare_cached(
                             "UPDATE deliveries SET state=?2, attempts=?3, next_at=?4, updated_at=?5, last_error=?6 WHERE id=?1",
-                            params![id, state.as_str(), attempt.n, next_at, now, last_error],
-                        )?;
+                        )?
+                        .execute(params![id, state.as_str(), attempt.n, next_at, now, last_error])?;
                         retry.push((
                             Op::Finish {
                                 id,
@@ -622,11 +627,11 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, mut k
                     }
                     Op::Flush(reply) => replies.push(Reply::Flush(reply)),
                     Op::Checkpoint(source, position, time, reply) => {
-                        tx.execute(
+                        tx.prepare_cached(
                             "INSERT INTO checkpoints(source, position, time, updated_at) VALUES (?1,?2,?3,?4)
                              ON CONFLICT(source) DO UPDATE SET position=excluded.position, time=excluded.time, updated_at=excluded.updated_at",
-                            params![source, position, time, now],
-                        )?;
+                        )?
+                        .execute(params![source, position, time, now])?;
                         replies.push(Reply::Done(reply));
                     }
                 }

@@ -13,6 +13,8 @@ command -v go >/dev/null 2>&1 || need_apt+=(golang-go)
 # PostgreSQL: the suite runs once per store backend.
 command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v pg_isready >/dev/null 2>&1 || need_apt+=(postgresql-client)
+# Prometheus Alertmanager: the alertmanager source's test has the real sender notify reflex.
+[ -x /usr/bin/prometheus-alertmanager ] || need_apt+=(prometheus-alertmanager)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
@@ -64,7 +66,7 @@ echo "==> reflex check examples/*.yaml"
 cargo build --locked --quiet
 # The examples read credentials from the environment, as an operator's would.
 for f in examples/*.yaml; do
-  VCENTER_USER=example VCENTER_PASSWORD=example LOGINSIGHT_TOKEN=example ./target/debug/reflex check -c "$f"
+  VCENTER_USER=example VCENTER_PASSWORD=example LOGINSIGHT_TOKEN=example ALERTMANAGER_TOKEN=example ./target/debug/reflex check -c "$f"
 done
 echo "==> cargo test (embedded SQLite store)"
 cargo test --locked --workspace

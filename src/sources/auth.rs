@@ -26,6 +26,13 @@ pub enum AuthConfig {
         /// The expected token.
         token: Secret,
     },
+    /// `Authorization: Basic <base64 of user:password>` (Alertmanager's `basic_auth`).
+    Basic {
+        /// The expected user name.
+        username: String,
+        /// The expected password.
+        password: Secret,
+    },
     /// HMAC-SHA256 of the raw body, hex or base64, in a named header.
     Hmac {
         /// Header carrying the signature, e.g. `X-Signature`.
@@ -150,7 +157,7 @@ impl AuthConfig {
         };
         match self {
             AuthConfig::None => Ok(()),
-            AuthConfig::Bearer { .. } => self.verify(headers, b""),
+            AuthConfig::Bearer { .. } | AuthConfig::Basic { .. } => self.verify(headers, b""),
             AuthConfig::Hmac {
                 header, timestamp, ..
             } => {
@@ -246,6 +253,25 @@ impl AuthConfig {
                     Ok(())
                 } else {
                     Err(unauthorized("invalid bearer token"))
+                }
+            }
+            AuthConfig::Basic { username, password } => {
+                use base64::Engine;
+                let encoded = header("authorization")
+                    .and_then(|v| v.split_once(' '))
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+                    .map(|(_, rest)| rest.trim())
+                    .ok_or_else(|| {
+                        unauthorized("missing `Authorization: Basic <credentials>` header")
+                    })?;
+                let got = base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .map_err(|_| unauthorized("the basic credentials are not valid base64"))?;
+                let want = format!("{username}:{}", password.expose());
+                if bool::from(got.as_slice().ct_eq(want.as_bytes())) {
+                    Ok(())
+                } else {
+                    Err(unauthorized("invalid user name or password"))
                 }
             }
             AuthConfig::Hmac {
@@ -503,6 +529,32 @@ mod tests {
             .verify(&headers(&[("authorization", "Bearer nope".into())]), b"")
             .is_err());
         assert!(a.verify(&HeaderMap::new(), b"").is_err());
+    }
+
+    #[test]
+    fn basic() {
+        use base64::Engine;
+        let a = AuthConfig::Basic {
+            username: "am".into(),
+            password: Secret::new("pa:ss"),
+        };
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let with = |v: String| headers(&[("authorization", v)]);
+        assert!(a
+            .verify_headers(&with(format!("Basic {}", b64("am:pa:ss"))))
+            .is_ok());
+        assert!(a
+            .verify_headers(&with(format!("basic {}", b64("am:pa:ss"))))
+            .is_ok());
+        assert!(a
+            .verify_headers(&with(format!("Basic {}", b64("am:pa:sx"))))
+            .is_err());
+        assert!(a
+            .verify_headers(&with(format!("Basic {}", b64("xm:pa:ss"))))
+            .is_err());
+        assert!(a.verify_headers(&with("Basic !!!".into())).is_err());
+        assert!(a.verify_headers(&with("Bearer pa:ss".into())).is_err());
+        assert!(a.verify_headers(&HeaderMap::new()).is_err());
     }
 
     #[test]

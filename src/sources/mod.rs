@@ -1,6 +1,7 @@
 //! Sources: where events come from. One file per kind, chosen by `type:` through
 //! [`SourceConfig`]; shared request plumbing (auth, body limits, replies) lives in `util`.
 
+pub mod alertmanager;
 pub mod auth;
 pub mod cloudevents;
 pub mod util;
@@ -24,6 +25,8 @@ pub enum SourceConfig {
     Cloudevents(cloudevents::CloudEventsConfig),
     /// vSphere events from a vCenter's EventManager.
     Vcenter(vcenter::VcenterSourceConfig),
+    /// Prometheus Alertmanager's webhook: one event per alert.
+    Alertmanager(alertmanager::AlertmanagerConfig),
 }
 
 impl SourceConfig {
@@ -33,6 +36,7 @@ impl SourceConfig {
             SourceConfig::Webhook(c) => matches!(c.auth, auth::AuthConfig::None),
             SourceConfig::Cloudevents(c) => matches!(c.auth, auth::AuthConfig::None),
             SourceConfig::Vcenter(_) => false,
+            SourceConfig::Alertmanager(c) => matches!(c.auth, auth::AuthConfig::None),
         }
     }
 
@@ -41,6 +45,7 @@ impl SourceConfig {
             SourceConfig::Webhook(c) => &c.name,
             SourceConfig::Cloudevents(c) => &c.name,
             SourceConfig::Vcenter(c) => &c.name,
+            SourceConfig::Alertmanager(c) => &c.name,
         }
     }
     /// The HTTP path, for sources served on the sources listener.
@@ -49,6 +54,7 @@ impl SourceConfig {
             SourceConfig::Webhook(c) => Some(&c.path),
             SourceConfig::Cloudevents(c) => Some(&c.path),
             SourceConfig::Vcenter(_) => None,
+            SourceConfig::Alertmanager(c) => Some(&c.path),
         }
     }
 }
@@ -61,6 +67,8 @@ pub enum Source {
     CloudEvents(cloudevents::CloudEvents),
     /// See [`vcenter::VcenterSource`].
     Vcenter(vcenter::VcenterSource),
+    /// See [`alertmanager::Alertmanager`].
+    Alertmanager(alertmanager::Alertmanager),
 }
 
 /// Paths that the sources listener answers itself.
@@ -134,6 +142,10 @@ pub fn build(config: &Config, diags: &mut Diagnostics) -> Vec<Source> {
             SourceConfig::Vcenter(c) => {
                 vcenter::VcenterSource::build(c, &at(&c.name), config, diags).map(Source::Vcenter)
             }
+            SourceConfig::Alertmanager(c) => {
+                alertmanager::Alertmanager::build(c, &at(&c.name), config, diags)
+                    .map(Source::Alertmanager)
+            }
         };
         out.extend(built);
     }
@@ -148,6 +160,7 @@ pub fn routes(sources: Vec<Source>, ingest: Ingest) -> (Router, Vec<vcenter::Vce
         router = match s {
             Source::Webhook(w) => w.route(router, ingest.clone()),
             Source::CloudEvents(c) => c.route(router, ingest.clone()),
+            Source::Alertmanager(a) => a.route(router, ingest.clone()),
             Source::Vcenter(v) => {
                 pollers.push(v);
                 router

@@ -10,5 +10,6 @@ mod ingest_http;
 mod nodes;
 mod reload;
 mod secrets;
+mod sources;
 mod store_faults;
 mod vsphere;

@@ -1,0 +1,209 @@
+//! Sources beyond webhooks and CloudEvents, with their own senders' payloads: Alertmanager
+//! (recorded notifications, and the real Alertmanager when it is installed).
+
+use crate::common::{Receiver, Reflex};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+const TOKEN: &str = "s3cret-token";
+
+fn alertmanager_config(receiver: &Receiver) -> String {
+    format!(
+        r#"
+store: {{path: $DIR/reflex.db}}
+sources:
+  - name: am
+    type: alertmanager
+    path: /alertmanager
+    auth: {{type: bearer, token: {TOKEN}}}
+triggers:
+  - name: alerts
+    filters: [{{prefix: {{type: com.reflex.alertmanager.}}}}]
+    action: {{type: http, url: "{}"}}
+"#,
+        receiver.url()
+    )
+}
+
+async fn post_notification(r: &Reflex, body: &str, token: &str) -> reqwest::Response {
+    r.client
+        .post(format!("{}/alertmanager", r.http))
+        .header("content-type", "application/json")
+        .header("user-agent", "Alertmanager/0.25.0")
+        .header("authorization", format!("Bearer {token}"))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The (type, subject) of each delivery, waiting for `n` of them and then for quiet.
+async fn deliveries(rx: &mut Receiver, n: usize) -> Vec<(String, String, String)> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let d = rx.next(10).await;
+        let h = |k: &str| d.headers[k].to_str().unwrap().to_string();
+        got.push((h("ce-type"), h("ce-subject"), d.id()));
+    }
+    rx.nothing_for(500).await;
+    got
+}
+
+#[tokio::test]
+async fn alertmanager_recorded_notifications_are_one_event_per_alert_and_repeats_deduplicate() {
+    let mut rx = Receiver::start().await;
+    let r = Reflex::start(&alertmanager_config(&rx)).await;
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/it/fixtures/alertmanager"
+    );
+    let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
+
+    // A sender without the token stores nothing.
+    let resp = post_notification(&r, &read("1-firing.json"), "wrong").await;
+    assert_eq!(resp.status(), 401);
+
+    let mut all = Vec::new();
+    for (file, new) in [
+        ("1-firing.json", 2),
+        ("2-repeat.json", 0),
+        ("3-one-resolved.json", 1),
+        ("4-repeat.json", 0),
+        ("5-resolved.json", 1),
+    ] {
+        let resp = post_notification(&r, &read(file), TOKEN).await;
+        assert_eq!(resp.status(), 202, "{file}");
+        let answer: serde_json::Value = resp.json().await.unwrap();
+        let alerts = answer["ids"].as_array().unwrap().len();
+        let duplicates = answer["duplicates"].as_array().unwrap().len();
+        assert_eq!(alerts - duplicates, new, "{file}: {answer}");
+        all.extend(deliveries(&mut rx, new).await);
+    }
+    let states: BTreeSet<(String, String)> =
+        all.iter().map(|(t, s, _)| (t.clone(), s.clone())).collect();
+    let want: BTreeSet<(String, String)> = [
+        ("com.reflex.alertmanager.firing", "esx-01.example.com"),
+        ("com.reflex.alertmanager.firing", "esx-02.example.com"),
+        ("com.reflex.alertmanager.resolved", "esx-01.example.com"),
+        ("com.reflex.alertmanager.resolved", "esx-02.example.com"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(states, want);
+    // The id is the fingerprint Alertmanager gave the alert, its start and its status.
+    assert!(all
+        .iter()
+        .any(|(_, _, id)| id.starts_with("89d30c077742c3ca:") && id.ends_with(":resolved")));
+
+    // Not a notification: a precise 400, and reflex keeps serving.
+    let resp = post_notification(
+        &r,
+        r#"{"version":"4","alerts":[{"status":"firing"}]}"#,
+        TOKEN,
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("startsAt"), "{body}");
+    r.stop().await;
+}
+
+/// The real Alertmanager (Debian's `prometheus-alertmanager`, which the test script
+/// installs) sends to reflex: firing, repeats, resolved.
+#[tokio::test]
+async fn alertmanager_itself_notifies_reflex() {
+    let bin = ["/usr/bin/prometheus-alertmanager", "/usr/bin/alertmanager"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let Some(bin) = bin else {
+        eprintln!("SKIPPED: Alertmanager is not installed (Debian: apt-get install prometheus-alertmanager)");
+        return;
+    };
+    let mut rx = Receiver::start().await;
+    let r = Reflex::start(&alertmanager_config(&rx)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cfg = dir.path().join("am.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "route: {{receiver: reflex, group_by: [alertname], group_wait: 200ms, group_interval: 1s, repeat_interval: 2s}}\n\
+             receivers:\n  - name: reflex\n    webhook_configs:\n      - url: {}/alertmanager\n        send_resolved: true\n        http_config: {{authorization: {{credentials: {TOKEN}}}}}\n",
+            r.http
+        ),
+    )
+    .unwrap();
+    let am = std::process::Command::new(bin)
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _am = Kill(am);
+    let api = format!("http://127.0.0.1:{port}/api/v2/alerts");
+    let alert = |instance: &str, ends: Option<String>| {
+        let mut a = serde_json::json!({"labels": {"alertname": "DatastoreFull", "instance": instance, "severity": "critical"},
+            "annotations": {"summary": format!("datastore of {instance} is full")}});
+        if let Some(e) = ends {
+            a["endsAt"] = e.into();
+        }
+        a
+    };
+    let post = |body: serde_json::Value| {
+        let client = r.client.clone();
+        let api = api.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                match client.post(&api).json(&body).send().await {
+                    Ok(resp) if resp.status().is_success() => return,
+                    _ if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    other => panic!("Alertmanager's API did not take the alerts: {other:?}"),
+                }
+            }
+        }
+    };
+    post(serde_json::json!([
+        alert("esx-01", None),
+        alert("esx-02", None)
+    ]))
+    .await;
+    let mut firing = BTreeSet::new();
+    for _ in 0..2 {
+        let d = rx.next(15).await;
+        assert_eq!(d.headers["ce-type"], "com.reflex.alertmanager.firing");
+        firing.insert(d.headers["ce-subject"].to_str().unwrap().to_string());
+    }
+    assert_eq!(
+        firing,
+        BTreeSet::from(["esx-01".to_string(), "esx-02".to_string()])
+    );
+    // Repeats (every 2 s here) are duplicates: nothing new is delivered.
+    rx.nothing_for(4500).await;
+    let past = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
+    post(serde_json::json!([alert("esx-01", Some(past))])).await;
+    let d = rx.next(15).await;
+    assert_eq!(d.headers["ce-type"], "com.reflex.alertmanager.resolved");
+    assert_eq!(d.headers["ce-subject"], "esx-01");
+    rx.nothing_for(3000).await;
+    r.stop().await;
+}

@@ -494,7 +494,7 @@ impl Running {
         };
         let mut poller_tasks = Vec::new();
         for p in pollers {
-            tracing::info!(source = p.name(), "starting the vCenter event source");
+            tracing::info!(source = p.name(), "starting the source's task");
             poller_tasks.push(tokio::spawn(p.run(
                 ingest.clone(),
                 store.clone(),

@@ -4,6 +4,7 @@
 pub mod alertmanager;
 pub mod auth;
 pub mod cloudevents;
+pub mod schedule;
 pub mod util;
 pub mod vcenter;
 pub mod webhook;
@@ -27,6 +28,8 @@ pub enum SourceConfig {
     Vcenter(vcenter::VcenterSourceConfig),
     /// Prometheus Alertmanager's webhook: one event per alert.
     Alertmanager(alertmanager::AlertmanagerConfig),
+    /// An event at each time of a cron expression.
+    Schedule(schedule::ScheduleConfig),
 }
 
 impl SourceConfig {
@@ -37,6 +40,7 @@ impl SourceConfig {
             SourceConfig::Cloudevents(c) => matches!(c.auth, auth::AuthConfig::None),
             SourceConfig::Vcenter(_) => false,
             SourceConfig::Alertmanager(c) => matches!(c.auth, auth::AuthConfig::None),
+            SourceConfig::Schedule(_) => false,
         }
     }
 
@@ -46,6 +50,7 @@ impl SourceConfig {
             SourceConfig::Cloudevents(c) => &c.name,
             SourceConfig::Vcenter(c) => &c.name,
             SourceConfig::Alertmanager(c) => &c.name,
+            SourceConfig::Schedule(c) => &c.name,
         }
     }
     /// The HTTP path, for sources served on the sources listener.
@@ -55,6 +60,7 @@ impl SourceConfig {
             SourceConfig::Cloudevents(c) => Some(&c.path),
             SourceConfig::Vcenter(_) => None,
             SourceConfig::Alertmanager(c) => Some(&c.path),
+            SourceConfig::Schedule(_) => None,
         }
     }
 }
@@ -69,6 +75,44 @@ pub enum Source {
     Vcenter(vcenter::VcenterSource),
     /// See [`alertmanager::Alertmanager`].
     Alertmanager(alertmanager::Alertmanager),
+    /// See [`schedule::Schedule`].
+    Schedule(Box<schedule::Schedule>),
+}
+
+/// A source that runs a task of its own instead of answering requests.
+pub enum Task {
+    /// See [`vcenter::VcenterSource`].
+    Vcenter(vcenter::VcenterSource),
+    /// See [`schedule::Schedule`].
+    Schedule(Box<schedule::Schedule>),
+}
+
+impl Task {
+    /// The source's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Task::Vcenter(v) => v.name(),
+            Task::Schedule(s) => s.name(),
+        }
+    }
+
+    /// Runs the source until `shutdown`.
+    pub async fn run(
+        self,
+        ingest: Ingest,
+        store: std::sync::Arc<dyn crate::store::Store>,
+        vcenters: crate::vcenters::Vcenters,
+        metrics: std::sync::Arc<crate::telemetry::Metrics>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        match self {
+            Task::Vcenter(v) => v.run(ingest, store, vcenters, metrics, shutdown).await,
+            Task::Schedule(s) => {
+                s.run(ingest, store, crate::deliveries::Clock::System, shutdown)
+                    .await
+            }
+        }
+    }
 }
 
 /// Paths that the sources listener answers itself.
@@ -146,14 +190,16 @@ pub fn build(config: &Config, diags: &mut Diagnostics) -> Vec<Source> {
                 alertmanager::Alertmanager::build(c, &at(&c.name), config, diags)
                     .map(Source::Alertmanager)
             }
+            SourceConfig::Schedule(c) => schedule::Schedule::build(c, &at(&c.name), config, diags)
+                .map(|s| Source::Schedule(Box::new(s))),
         };
         out.extend(built);
     }
     out
 }
 
-/// The sources listener's routes, and the sources that poll instead of listening.
-pub fn routes(sources: Vec<Source>, ingest: Ingest) -> (Router, Vec<vcenter::VcenterSource>) {
+/// The sources listener's routes, and the sources that run tasks instead of listening.
+pub fn routes(sources: Vec<Source>, ingest: Ingest) -> (Router, Vec<Task>) {
     let mut router = Router::new();
     let mut pollers = Vec::new();
     for s in sources {
@@ -162,7 +208,11 @@ pub fn routes(sources: Vec<Source>, ingest: Ingest) -> (Router, Vec<vcenter::Vce
             Source::CloudEvents(c) => c.route(router, ingest.clone()),
             Source::Alertmanager(a) => a.route(router, ingest.clone()),
             Source::Vcenter(v) => {
-                pollers.push(v);
+                pollers.push(Task::Vcenter(v));
+                router
+            }
+            Source::Schedule(s) => {
+                pollers.push(Task::Schedule(s));
                 router
             }
         };

@@ -142,3 +142,10 @@ fn the_committed_schema_file_is_current() {
         "reflex.schema.json is stale: run `cargo run -q -- schema > reflex.schema.json`"
     );
 }
+
+#[test]
+fn bad_schedule() {
+    insta::assert_snapshot!(check(
+        "sources:\n  - name: a\n    type: schedule\n    cron: \"61 * * * *\"\n  - name: b\n    type: schedule\n    cron: \"0 2 * * *\"\n    timezone: Europe/Berln\n  - name: c\n    type: schedule\n    cron: \"0 0 30 2 *\"\n"
+    ));
+}

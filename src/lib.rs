@@ -417,7 +417,10 @@ impl Running {
             metrics_token: config.api.metrics_token,
             reload,
         });
-        let (http_routes, pollers) = sources::routes(sources, ingest.clone());
+        let (http_routes, mut pollers) = sources::routes(sources, ingest.clone());
+        for p in &mut pollers {
+            p.bind().await?;
+        }
         let http_routes = http_routes.route("/healthz", axum::routing::get(|| async { "ok\n" }));
         let api_routes = api::routes(state.clone());
 

@@ -138,12 +138,16 @@ impl Metrics {
     }
     /// A request or event was refused.
     pub fn event_rejected(&self, source: &str, reason: &str) {
+        self.events_rejected_n(source, reason, 1);
+    }
+    /// `n` events were refused or dropped for one reason (a syslog batch, UDP overruns).
+    pub fn events_rejected_n(&self, source: &str, reason: &str, n: u64) {
         self.events_rejected
             .get_or_create(&vec![
                 ("source", source.to_string()),
                 ("reason", reason.to_string()),
             ])
-            .inc();
+            .inc_by(n);
     }
     /// A duplicate was absorbed.
     pub fn event_duplicate(&self, source: &str) {

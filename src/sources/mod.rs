@@ -5,6 +5,7 @@ pub mod alertmanager;
 pub mod auth;
 pub mod cloudevents;
 pub mod schedule;
+pub mod syslog;
 pub mod util;
 pub mod vcenter;
 pub mod webhook;
@@ -30,6 +31,8 @@ pub enum SourceConfig {
     Alertmanager(alertmanager::AlertmanagerConfig),
     /// An event at each time of a cron expression.
     Schedule(schedule::ScheduleConfig),
+    /// Syslog over UDP and TCP, lines turned into events by rules.
+    Syslog(syslog::SyslogConfig),
 }
 
 impl SourceConfig {
@@ -41,6 +44,7 @@ impl SourceConfig {
             SourceConfig::Vcenter(_) => false,
             SourceConfig::Alertmanager(c) => matches!(c.auth, auth::AuthConfig::None),
             SourceConfig::Schedule(_) => false,
+            SourceConfig::Syslog(_) => false,
         }
     }
 
@@ -51,6 +55,7 @@ impl SourceConfig {
             SourceConfig::Vcenter(c) => &c.name,
             SourceConfig::Alertmanager(c) => &c.name,
             SourceConfig::Schedule(c) => &c.name,
+            SourceConfig::Syslog(c) => &c.name,
         }
     }
     /// The HTTP path, for sources served on the sources listener.
@@ -60,7 +65,7 @@ impl SourceConfig {
             SourceConfig::Cloudevents(c) => Some(&c.path),
             SourceConfig::Vcenter(_) => None,
             SourceConfig::Alertmanager(c) => Some(&c.path),
-            SourceConfig::Schedule(_) => None,
+            SourceConfig::Schedule(_) | SourceConfig::Syslog(_) => None,
         }
     }
 }
@@ -77,6 +82,8 @@ pub enum Source {
     Alertmanager(alertmanager::Alertmanager),
     /// See [`schedule::Schedule`].
     Schedule(Box<schedule::Schedule>),
+    /// See [`syslog::Syslog`].
+    Syslog(Box<syslog::Syslog>),
 }
 
 /// A source that runs a task of its own instead of answering requests.
@@ -85,6 +92,8 @@ pub enum Task {
     Vcenter(vcenter::VcenterSource),
     /// See [`schedule::Schedule`].
     Schedule(Box<schedule::Schedule>),
+    /// See [`syslog::Syslog`].
+    Syslog(Box<syslog::Syslog>),
 }
 
 impl Task {
@@ -93,6 +102,16 @@ impl Task {
         match self {
             Task::Vcenter(v) => v.name(),
             Task::Schedule(s) => s.name(),
+            Task::Syslog(s) => s.name(),
+        }
+    }
+
+    /// Binds what the source listens on (before anything is served, so that a port in use
+    /// stops the start with its reason).
+    pub async fn bind(&mut self) -> anyhow::Result<()> {
+        match self {
+            Task::Syslog(s) => s.bind().await,
+            Task::Vcenter(_) | Task::Schedule(_) => Ok(()),
         }
     }
 
@@ -111,6 +130,7 @@ impl Task {
                 s.run(ingest, store, crate::deliveries::Clock::System, shutdown)
                     .await
             }
+            Task::Syslog(s) => s.run(ingest, shutdown).await,
         }
     }
 }
@@ -192,6 +212,8 @@ pub fn build(config: &Config, diags: &mut Diagnostics) -> Vec<Source> {
             }
             SourceConfig::Schedule(c) => schedule::Schedule::build(c, &at(&c.name), config, diags)
                 .map(|s| Source::Schedule(Box::new(s))),
+            SourceConfig::Syslog(c) => syslog::Syslog::build(c, &at(&c.name), config, diags)
+                .map(|s| Source::Syslog(Box::new(s))),
         };
         out.extend(built);
     }
@@ -213,6 +235,10 @@ pub fn routes(sources: Vec<Source>, ingest: Ingest) -> (Router, Vec<Task>) {
             }
             Source::Schedule(s) => {
                 pollers.push(Task::Schedule(s));
+                router
+            }
+            Source::Syslog(s) => {
+                pollers.push(Task::Syslog(s));
                 router
             }
         };

@@ -269,3 +269,182 @@ triggers:
     );
     r.stop().await;
 }
+
+fn syslog_config(receiver: &Receiver, udp: u16, tcp: u16) -> String {
+    format!(
+        r#"
+store: {{path: $DIR/reflex.db}}
+sources:
+  - name: logs
+    type: syslog
+    udp: 127.0.0.1:{udp}
+    tcp: 127.0.0.1:{tcp}
+    max_frame: 1KiB
+    idle_timeout: 500ms
+    rules:
+      - match: 'VM (?P<vm>\S+) is compromised'
+        app: sshd
+        event_type: security.compromised
+        subject: "{{{{ captures.vm }}}}"
+triggers:
+  - name: all
+    action: {{type: http, url: "{}"}}
+"#,
+        receiver.url()
+    )
+}
+
+fn logger(args: &[&str]) {
+    let out = std::process::Command::new("logger")
+        .args(args)
+        .output()
+        .expect("logger (util-linux) runs");
+    assert!(out.status.success(), "logger {args:?}: {out:?}");
+}
+
+async fn rejected(r: &Reflex, reason: &str) -> u64 {
+    let m = r.metrics().await;
+    let want = format!("reflex_events_rejected_total{{source=\"logs\",reason=\"{reason}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// util-linux's `logger` sends RFC 5424 over UDP, RFC 3164 over TCP with newlines, and RFC
+/// 5424 over TCP with octet counting: each matching line is one event with the syslog
+/// fields, and a line no rule matches is counted, not stored.
+#[tokio::test]
+async fn syslog_from_logger_over_udp_and_tcp() {
+    let (udp, tcp) = (
+        crate::e2e_binary::free_port(),
+        crate::e2e_binary::free_port(),
+    );
+    let mut rx = Receiver::start().await;
+    let r = Reflex::start(&syslog_config(&rx, udp, tcp)).await;
+    let (u, t) = (udp.to_string(), tcp.to_string());
+    let base = ["--server", "127.0.0.1", "--tag", "sshd"];
+    logger(
+        &[
+            &base[..],
+            &[
+                "--port",
+                &u,
+                "--udp",
+                "--rfc5424",
+                "--sd-id",
+                "origin@32473",
+                "--sd-param",
+                "ip=\"10.0.0.5\"",
+                "VM web-01 is compromised",
+            ],
+        ]
+        .concat(),
+    );
+    logger(
+        &[
+            &base[..],
+            &[
+                "--port",
+                &t,
+                "--tcp",
+                "--rfc3164",
+                "VM web-02 is compromised",
+            ],
+        ]
+        .concat(),
+    );
+    logger(
+        &[
+            &base[..],
+            &[
+                "--port",
+                &t,
+                "--tcp",
+                "--octet-count",
+                "--rfc5424",
+                "VM web-03 is compromised",
+            ],
+        ]
+        .concat(),
+    );
+    logger(&[&base[..], &["--port", &t, "--tcp", "nothing to see here"]].concat());
+    logger(&[
+        "--server",
+        "127.0.0.1",
+        "--port",
+        &t,
+        "--tcp",
+        "--tag",
+        "cron",
+        "VM web-04 is compromised",
+    ]);
+    let mut got = std::collections::BTreeMap::new();
+    for _ in 0..3 {
+        let d = rx.next(10).await;
+        assert_eq!(d.headers["ce-type"], "security.compromised");
+        let body: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
+        got.insert(d.headers["ce-subject"].to_str().unwrap().to_string(), body);
+    }
+    rx.nothing_for(500).await;
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        ["web-01", "web-02", "web-03"]
+    );
+    for body in got.values() {
+        assert_eq!(body["syslog"]["app"], "sshd", "{body}");
+        assert!(body["syslog"]["host"].is_string(), "{body}");
+        assert_eq!(body["syslog"]["severity"], "notice", "{body}");
+    }
+    assert_eq!(
+        got["web-01"]["syslog"]["structured_data"]["origin@32473"]["ip"],
+        "10.0.0.5"
+    );
+    assert_eq!(got["web-02"]["captures"]["vm"], "web-02");
+    // The other app's line and the line about nothing: counted, not stored.
+    assert_eq!(rejected(&r, "unmatched").await, 2);
+    r.stop().await;
+}
+
+/// Bad input over TCP is counted and skipped without disturbing the connection or other
+/// clients: invalid UTF-8, an oversized line, and a client that stalls mid-frame.
+#[tokio::test]
+async fn syslog_tcp_survives_bad_frames_and_stalled_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (udp, tcp) = (
+        crate::e2e_binary::free_port(),
+        crate::e2e_binary::free_port(),
+    );
+    let mut rx = Receiver::start().await;
+    let r = Reflex::start(&syslog_config(&rx, udp, tcp)).await;
+    let addr = format!("127.0.0.1:{tcp}");
+    // A client that stops in the middle of a line.
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(b"<13>Nov 30 10:00:00 h sshd: VM stalled-1 is comp")
+        .await
+        .unwrap();
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut bad = b"<13>Nov 30 10:00:00 h sshd: VM \xff\xfe is compromised\n".to_vec();
+    bad.extend(vec![b'x'; 2000]);
+    bad.extend(b"\n<13>Nov 30 10:00:00 h sshd: VM good-1 is compromised\n");
+    c.write_all(&bad).await.unwrap();
+    let d = rx.next(5).await;
+    assert_eq!(d.headers["ce-subject"], "good-1");
+    // The stalled client is cut off after idle_timeout; its half line is not stored.
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), stalled.read(&mut byte))
+        .await
+        .expect("the stalled connection is closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    rx.nothing_for(300).await;
+    assert_eq!(rejected(&r, "invalid_utf8").await, 1);
+    assert_eq!(rejected(&r, "oversized").await, 1);
+    assert_eq!(rejected(&r, "stalled").await, 1);
+    // The listener goes on serving.
+    c.write_all(b"<13>Nov 30 10:00:01 h sshd: VM good-2 is compromised\n")
+        .await
+        .unwrap();
+    assert_eq!(rx.next(5).await.headers["ce-subject"], "good-2");
+    r.stop().await;
+}

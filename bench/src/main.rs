@@ -11,6 +11,7 @@
 
 mod postgres;
 mod routing;
+mod syslog;
 mod vcenter;
 mod wrk;
 
@@ -57,6 +58,18 @@ fn parse_args() -> Result<Args> {
                 print!("{}", rt.block_on(wrk::run(&me.with_file_name("reflex")))?);
                 std::process::exit(0);
             }
+            "syslog" => {
+                // Issue 9's syslog figures: `syslog SECONDS`.
+                let secs: u64 = val()?.parse()?;
+                let me = std::env::current_exe()?;
+                let rt = tokio::runtime::Runtime::new()?;
+                print!(
+                    "{}",
+                    rt.block_on(syslog::run(&me.with_file_name("reflex"), secs))?
+                );
+                std::process::exit(0);
+            }
+            "noop-syslog" => return syslog::noop_reader(val()?.parse()?).map(|_| unreachable!()),
             "routing" => {
                 // Matching alone: `routing SECONDS`.
                 let secs: u64 = val()?.parse()?;

@@ -88,6 +88,10 @@ pub struct Syslog {
 
 /// Lines read from one datagram or connection and stored together.
 const BATCH: usize = 256;
+/// Datagrams received and waiting to be stored; past it they are counted and dropped.
+const UDP_QUEUE: usize = 65_536;
+/// The UDP receive buffer asked of the kernel (it grants at most `net.core.rmem_max`).
+const UDP_RECEIVE_BUFFER: usize = 8 << 20;
 
 impl Syslog {
     /// Compiles the rules and checks the addresses.
@@ -194,10 +198,12 @@ impl Syslog {
     pub async fn bind(&mut self) -> anyhow::Result<()> {
         use anyhow::Context;
         if let Some(a) = self.udp {
-            self.bound_udp =
-                Some(UdpSocket::bind(a).await.with_context(|| {
-                    format!("source `{}`: cannot listen on udp {a}", self.name)
-                })?);
+            let socket = UdpSocket::bind(a)
+                .await
+                .with_context(|| format!("source `{}`: cannot listen on udp {a}", self.name))?;
+            // A larger buffer absorbs bursts; the kernel may grant less, which is fine.
+            let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(UDP_RECEIVE_BUFFER);
+            self.bound_udp = Some(socket);
         }
         if let Some(a) = self.tcp {
             self.bound_tcp =
@@ -306,24 +312,37 @@ impl Syslog {
 
     /// The events of some frames, counting what is not stored.
     fn events(&self, ingest: &Ingest, frames: &[&[u8]]) -> Vec<Event> {
+        self.events_counted(ingest, frames, true)
+    }
+
+    /// The events of some frames; what is not stored is counted when `count` (not when a
+    /// batch is made again to be retried).
+    fn events_counted(&self, ingest: &Ingest, frames: &[&[u8]], count: bool) -> Vec<Event> {
+        let ingest_count = |reason: &str| {
+            if count {
+                self.count(ingest, reason, 1)
+            }
+        };
         let mut out = Vec::with_capacity(frames.len());
         for f in frames {
             let Ok(line) = std::str::from_utf8(f) else {
-                self.count(ingest, "invalid_utf8", 1);
+                ingest_count("invalid_utf8");
                 continue;
             };
             match self.event(line) {
                 Ok(Some(e)) => out.push(e),
-                Ok(None) => self.count(ingest, "unmatched", 1),
+                Ok(None) => ingest_count("unmatched"),
                 Err(e) => {
                     tracing::debug!(source = %self.name, error = %e, "a syslog rule's template failed");
-                    self.count(ingest, "mapping", 1)
+                    ingest_count("mapping")
                 }
             }
         }
         out
     }
 
+    /// Receives datagrams into a bounded queue while another task stores them, so that a
+    /// slow commit does not leave them in the kernel's buffer to overflow.
     async fn serve_udp(
         self: Arc<Self>,
         socket: UdpSocket,
@@ -331,55 +350,65 @@ impl Syslog {
         shutdown: CancellationToken,
     ) {
         let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(UDP_QUEUE);
+        let storer = {
+            let (this, ingest) = (self.clone(), ingest.clone());
+            tokio::spawn(async move {
+                let mut bufs = Vec::with_capacity(BATCH);
+                while rx.recv_many(&mut bufs, BATCH).await > 0 {
+                    let frames: Vec<&[u8]> = bufs
+                        .iter()
+                        .map(|b| trim_frame(b))
+                        .filter(|b| {
+                            let big = b.len() > this.max_frame;
+                            if big {
+                                this.count(&ingest, "oversized", 1);
+                            }
+                            !big && !b.is_empty()
+                        })
+                        .collect();
+                    let events = this.events(&ingest, &frames);
+                    bufs.clear();
+                    if !events.is_empty() {
+                        let n = events.len() as u64;
+                        if let Err(e) = ingest.submit(&this.name, events).await {
+                            tracing::warn!(source = %this.name, error = %e, lines = n, "udp lines not stored (UDP is best effort)");
+                            this.count(&ingest, "store", n);
+                        }
+                    }
+                }
+            })
+        };
         let mut drops = udp_drops(port).unwrap_or(0);
-        let mut bufs: Vec<Vec<u8>> = Vec::new();
+        let mut checked = tokio::time::Instant::now();
         let mut buf = vec![0u8; 65_536];
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
+            let (n, _) = tokio::select! {
+                _ = shutdown.cancelled() => break,
                 r = socket.recv_from(&mut buf) => match r {
-                    Ok((n, _)) => bufs.push(buf[..n].to_vec()),
+                    Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(source = %self.name, error = %e, "udp receive failed");
                         continue;
                     }
                 },
+            };
+            if tx.try_send(buf[..n].to_vec()).is_err() {
+                self.count(&ingest, "udp_queue_full", 1);
             }
-            // What else has arrived goes in the same batch.
-            while bufs.len() < BATCH {
-                match socket.try_recv_from(&mut buf) {
-                    Ok((n, _)) => bufs.push(buf[..n].to_vec()),
-                    Err(_) => break,
-                }
-            }
-            let frames: Vec<&[u8]> = bufs
-                .iter()
-                .map(|b| trim_frame(b))
-                .filter(|b| {
-                    let big = b.len() > self.max_frame;
-                    if big {
-                        self.count(&ingest, "oversized", 1);
+            if checked.elapsed() >= Duration::from_secs(1) {
+                checked = tokio::time::Instant::now();
+                if let Some(now) = udp_drops(port) {
+                    if now > drops {
+                        self.count(&ingest, "udp_overrun", now - drops);
+                        tracing::warn!(source = %self.name, dropped = now - drops, "the kernel dropped udp datagrams (receive buffer full); use tcp for what must not be lost, or raise net.core.rmem_max");
                     }
-                    !big && !b.is_empty()
-                })
-                .collect();
-            let events = self.events(&ingest, &frames);
-            bufs.clear();
-            if !events.is_empty() {
-                let n = events.len() as u64;
-                if let Err(e) = ingest.submit(&self.name, events).await {
-                    tracing::warn!(source = %self.name, error = %e, lines = n, "udp lines not stored (UDP is best effort)");
-                    self.count(&ingest, "store", n);
+                    drops = now;
                 }
-            }
-            if let Some(now) = udp_drops(port) {
-                if now > drops {
-                    self.count(&ingest, "udp_overrun", now - drops);
-                    tracing::warn!(source = %self.name, dropped = now - drops, "the kernel dropped udp datagrams (receive buffer full); use tcp for what must not be lost");
-                }
-                drops = now;
             }
         }
+        drop(tx);
+        let _ = storer.await;
     }
 
     async fn serve_tcp(
@@ -441,8 +470,7 @@ impl Syslog {
                     .map(|f| trim_frame(f))
                     .filter(|f| !f.is_empty())
                     .collect();
-                let events = self.events(ingest, &refs);
-                if !events.is_empty() && !self.store(ingest, events, stop).await {
+                if !self.store(ingest, &refs, stop).await {
                     return;
                 }
                 continue;
@@ -455,10 +483,7 @@ impl Syslog {
                 Ok(Ok(0)) => {
                     // The last line of a sender that does not end it with a newline.
                     if let Some(f) = framer.rest(&mut buf) {
-                        let events = self.events(ingest, &[trim_frame(&f)]);
-                        if !events.is_empty() {
-                            self.store(ingest, events, stop).await;
-                        }
+                        self.store(ingest, &[trim_frame(&f)], stop).await;
                     }
                     return;
                 }
@@ -478,12 +503,19 @@ impl Syslog {
         }
     }
 
-    /// Stores a batch, waiting (and so not reading more) while the store refuses it;
-    /// `false` when reflex stops first.
-    async fn store(&self, ingest: &Ingest, events: Vec<Event>, stop: &CancellationToken) -> bool {
+    /// Stores a batch of frames, waiting (and so not reading more) while the store refuses
+    /// it; `false` when reflex stops first. The events are made again for a retry rather
+    /// than copied for every first try.
+    async fn store(&self, ingest: &Ingest, frames: &[&[u8]], stop: &CancellationToken) -> bool {
         let mut wait = Duration::from_millis(100);
+        let mut first = true;
         loop {
-            match ingest.submit(&self.name, events.clone()).await {
+            let events = self.events_counted(ingest, frames, first);
+            first = false;
+            if events.is_empty() {
+                return true;
+            }
+            match ingest.submit(&self.name, events).await {
                 Ok(_) => return true,
                 Err(IngestError::Stopping) => return false,
                 Err(e) => {

@@ -68,7 +68,7 @@ echo "==> reflex check examples/*.yaml"
 cargo build --locked --quiet
 # The examples read credentials from the environment, as an operator's would.
 for f in examples/*.yaml; do
-  VCENTER_USER=example VCENTER_PASSWORD=example LOGINSIGHT_TOKEN=example ALERTMANAGER_TOKEN=example ./target/debug/reflex check -c "$f"
+  VCENTER_USER=example VCENTER_PASSWORD=example LOGINSIGHT_TOKEN=example ALERTMANAGER_TOKEN=example SLACK_SIGNING_SECRET=example ./target/debug/reflex check -c "$f"
 done
 echo "==> cargo test (embedded SQLite store)"
 cargo test --locked --workspace

@@ -5,6 +5,7 @@ pub mod alertmanager;
 pub mod auth;
 pub mod cloudevents;
 pub mod schedule;
+pub mod slack;
 pub mod syslog;
 pub mod util;
 pub mod vcenter;
@@ -33,6 +34,8 @@ pub enum SourceConfig {
     Schedule(schedule::ScheduleConfig),
     /// Syslog over UDP and TCP, lines turned into events by rules.
     Syslog(syslog::SyslogConfig),
+    /// Slack slash commands and interactive payloads (ChatOps).
+    Slack(slack::SlackConfig),
 }
 
 impl SourceConfig {
@@ -44,7 +47,7 @@ impl SourceConfig {
             SourceConfig::Vcenter(_) => false,
             SourceConfig::Alertmanager(c) => matches!(c.auth, auth::AuthConfig::None),
             SourceConfig::Schedule(_) => false,
-            SourceConfig::Syslog(_) => false,
+            SourceConfig::Syslog(_) | SourceConfig::Slack(_) => false,
         }
     }
 
@@ -56,6 +59,7 @@ impl SourceConfig {
             SourceConfig::Alertmanager(c) => &c.name,
             SourceConfig::Schedule(c) => &c.name,
             SourceConfig::Syslog(c) => &c.name,
+            SourceConfig::Slack(c) => &c.name,
         }
     }
     /// The HTTP path, for sources served on the sources listener.
@@ -65,6 +69,7 @@ impl SourceConfig {
             SourceConfig::Cloudevents(c) => Some(&c.path),
             SourceConfig::Vcenter(_) => None,
             SourceConfig::Alertmanager(c) => Some(&c.path),
+            SourceConfig::Slack(c) => Some(&c.path),
             SourceConfig::Schedule(_) | SourceConfig::Syslog(_) => None,
         }
     }
@@ -84,6 +89,8 @@ pub enum Source {
     Schedule(Box<schedule::Schedule>),
     /// See [`syslog::Syslog`].
     Syslog(Box<syslog::Syslog>),
+    /// See [`slack::Slack`].
+    Slack(slack::Slack),
 }
 
 /// A source that runs a task of its own instead of answering requests.
@@ -214,6 +221,9 @@ pub fn build(config: &Config, diags: &mut Diagnostics) -> Vec<Source> {
                 .map(|s| Source::Schedule(Box::new(s))),
             SourceConfig::Syslog(c) => syslog::Syslog::build(c, &at(&c.name), config, diags)
                 .map(|s| Source::Syslog(Box::new(s))),
+            SourceConfig::Slack(c) => {
+                slack::Slack::build(c, &at(&c.name), config, diags).map(Source::Slack)
+            }
         };
         out.extend(built);
     }
@@ -229,6 +239,7 @@ pub fn routes(sources: Vec<Source>, ingest: Ingest) -> (Router, Vec<Task>) {
             Source::Webhook(w) => w.route(router, ingest.clone()),
             Source::CloudEvents(c) => c.route(router, ingest.clone()),
             Source::Alertmanager(a) => a.route(router, ingest.clone()),
+            Source::Slack(s) => s.route(router, ingest.clone()),
             Source::Vcenter(v) => {
                 pollers.push(Task::Vcenter(v));
                 router

@@ -87,6 +87,7 @@ fn examples_check_clean() {
         "VCENTER_PASSWORD",
         "LOGINSIGHT_TOKEN",
         "ALERTMANAGER_TOKEN",
+        "SLACK_SIGNING_SECRET",
     ] {
         std::env::set_var(var, "example");
     }

@@ -448,3 +448,165 @@ async fn syslog_tcp_survives_bad_frames_and_stalled_clients() {
     assert_eq!(rx.next(5).await.headers["ce-subject"], "good-2");
     r.stop().await;
 }
+
+/// Slack's signing scheme written from its documentation: `v0=` and the hex HMAC-SHA256 of
+/// `v0:{timestamp}:{body}` with the app's signing secret.
+fn slack_signature(secret: &str, ts: i64, body: &str) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("v0:{ts}:{body}").as_bytes());
+    let bytes = mac.finalize().into_bytes();
+    format!(
+        "v0={}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+#[test]
+fn the_reference_slack_signature_matches_slacks_documentation() {
+    // The sample request of Slack's "Verifying requests from Slack".
+    let body = "token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V&channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect&text=&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmibIGlgcZRskXaIFfN&trigger_id=398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c";
+    assert_eq!(
+        slack_signature("8f742231b10e8888abcd99yyyzzz85a5", 1531420618, body),
+        "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503"
+    );
+}
+
+const SLACK_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
+
+fn slack_command(text: &str, user: &str, trigger: &str) -> String {
+    url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("token", "legacy")
+        .append_pair("team_id", "T1DC2JH3J")
+        .append_pair("channel_id", "C0OPS")
+        .append_pair("channel_name", "ops")
+        .append_pair("user_id", user)
+        .append_pair("user_name", "roadrunner")
+        .append_pair("command", "/iaas")
+        .append_pair("text", text)
+        .append_pair(
+            "response_url",
+            "https://hooks.slack.com/commands/T1DC2JH3J/1/abc",
+        )
+        .append_pair("trigger_id", trigger)
+        .finish()
+}
+
+async fn post_slack(r: &Reflex, body: &str, ts: i64, sig: &str) -> reqwest::Response {
+    r.client
+        .post(format!("{}/slack", r.http))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-slack-request-timestamp", ts.to_string())
+        .header("x-slack-signature", sig)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Seed 001's ChatOps: a signed slash command becomes an event with its verb and args and
+/// is acknowledged at once; tampered, stale and replayed requests are refused; an unknown
+/// verb gets the help and a user without the right gets the reason, neither an event.
+#[tokio::test]
+async fn slack_commands_are_verified_parsed_and_permitted() {
+    let mut rx = Receiver::start().await;
+    std::env::set_var("REFLEX_IT_SLACK_SECRET", SLACK_SECRET);
+    let yaml = format!(
+        r#"
+store: {{path: $DIR/reflex.db}}
+sources:
+  - name: chatops
+    type: slack
+    path: /slack
+    signing_secret: ${{env:REFLEX_IT_SLACK_SECRET}}
+    verbs:
+      clone: {{help: "clone VM as NEW", users: [U2CERLKJA]}}
+      status: {{help: "status VM"}}
+triggers:
+  - name: commands
+    filters: [{{prefix: {{type: com.reflex.slack.}}}}]
+    action: {{type: http, url: "{}"}}
+"#,
+        rx.url()
+    );
+    let r = Reflex::start(&yaml).await;
+    let now = chrono::Utc::now().timestamp();
+
+    let body = slack_command("clone web-01 as web-02", "U2CERLKJA", "t-1");
+    let resp = post_slack(&r, &body, now, &slack_signature(SLACK_SECRET, now, &body)).await;
+    assert_eq!(resp.status(), 200);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(answer["response_type"], "ephemeral");
+    assert!(answer["text"]
+        .as_str()
+        .unwrap()
+        .contains("clone web-01 as web-02"));
+    let d = rx.next(5).await;
+    assert_eq!(d.headers["ce-type"], "com.reflex.slack.command");
+    assert_eq!(d.headers["ce-subject"], "clone");
+    let data: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
+    assert_eq!(data["args"], serde_json::json!(["web-01", "as", "web-02"]));
+    assert_eq!(data["user"], "U2CERLKJA");
+    assert_eq!(
+        data["response_url"],
+        "https://hooks.slack.com/commands/T1DC2JH3J/1/abc"
+    );
+
+    // The same request again: replayed.
+    let resp = post_slack(&r, &body, now, &slack_signature(SLACK_SECRET, now, &body)).await;
+    assert_eq!(resp.status(), 409);
+    // Tampered: the text changed after signing (a request not seen before).
+    let fresh = slack_command("clone web-01 as web-02", "U2CERLKJA", "t-6");
+    let tampered = fresh.replace("web-02", "web-03");
+    let resp = post_slack(
+        &r,
+        &tampered,
+        now,
+        &slack_signature(SLACK_SECRET, now, &fresh),
+    )
+    .await;
+    assert_eq!(resp.status(), 401);
+    // Stale: signed six minutes ago.
+    let old = now - 360;
+    let body2 = slack_command("status web-01", "U2CERLKJA", "t-2");
+    let resp = post_slack(&r, &body2, old, &slack_signature(SLACK_SECRET, old, &body2)).await;
+    assert_eq!(resp.status(), 401);
+    // Another user may not clone; anyone may ask the status; an unknown verb gets the help.
+    let body3 = slack_command("clone web-01 as web-09", "U0OTHER", "t-3");
+    let resp = post_slack(&r, &body3, now, &slack_signature(SLACK_SECRET, now, &body3)).await;
+    assert_eq!(resp.status(), 200);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        answer["text"]
+            .as_str()
+            .unwrap()
+            .contains("may not use `clone`"),
+        "{answer}"
+    );
+    let body4 = slack_command("reboot web-01", "U2CERLKJA", "t-4");
+    let resp = post_slack(&r, &body4, now, &slack_signature(SLACK_SECRET, now, &body4)).await;
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    let help = answer["text"].as_str().unwrap();
+    assert!(
+        help.contains("Unknown verb `reboot`") && help.contains("`status` — status VM"),
+        "{help}"
+    );
+    let body5 = slack_command("status web-01", "U0OTHER", "t-5");
+    let resp = post_slack(&r, &body5, now, &slack_signature(SLACK_SECRET, now, &body5)).await;
+    assert_eq!(resp.status(), 200);
+    let d = rx.next(5).await;
+    assert_eq!(d.headers["ce-subject"], "status");
+    // An interactive payload (a button pressed) is an interaction event.
+    let body6 = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("payload", r#"{"type":"block_actions","trigger_id":"t-7","user":{"id":"U2CERLKJA"},"actions":[{"action_id":"approve"}]}"#)
+        .finish();
+    let resp = post_slack(&r, &body6, now, &slack_signature(SLACK_SECRET, now, &body6)).await;
+    assert_eq!(resp.status(), 200);
+    let d = rx.next(5).await;
+    assert_eq!(d.headers["ce-type"], "com.reflex.slack.interaction");
+    assert_eq!(d.headers["ce-subject"], "block_actions");
+    let data: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
+    assert_eq!(data["actions"][0]["action_id"], "approve");
+    rx.nothing_for(300).await;
+    r.stop().await;
+}

@@ -13,6 +13,8 @@ command -v go >/dev/null 2>&1 || need_apt+=(golang-go)
 # PostgreSQL: the suite runs once per store backend.
 command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v pg_isready >/dev/null 2>&1 || need_apt+=(postgresql-client)
+# openssl makes the syslog TLS test's certificate; util-linux's logger sends syslog.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # util-linux's logger: the syslog source's tests send with it.
 command -v logger >/dev/null 2>&1 || need_apt+=(bsdutils)
 # Prometheus Alertmanager: the alertmanager source's test has the real sender notify reflex.

@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 /// Configuration of `type: syslog`.
@@ -43,8 +43,20 @@ pub struct SyslogConfig {
     pub idle_timeout: Option<crate::config::Duration>,
     /// Most TCP connections at once (default 1024); more wait to be accepted.
     pub max_connections: Option<usize>,
+    /// TLS on the TCP listener (RFC 5425): the server's certificate chain and key, PEM.
+    pub tls: Option<TlsConfig>,
     /// How lines become events; the first rule that matches wins.
     pub rules: Vec<RuleConfig>,
+}
+
+/// A TLS listener's certificate and key.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM, the server's first.
+    pub cert_file: String,
+    /// The private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
 }
 
 /// One rule: which lines, and the event they become.
@@ -82,6 +94,7 @@ pub struct Syslog {
     idle_timeout: Duration,
     max_connections: usize,
     rules: Vec<Rule>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     bound_udp: Option<UdpSocket>,
     bound_tcp: Option<TcpListener>,
 }
@@ -128,6 +141,25 @@ impl Syslog {
             );
             ok = false;
         }
+        let tls = match &c.tls {
+            None => None,
+            Some(_) if c.tcp.is_none() => {
+                diags.at(
+                    loc,
+                    format!("source `{name}`: `tls` needs a `tcp` listener"),
+                );
+                ok = false;
+                None
+            }
+            Some(t) => match tls_acceptor(t) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    diags.at(loc, format!("source `{name}`: tls: {e}"));
+                    ok = false;
+                    None
+                }
+            },
+        };
         if c.rules.is_empty() {
             diags.at(
                 loc,
@@ -184,6 +216,7 @@ impl Syslog {
             idle_timeout: c.idle_timeout.map_or(Duration::from_secs(30), |d| d.0),
             max_connections: c.max_connections.unwrap_or(1024).max(1),
             rules,
+            tls,
             bound_udp: None,
             bound_tcp: None,
         })
@@ -437,7 +470,20 @@ impl Syslog {
             };
             let (this, ingest, stop) = (self.clone(), ingest.clone(), shutdown.clone());
             conns.spawn(async move {
-                this.connection(stream, peer, &ingest, &stop).await;
+                match &this.tls {
+                    None => this.connection(stream, peer, &ingest, &stop).await,
+                    Some(acceptor) => {
+                        // The handshake is bounded like any silence mid-frame.
+                        match tokio::time::timeout(this.idle_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => this.connection(tls, peer, &ingest, &stop).await,
+                            Ok(Err(e)) => {
+                                this.count(&ingest, "tls", 1);
+                                tracing::info!(source = %this.name, %peer, error = %e, "a TLS handshake failed");
+                            }
+                            Err(_) => this.count(&ingest, "tls", 1),
+                        }
+                    }
+                }
                 drop(permit);
             });
             while conns.try_join_next().is_some() {}
@@ -446,9 +492,9 @@ impl Syslog {
     }
 
     /// Reads one connection's frames; each batch is stored before more is read.
-    async fn connection(
+    async fn connection<S: tokio::io::AsyncRead + Unpin>(
         &self,
-        mut stream: TcpStream,
+        mut stream: S,
         peer: SocketAddr,
         ingest: &Ingest,
         stop: &CancellationToken,
@@ -529,6 +575,33 @@ impl Syslog {
             }
         }
     }
+}
+
+/// A TLS acceptor from PEM files; the error names the file and what is wrong.
+fn tls_acceptor(t: &TlsConfig) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert_file)
+        .map_err(|e| format!("cannot read cert_file `{}`: {e}", t.cert_file))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cert_file `{}` is not PEM certificates: {e}", t.cert_file))?;
+    if certs.is_empty() {
+        return Err(format!("cert_file `{}` holds no certificate", t.cert_file));
+    }
+    let key = PrivateKeyDer::from_pem_file(&t.key_file).map_err(|e| {
+        format!(
+            "cannot read a private key from key_file `{}`: {e}",
+            t.key_file
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("the certificate and key do not make a TLS server: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// A frame without its line ending.

@@ -150,3 +150,10 @@ fn bad_schedule() {
         "sources:\n  - name: a\n    type: schedule\n    cron: \"61 * * * *\"\n  - name: b\n    type: schedule\n    cron: \"0 2 * * *\"\n    timezone: Europe/Berln\n  - name: c\n    type: schedule\n    cron: \"0 0 30 2 *\"\n"
     ));
 }
+
+#[test]
+fn bad_syslog() {
+    insta::assert_snapshot!(check(
+        "sources:\n  - name: s\n    type: syslog\n    udp: 127.0.0.1:99999\n    tls: {cert_file: /nonexistent/c.pem, key_file: /nonexistent/k.pem}\n    rules:\n      - {match: '(unclosed', event_type: t}\n  - name: t\n    type: syslog\n    tcp: 127.0.0.1:5514\n    tls: {cert_file: /nonexistent/c.pem, key_file: /nonexistent/k.pem}\n    rules: []\n"
+    ));
+}

@@ -610,3 +610,100 @@ triggers:
     rx.nothing_for(300).await;
     r.stop().await;
 }
+
+/// Syslog over TLS (RFC 5425): a client trusting the listener's certificate sends an
+/// octet-counted frame and it is stored; a client speaking plain TCP to the TLS port gets
+/// its connection closed, counted, and stores nothing.
+#[tokio::test]
+async fn syslog_over_tls() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "keyUsage=digitalSignature",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(out.status.success(), "{out:?}");
+    let tcp = crate::e2e_binary::free_port();
+    let mut rx = Receiver::start().await;
+    let yaml = format!(
+        r#"
+store: {{path: $DIR/reflex.db}}
+sources:
+  - name: logs
+    type: syslog
+    tcp: 127.0.0.1:{tcp}
+    idle_timeout: 2s
+    tls: {{cert_file: "{}", key_file: "{}"}}
+    rules:
+      - {{match: 'VM (?P<vm>\S+) is compromised', event_type: security.compromised, subject: "{{{{ captures.vm }}}}"}}
+triggers:
+  - name: all
+    action: {{type: http, url: "{}"}}
+"#,
+        cert.display(),
+        key.display(),
+        rx.url()
+    );
+    let r = Reflex::start(&yaml).await;
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject;
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(&cert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    // Plain TCP to the TLS port: refused by the handshake, nothing stored.
+    let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", tcp))
+        .await
+        .unwrap();
+    plain
+        .write_all(b"<13>Nov 30 10:00:00 h sshd: VM plain-1 is compromised\n")
+        .await
+        .unwrap();
+    let tcp_stream = tokio::net::TcpStream::connect(("127.0.0.1", tcp))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp_stream).await.unwrap();
+    let msg = "<34>1 2026-11-30T10:00:00Z h sshd - - - VM tls-1 is compromised";
+    tls.write_all(format!("{} {msg}", msg.len()).as_bytes())
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    let d = rx.next(5).await;
+    assert_eq!(d.headers["ce-subject"], "tls-1");
+    rx.nothing_for(500).await;
+    assert_eq!(rejected(&r, "tls").await, 1);
+    r.stop().await;
+}

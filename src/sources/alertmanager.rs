@@ -6,20 +6,19 @@
 //! and those repeats are duplicates of events already stored.
 
 use super::auth::AuthConfig;
-use super::util::{read_body, reject, submit, Rejection};
+use super::util::{post_route, read_body, reject, submit, Rejection};
 use crate::config::{ByteSize, Config, Diagnostics, Text};
 use crate::ingest::Ingest;
 use crate::template::Template;
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
+use axum::response::Response;
 use cloudevents::{Event, EventBuilder, EventBuilderV10};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 /// The event type of a firing alert (`.resolved` for a resolved one) unless `event_type` says
 /// otherwise.
@@ -142,20 +141,20 @@ impl Alertmanager {
     /// Adds the POST route.
     pub fn route(self, router: axum::Router, ingest: Ingest) -> axum::Router {
         let path = self.path.clone();
-        let this = Arc::new(self);
-        router.route(
+        post_route(
+            router,
             &path,
-            post(move |headers: HeaderMap, body: Body| {
-                let this = this.clone();
-                let ingest = ingest.clone();
-                async move {
-                    match this.to_events(&headers, body).await {
-                        Ok(events) => submit(&ingest, &this.name, events).await,
-                        Err(r) => reject(&ingest, &this.name, r),
-                    }
-                }
-            }),
+            self,
+            ingest,
+            |this, ingest, headers, body| async move { this.handle(&ingest, headers, body).await },
         )
+    }
+
+    async fn handle(&self, ingest: &Ingest, headers: HeaderMap, body: Body) -> Response {
+        match self.to_events(&headers, body).await {
+            Ok(events) => submit(ingest, &self.name, events).await,
+            Err(r) => reject(ingest, &self.name, r),
+        }
     }
 
     /// Authenticates one request and turns its notification into one event per alert.

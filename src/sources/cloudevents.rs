@@ -1,16 +1,15 @@
 //! `type: cloudevents` — CloudEvents 1.0 over HTTP in binary, structured and batch modes.
 
 use super::auth::{AuthConfig, Replays};
-use super::util::{read_body, reject, submit, Rejection};
+use super::util::{post_route, read_body, reject, submit, Rejection};
 use crate::config::{ByteSize, Config, Diagnostics, Text};
 use crate::ingest::Ingest;
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
+use axum::response::Response;
 use cloudevents::Event;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use std::sync::Arc;
 
 /// Configuration of `type: cloudevents`.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -121,29 +120,29 @@ impl CloudEvents {
     /// Adds the POST route.
     pub fn route(self, router: axum::Router, ingest: Ingest) -> axum::Router {
         let path = self.path.clone();
-        let this = Arc::new(self);
-        router.route(
+        post_route(
+            router,
             &path,
-            post(move |headers: HeaderMap, body: Body| {
-                let this = this.clone();
-                let ingest = ingest.clone();
-                async move {
-                    if let Err(r) = this.replays.refuse(&this.auth, &headers) {
-                        return reject(&ingest, &this.name, r);
-                    }
-                    match this.parse(&headers, body).await {
-                        Ok(events) => {
-                            let answer = submit(&ingest, &this.name, events).await;
-                            if answer.status() == StatusCode::ACCEPTED {
-                                this.replays.accepted(&this.auth, &headers);
-                            }
-                            answer
-                        }
-                        Err(r) => reject(&ingest, &this.name, r),
-                    }
-                }
-            }),
+            self,
+            ingest,
+            |this, ingest, headers, body| async move { this.handle(&ingest, headers, body).await },
         )
+    }
+
+    async fn handle(&self, ingest: &Ingest, headers: HeaderMap, body: Body) -> Response {
+        if let Err(r) = self.replays.refuse(&self.auth, &headers) {
+            return reject(ingest, &self.name, r);
+        }
+        match self.parse(&headers, body).await {
+            Ok(events) => {
+                let answer = submit(ingest, &self.name, events).await;
+                if answer.status() == StatusCode::ACCEPTED {
+                    self.replays.accepted(&self.auth, &headers);
+                }
+                answer
+            }
+            Err(r) => reject(ingest, &self.name, r),
+        }
     }
 
     async fn parse(&self, headers: &HeaderMap, body: Body) -> Result<Vec<Event>, Rejection> {

@@ -11,20 +11,18 @@
 //! action (`http_request` to `{{ event.data.response_url | safe }}`).
 
 use super::auth::{AuthConfig, Encoding, HmacTimestamp, Replays};
-use super::util::{read_body, reject, Rejection};
+use super::util::{post_route, read_body, reject, Rejection};
 use crate::config::{ByteSize, Config, Diagnostics, Secret, Text};
 use crate::ingest::Ingest;
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use axum::Json;
 use cloudevents::{Event, EventBuilder, EventBuilderV10};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 
 /// The event type of a slash command.
 pub const COMMAND_TYPE: &str = "com.reflex.slack.command";
@@ -147,14 +145,12 @@ impl Slack {
     /// Adds the POST route.
     pub fn route(self, router: axum::Router, ingest: Ingest) -> axum::Router {
         let path = self.path.clone();
-        let this = Arc::new(self);
-        router.route(
+        post_route(
+            router,
             &path,
-            post(move |headers: HeaderMap, body: Body| {
-                let this = this.clone();
-                let ingest = ingest.clone();
-                async move { this.handle(&ingest, headers, body).await }
-            }),
+            self,
+            ingest,
+            |this, ingest, headers, body| async move { this.handle(&ingest, headers, body).await },
         )
     }
 

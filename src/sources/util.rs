@@ -157,6 +157,32 @@ fn accepted_response(accepted: &[Accepted]) -> Response {
         .into_response()
 }
 
+/// Adds a POST route at `path` that hands each request to `handle` with the source.
+pub fn post_route<S, F, Fut>(
+    router: axum::Router,
+    path: &str,
+    source: S,
+    ingest: Ingest,
+    handle: F,
+) -> axum::Router
+where
+    S: Send + Sync + 'static,
+    F: Fn(std::sync::Arc<S>, Ingest, axum::http::HeaderMap, Body) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = Response> + Send + 'static,
+{
+    let source = std::sync::Arc::new(source);
+    router.route(
+        path,
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: Body| {
+            handle.clone()(source.clone(), ingest.clone(), headers, body)
+        }),
+    )
+}
+
 /// Counts and returns a rejection.
 pub fn reject(ingest: &Ingest, source: &str, r: Rejection) -> Response {
     ingest.metrics().event_rejected(source, r.reason);

@@ -2,7 +2,7 @@
 //! (auth, size, JSON Schema) and mapped to a CloudEvent with templates over `body`.
 
 use super::auth::{AuthConfig, Replays};
-use super::util::{read_body, reject, submit, Rejection};
+use super::util::{post_route, read_body, reject, submit, Rejection};
 use crate::config::{ByteSize, Config, Diagnostics, Text};
 use crate::event::ROUTING_KEY_EXT;
 use crate::ingest::Ingest;
@@ -10,12 +10,10 @@ use crate::template::Template;
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::post;
 use cloudevents::{EventBuilder, EventBuilderV10};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::sync::Arc;
 
 /// Configuration of `type: webhook`.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -144,14 +142,12 @@ impl Webhook {
     /// Adds the POST route.
     pub fn route(self, router: axum::Router, ingest: Ingest) -> axum::Router {
         let path = self.path.clone();
-        let this = Arc::new(self);
-        router.route(
+        post_route(
+            router,
             &path,
-            post(move |headers: HeaderMap, body: Body| {
-                let this = this.clone();
-                let ingest = ingest.clone();
-                async move { this.handle(&ingest, headers, body).await }
-            }),
+            self,
+            ingest,
+            |this, ingest, headers, body| async move { this.handle(&ingest, headers, body).await },
         )
     }
 

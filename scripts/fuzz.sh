@@ -15,7 +15,7 @@ secs="${1:-600}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(config cloudevents webhook soap)
+    targets=(config cloudevents webhook soap syslog)
 fi
 cargo +nightly fuzz build -O
 for t in "${targets[@]}"; do

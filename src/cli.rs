@@ -46,6 +46,16 @@ enum Command {
     },
     /// Print the JSON Schema of the configuration file.
     Schema,
+    /// Print the configuration reference (Markdown, as docs/reference.md).
+    Docs,
+    /// Print shell completions (bash, zsh, fish, elvish or powershell), as the package
+    /// installs them.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), as the package installs it in section 1.
+    Man,
     /// Send a test event to a running server.
     Send {
         /// Event type.
@@ -105,6 +115,80 @@ enum Command {
     },
     /// Make a running server re-read its configuration file (like SIGHUP).
     Reload {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List the triggers (paused ones with why), or pause or resume one.
+    Triggers {
+        /// `pause` or `resume`; the list when absent.
+        #[arg(value_parser = ["pause", "resume"])]
+        verb: Option<String>,
+        /// The trigger.
+        name: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List the paused scopes of vCenters with the changes each holds; pause one (`add
+    /// --vcenter V --cluster|--folder|--tag|--resource-pool NAME`), lift one (`lift KEY`: the
+    /// changes it held run), or discard what one holds (`discard KEY`: they end dead).
+    Pauses {
+        /// `add`, `lift` or `discard`; the list when absent.
+        #[arg(value_parser = ["add", "lift", "discard"])]
+        verb: Option<String>,
+        /// The pause's key (`scope:VCENTER:KIND:NAME`, as listed), for `lift` and `discard`.
+        key: Option<String>,
+        /// The vCenter (for `add`).
+        #[arg(long)]
+        vcenter: Option<String>,
+        /// A cluster's name (for `add`).
+        #[arg(long)]
+        cluster: Option<String>,
+        /// A folder's name (for `add`).
+        #[arg(long)]
+        folder: Option<String>,
+        /// A tag, `CATEGORY/TAG` or `TAG` (for `add`).
+        #[arg(long)]
+        tag: Option<String>,
+        /// A resource pool's name (for `add`).
+        #[arg(long)]
+        resource_pool: Option<String>,
+        /// Why (for `add`).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List the approvals (waiting ones by default) with the plan each would run.
+    Approvals {
+        /// `waiting`, `approved`, `rejected`, `expired` or `all`.
+        #[arg(long, default_value = "waiting", value_parser = ["waiting", "approved", "rejected", "expired", "all"])]
+        state: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Approve a waiting change: its delivery runs it once its plan still holds.
+    Approve {
+        /// The approval's number (`reflex approvals`).
+        id: i64,
+        /// Why (recorded).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who approves (recorded); default: your user name on this host.
+        #[arg(long)]
+        by: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Reject a waiting change: its delivery ends dead, nothing changed.
+    Reject {
+        /// The approval's number (`reflex approvals`).
+        id: i64,
+        /// Why (recorded; required).
+        #[arg(long)]
+        reason: String,
+        /// Who rejects (recorded); default: your user name on this host.
+        #[arg(long)]
+        by: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -231,6 +315,20 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&config::json_schema())?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Docs => {
+            print!("{}", config::reference::markdown());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "reflex", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run { config } => {
             let compiled = match reflex::compile_file(&config) {
                 Ok(c) => c,
@@ -322,6 +420,35 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => runtime()?.block_on(replay(id, all_dead, trigger, api)),
         Command::Reload { api } => runtime()?.block_on(reload(api)),
         Command::Nodes { api } => runtime()?.block_on(nodes(api)),
+        Command::Approvals { state, api } => runtime()?.block_on(approvals(state, api)),
+        Command::Approve {
+            id,
+            reason,
+            by,
+            api,
+        } => runtime()?.block_on(decide(id, true, reason, by, api)),
+        Command::Reject {
+            id,
+            reason,
+            by,
+            api,
+        } => runtime()?.block_on(decide(id, false, Some(reason), by, api)),
+        Command::Triggers { verb, name, api } => runtime()?.block_on(triggers(verb, name, api)),
+        Command::Pauses {
+            verb,
+            key,
+            vcenter,
+            cluster,
+            folder,
+            tag,
+            resource_pool,
+            reason,
+            api,
+        } => {
+            let body = json!({"vcenter": vcenter, "cluster": cluster, "folder": folder, "tag": tag,
+                              "resource_pool": resource_pool, "reason": reason});
+            runtime()?.block_on(pauses(verb, key, body, api))
+        }
         Command::Migrate { config, dry_run } => runtime()?.block_on(migrate(config, dry_run)),
         Command::Tail { filter, json, api } => runtime()?.block_on(tail(filter, json, api)),
     }
@@ -592,6 +719,93 @@ async fn nodes(api: ApiArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+async fn approvals(state: String, api: ApiArgs) -> Result<ExitCode> {
+    let path = match state.as_str() {
+        "all" => "/api/v1/approvals".to_string(),
+        st => format!("/api/v1/approvals?state={st}"),
+    };
+    let v = get(&api, &path).await?;
+    let list = v["approvals"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no {} approvals", if state == "all" { "" } else { &state });
+        return Ok(ExitCode::SUCCESS);
+    }
+    for a in list {
+        let step = a["step"].as_str().filter(|s| !s.is_empty());
+        println!(
+            "#{} {} — trigger {}{} — delivery {} — {} {}",
+            a["id"],
+            s(&a["state"]),
+            s(&a["trigger"]),
+            step.map(|st| format!(" step {st}")).unwrap_or_default(),
+            a["delivery_id"],
+            s(&a["event_type"]),
+            a["subject"].as_str().unwrap_or(""),
+        );
+        match a["state"].as_str() {
+            Some("waiting") => println!("  expires {}", s(&a["expires_at"])),
+            _ => println!(
+                "  by {} at {}{}",
+                a["decided_by"].as_str().unwrap_or("-"),
+                a["decided_at"].as_str().unwrap_or("-"),
+                a["reason"]
+                    .as_str()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ),
+        }
+        println!("  plan: {}", s(&a["plan"]));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn decide(
+    id: i64,
+    approve: bool,
+    reason: Option<String>,
+    by: Option<String>,
+    api: ApiArgs,
+) -> Result<ExitCode> {
+    let by = by.unwrap_or_else(|| {
+        let user = std::env::var("USER").unwrap_or_else(|_| "someone".into());
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{user}@{} (CLI)", host.trim())
+    });
+    let verb = if approve { "approve" } else { "reject" };
+    let resp = client(&api)
+        .post(format!("{}/api/v1/approvals/{id}/{verb}", api.api))
+        .json(&serde_json::json!({"by": by, "reason": reason}))
+        .send()
+        .await
+        .with_context(|| unreachable(&api))?;
+    answered(resp, &format!("{verb} refused: "), |body| {
+        println!("approval #{id}: {}", s(&body["state"]));
+        println!("  plan: {}", s(&body["plan"]));
+    })
+    .await
+}
+
+/// Prints what a state-changing API request answered: `done` with the body on success,
+/// else `refused` and the API's reason (exit code 1).
+async fn answered(
+    resp: reqwest::Response,
+    refused: &str,
+    done: impl FnOnce(&Value),
+) -> Result<ExitCode> {
+    let ok = resp.status().is_success();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if ok {
+        done(&body);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "{refused}{}",
+            body["error"]["message"].as_str().unwrap_or("unknown error")
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
 async fn migrate(config: PathBuf, dry_run: bool) -> Result<ExitCode> {
     let compiled = match reflex::compile_file(&config) {
         Ok(c) => c,
@@ -620,24 +834,100 @@ async fn migrate(config: PathBuf, dry_run: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+async fn pauses(
+    verb: Option<String>,
+    key: Option<String>,
+    body: Value,
+    api: ApiArgs,
+) -> Result<ExitCode> {
+    let Some(verb) = verb else {
+        let v = get(&api, "/api/v1/pauses").await?;
+        println!("{:<48} {:<22} HELD  REASON", "KEY", "SINCE");
+        for p in v["pauses"].as_array().into_iter().flatten() {
+            println!(
+                "{:<48} {:<22} {:<5} {}",
+                s(&p["key"]),
+                s(&p["since"]),
+                p["held"].as_array().map_or(0, Vec::len),
+                s(&p["reason"])
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let req = if verb == "add" {
+        let body: serde_json::Map<String, Value> = body
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        client(&api)
+            .post(format!("{}/api/v1/pauses", api.api))
+            .json(&body)
+    } else {
+        let Some(key) = key else {
+            bail!("give the pause's key: reflex pauses {verb} KEY (`reflex pauses` lists them)");
+        };
+        client(&api).post(format!(
+            "{}/api/v1/pauses/{}/{verb}",
+            api.api,
+            urlencode(&key)
+        ))
+    };
+    let resp = req.send().await.with_context(|| unreachable(&api))?;
+    answered(resp, &format!("{verb} refused: "), |body| {
+        println!("{body}")
+    })
+    .await
+}
+
+async fn triggers(verb: Option<String>, name: Option<String>, api: ApiArgs) -> Result<ExitCode> {
+    let Some(verb) = verb else {
+        let v = get(&api, "/api/v1/triggers").await?;
+        println!("{:<32} {:<22} {:<8} PAUSED", "TRIGGER", "ACTION", "DRY RUN");
+        for t in v["triggers"].as_array().into_iter().flatten() {
+            println!(
+                "{:<32} {:<22} {:<8} {}",
+                s(&t["name"]),
+                s(&t["action"]),
+                if t["dry_run"] == true { "yes" } else { "" },
+                t["paused"]["reason"].as_str().unwrap_or("")
+            );
+        }
+        if let Some(why) = v["all_paused"]["reason"].as_str() {
+            println!("\nevery trigger that may change something is paused (`*`): {why}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let Some(name) = name else {
+        bail!("give the trigger's name: reflex triggers {verb} NAME");
+    };
+    let resp = client(&api)
+        .post(format!(
+            "{}/api/v1/triggers/{}/{verb}",
+            api.api,
+            urlencode(&name)
+        ))
+        .send()
+        .await
+        .with_context(|| unreachable(&api))?;
+    answered(resp, &format!("{verb} refused: "), |_| {
+        println!("trigger {name}: {verb}d")
+    })
+    .await
+}
+
 async fn reload(api: ApiArgs) -> Result<ExitCode> {
     let resp = client(&api)
         .post(format!("{}/api/v1/reload", api.api))
         .send()
         .await
         .with_context(|| unreachable(&api))?;
-    let ok = resp.status().is_success();
-    let body: Value = resp.json().await.unwrap_or(Value::Null);
-    if ok {
-        println!("reloading: intake pauses while running deliveries finish, then the new configuration runs");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!(
-            "reload refused; the running configuration stays:\n{}",
-            body["error"]["message"].as_str().unwrap_or("unknown error")
-        );
-        Ok(ExitCode::from(1))
-    }
+    answered(resp, "reload refused; the running configuration stays:\n", |_| {
+        println!("reloading: intake pauses while running deliveries finish, then the new configuration runs")
+    })
+    .await
 }
 
 async fn wait_for_signal() {

@@ -123,3 +123,56 @@ pub fn soap(data: &[u8]) {
         stack.extend(n.children.iter());
     }
 }
+
+const SYSLOG: &str = r#"
+sources:
+  - name: logs
+    type: syslog
+    tcp: 127.0.0.1:0
+    max_frame: 2KiB
+    rules:
+      - match: 'user (?P<user>\S+) from (?P<ip>[0-9.]+)'
+        app: sshd
+        event_type: "security.{{ syslog.severity | default('none') }}"
+        subject: "{{ captures.user }}@{{ syslog.host }}"
+        data: '{"ip": {{ captures.ip | tojson }}, "sd": {{ syslog.structured_data | tojson }}}'
+      - match: '(?i)compromised'
+        event_type: security.compromised
+"#;
+
+static SYSLOG_SOURCE: LazyLock<Box<crate::sources::syslog::Syslog>> = LazyLock::new(|| {
+    let config = crate::config::parse("fuzz.yaml", SYSLOG).expect("the fixture parses");
+    let mut diags = crate::config::Diagnostics::default();
+    crate::sources::build(&config, &mut diags)
+        .into_iter()
+        .find_map(|s| match s {
+            Source::Syslog(s) => Some(s),
+            _ => None,
+        })
+        .expect("the fixture has a syslog source")
+});
+
+/// The syslog source's TCP framing (octet counting and lines, oversized frames skipped), the
+/// RFC 3164/5424 parser and the rules' mapping, over a stream cut into chunks of a size the
+/// first byte chooses.
+pub fn syslog(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    SYSLOG_SOURCE.frame_and_map(rest, usize::from(first % 64) + 1);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_syslog_target_reaches_the_rules() {
+        let stream = b"62 <13>Nov 30 10:00:00 web02 sshd[12]: user bob from 192.168.1.9\n15 <13>compromised<13>1 2026-11-30T10:00:00Z h app - - - compromised\n";
+        for chunk in [1, 7, 64] {
+            assert_eq!(
+                super::SYSLOG_SOURCE.frame_and_map(stream, chunk),
+                3,
+                "chunks of {chunk}"
+            );
+        }
+    }
+}

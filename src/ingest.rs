@@ -21,6 +21,9 @@ pub enum IngestError {
     /// The pipeline is stopping (shutdown or reload); the sender should retry.
     #[error("reflex is stopping or reloading; retry shortly")]
     Stopping,
+    /// The bus (RabbitMQ) cannot take events now; nothing was acknowledged.
+    #[error("{0}")]
+    Bus(String),
     /// An event's data nests deeper than reflex stores (it could not be read back).
     #[error("event `{id}`: its data nests {depth} levels deep; the limit is {limit}")]
     TooDeep {
@@ -50,6 +53,9 @@ struct Inner {
     capacity: usize,
     stopping: std::sync::atomic::AtomicBool,
     dispatch: mpsc::UnboundedSender<Admission>,
+    /// With `bus: amqp`: stored events are published there instead of handed to the
+    /// dispatcher.
+    bus: Option<Arc<crate::bus::amqp::AmqpBus>>,
 }
 
 /// Handle to the ingest path; cheap to clone.
@@ -67,6 +73,7 @@ impl Ingest {
         metrics: Arc<Metrics>,
         capacity: usize,
         dispatch: mpsc::UnboundedSender<Admission>,
+        bus: Option<Arc<crate::bus::amqp::AmqpBus>>,
     ) -> Ingest {
         Ingest(Arc::new(Inner {
             store,
@@ -76,6 +83,7 @@ impl Ingest {
             capacity,
             stopping: Default::default(),
             dispatch,
+            bus,
         }))
     }
 
@@ -87,6 +95,11 @@ impl Ingest {
             .stopping
             .store(true, std::sync::atomic::Ordering::Release);
         let _all = inner.permits.acquire_many(inner.capacity as u32).await;
+    }
+
+    /// The store events go to.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.0.store
     }
 
     /// The metrics, for sources to count rejections.
@@ -142,8 +155,13 @@ impl Ingest {
             // CEL and templates. Always set here, over whatever the sender put there, so that
             // a trigger can trust it.
             event.set_extension(RECEIVED_BY, source_name);
-            let mut errors = Vec::new();
-            let matches = inner.router.route(&event, &mut errors);
+            let (mut errors, mut guarded) = (Vec::new(), Vec::new());
+            let matches = inner.router.route_noting(&event, &mut errors, &mut guarded);
+            for i in guarded {
+                let trigger = &inner.router.triggers[i].name;
+                inner.metrics.guard_rail(trigger, "loop_guard", "skipped");
+                tracing::debug!(trigger = %trigger, event_id = event.id(), "loop guard: the event was caused by reflex's own change; the trigger does not fire on it");
+            }
             for e in errors {
                 tracing::warn!(source = source_name, event_id = event.id(), "{e}");
                 if let Some(name) = e
@@ -166,14 +184,72 @@ impl Ingest {
                         trigger: inner.router.triggers[m.trigger].name.clone(),
                         ordering_key: m.ordering_key.clone(),
                         throttle: m.throttle.clone(),
+                        correlate: m.correlate.clone(),
                     })
                     .collect(),
             });
             routed.push((Arc::new(event), matches));
         }
+        // On the AMQP bus an event is acknowledged once the broker confirmed it: a broker
+        // that cannot take it is found out before anything is stored.
+        type Kept = (String, String, String, String);
+        let published: Option<Vec<Kept>> = match &inner.bus {
+            Some(bus) => {
+                bus.ready().await.map_err(IngestError::Bus)?;
+                Some(
+                    new.iter()
+                        .map(|n| {
+                            (
+                                n.body.clone(),
+                                n.ty.clone(),
+                                n.ce_source.clone(),
+                                n.ce_id.clone(),
+                            )
+                        })
+                        .collect(),
+                )
+            }
+            None => None,
+        };
         let stored = inner.store.ingest(new).await?;
         let received_at = crate::store::now_ms();
         let mut accepted = Vec::with_capacity(stored.len());
+        if let (Some(bus), Some(published)) = (&inner.bus, published) {
+            let mut out = Vec::new();
+            for ((s, (event, matches)), (body, ty, ce_source, ce_id)) in
+                stored.into_iter().zip(routed).zip(published)
+            {
+                accepted.push(Accepted {
+                    id: event.id().to_string(),
+                    duplicate: s.duplicate,
+                });
+                if s.duplicate {
+                    inner.metrics.event_duplicate(source_name);
+                    bus.republish_duplicate(source_name, &ce_source, &ce_id)
+                        .await
+                        .map_err(IngestError::Bus)?;
+                    continue;
+                }
+                inner.metrics.event_received(source_name, 1);
+                let mut deliveries = Vec::new();
+                for ((id, state), m) in s.deliveries.into_iter().zip(matches) {
+                    let trigger = &inner.router.triggers[m.trigger].name;
+                    if state == State::Throttled {
+                        inner.metrics.delivery(trigger, "throttled");
+                        continue;
+                    }
+                    deliveries.push((trigger.clone(), id));
+                }
+                out.push(crate::bus::amqp::Published {
+                    body,
+                    ty,
+                    deliveries,
+                    received_at,
+                });
+            }
+            bus.publish_events(out).await.map_err(IngestError::Bus)?;
+            return Ok(accepted);
+        }
         for (s, (event, matches)) in stored.into_iter().zip(routed) {
             accepted.push(Accepted {
                 id: event.id().to_string(),
@@ -199,6 +275,7 @@ impl Ingest {
                     ordering_key: m.ordering_key,
                     received_at,
                     not_before: None,
+                    last_error: None,
                 }));
             }
         }
@@ -224,7 +301,7 @@ mod tests {
         let config = crate::config::parse("t.yaml", "sources: []\n").unwrap();
         let router = Arc::new(Router::build(&config, &mut Default::default()));
         let (tx, _rx) = mpsc::unbounded_channel();
-        let ingest = Ingest::new(store.clone(), router, Arc::new(Metrics::new()), 8, tx);
+        let ingest = Ingest::new(store.clone(), router, Arc::new(Metrics::new()), 8, tx, None);
         let event = |id: &str| {
             cloudevents::EventBuilderV10::new()
                 .id(id)

@@ -3,7 +3,9 @@
 //! listeners and passes a shutdown signal, and tests call it the same way.
 
 pub mod actions;
+pub mod amqp;
 pub mod api;
+pub mod bus;
 pub mod config;
 pub mod deliveries;
 pub mod event;
@@ -368,6 +370,36 @@ impl Running {
                 Some(_) => "opening the PostgreSQL store (store.url)".to_string(),
                 None => format!("opening the store at {}", config.store.path.display()),
             })?;
+        let mut backend = backend;
+        // On the AMQP bus the broker carries deliveries; the dispatcher below then finds
+        // nothing to do and each trigger's consumer runs them instead.
+        let amqp = match &config.bus {
+            bus::BusConfig::Embedded => None,
+            bus::BusConfig::Amqp(c) => {
+                let amqp = bus::amqp::AmqpBus::open(
+                    c,
+                    backend.store.clone(),
+                    backend.bus.clone(),
+                    &router,
+                )
+                .await
+                .map_err(anyhow::Error::msg)
+                .context("opening the AMQP bus (bus.url)")?;
+                let swept = amqp
+                    .sweep(&router)
+                    .await
+                    .map_err(anyhow::Error::msg)
+                    .context("publishing the deliveries the store holds open to the bus")?;
+                if swept > 0 {
+                    tracing::info!(
+                        deliveries = swept,
+                        "open deliveries published to the bus again"
+                    );
+                }
+                backend.bus = amqp.clone();
+                Some(amqp)
+            }
+        };
         let store = backend.store.clone();
         let (dispatch_tx, dispatch_rx) = tokio::sync::mpsc::unbounded_channel();
         let ingest = ingest::Ingest::new(
@@ -376,6 +408,7 @@ impl Running {
             metrics.clone(),
             config.http.queue,
             dispatch_tx.clone(),
+            amqp.clone(),
         );
         // Redirects are not followed: a redirect would carry an action's headers (its
         // tokens) to wherever the target points; the attempt records it instead.
@@ -389,12 +422,25 @@ impl Running {
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.expose().to_string())))
             .collect();
+        // Paused triggers, as the store has them (a pause outlives a restart).
+        let pauses = deliveries::Pauses::default();
+        match store.paused_triggers().await {
+            Ok(list) => {
+                for p in &list {
+                    tracing::warn!(trigger = %p.trigger, reason = %p.reason, "trigger paused; its deliveries wait until it is resumed");
+                }
+                pauses.set(list.into_iter().map(|p| p.trigger));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the paused triggers yet"),
+        }
         let ctx = actions::ActionContext {
+            pauses: pauses.clone(),
             client,
             ingest: ingest.clone(),
             secrets: Arc::new(serde_json::Value::Object(secrets)),
             vcenters: vcenters.clone(),
         };
+        let ctx_for_bus = ctx.clone();
         let mut dispatcher = deliveries::Dispatcher::new(
             router.clone(),
             backend.bus.clone(),
@@ -416,8 +462,16 @@ impl Running {
             max_body: config.http.max_body.0,
             metrics_token: config.api.metrics_token,
             reload,
+            pauses: pauses.clone(),
+            loopback_only: config.api.listen.ip().is_loopback(),
+            vcenters: vcenters.clone(),
         });
-        let (http_routes, mut pollers) = sources::routes(sources, ingest.clone());
+        let decider = deliveries::approval::Decider::new(
+            backend.store.clone(),
+            backend.bus.clone(),
+            state.dispatch.clone(),
+        );
+        let (http_routes, mut pollers) = sources::routes(sources, ingest.clone(), decider);
         for p in &mut pollers {
             p.bind().await?;
         }
@@ -478,6 +532,22 @@ impl Running {
                 }
             });
         }
+        // Pauses and resumes by other nodes reach this one within a second.
+        {
+            let (store, pauses, stop) = (store.clone(), pauses.clone(), stop_tasks.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    if let Ok(list) = store.paused_triggers().await {
+                        pauses.set(list.into_iter().map(|p| p.trigger));
+                    }
+                }
+            });
+        }
         let pruner = {
             let store = store.clone();
             let stop = stop_tasks.clone();
@@ -506,6 +576,18 @@ impl Running {
                 stop_tasks.clone(),
             )));
         }
+        let mut consumers = Vec::new();
+        if let Some(amqp) = &amqp {
+            tokio::spawn(amqp.clone().republish(stop_tasks.clone()));
+            consumers = amqp.consume(
+                router.clone(),
+                ctx_for_bus.clone(),
+                metrics.clone(),
+                stop_tasks.clone(),
+                config.deliveries.drain.0,
+            );
+        }
+        poller_tasks.extend(consumers);
         // Ready only once what the last run left open is back in hand.
         dispatcher.recover().await;
         let dispatcher_stop = CancellationToken::new();

@@ -24,6 +24,7 @@ pub struct Metrics {
     deliveries: Family<Labels, Counter>,
     delivery_latency: Family<Labels, Histogram, fn() -> Histogram>,
     expression_errors: Family<Labels, Counter>,
+    guard_rails: Family<Labels, Counter>,
     source_up: Family<Labels, Gauge>,
     source_stalls: Family<Labels, Counter>,
     vcenter_missed: Family<Labels, Counter>,
@@ -53,6 +54,7 @@ impl Metrics {
             deliveries: Family::default(),
             delivery_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             expression_errors: Family::default(),
+            guard_rails: Family::default(),
             source_up: Family::default(),
             source_stalls: Family::default(),
             vcenter_missed: Family::default(),
@@ -66,6 +68,11 @@ impl Metrics {
             "events_received",
             "Events accepted and made durable, by source",
             m.events_received.clone(),
+        );
+        registry.register(
+            "guard_rail_decisions",
+            "Guard-rail decisions, by trigger, guard rail (dry_run, protect, blast_radius, pause, approval, loop_guard, chain_depth, verify, budget) and decision",
+            m.guard_rails.clone(),
         );
         registry.register(
             "events_rejected",
@@ -170,6 +177,16 @@ impl Metrics {
             .get_or_create(&vec![("trigger", trigger.to_string())])
             .observe(secs);
     }
+    /// A guard rail decided (`guard`: which one; `decision`: what it did).
+    pub fn guard_rail(&self, trigger: &str, guard: &str, decision: &str) {
+        self.guard_rails
+            .get_or_create(&vec![
+                ("trigger", trigger.to_string()),
+                ("guard", guard.to_string()),
+                ("decision", decision.to_string()),
+            ])
+            .inc();
+    }
     /// An expression failed.
     pub fn expression_error(&self, trigger: &str) {
         self.expression_errors
@@ -225,11 +242,45 @@ pub fn init_logging(cfg: &LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(Redacting(std::io::stderr));
     let _ = match cfg.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Log output with every configured secret value masked, whatever line it is in (a secret
+/// inside a URL in a driver's error, say): the last guard behind the masking done where
+/// records and answers are made.
+#[derive(Clone, Copy)]
+pub struct Redacting<M>(pub M);
+
+impl<'a, M> tracing_subscriber::fmt::MakeWriter<'a> for Redacting<M>
+where
+    M: tracing_subscriber::fmt::MakeWriter<'a>,
+{
+    type Writer = RedactingWriter<M::Writer>;
+    fn make_writer(&'a self) -> Self::Writer {
+        RedactingWriter(self.0.make_writer())
+    }
+}
+
+/// One log line's writer for [`Redacting`]: the formatter writes each event whole, so a
+/// secret is never split across two writes.
+pub struct RedactingWriter<W>(W);
+
+impl<W: std::io::Write> std::io::Write for RedactingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        match crate::config::secret::redact(&text) {
+            std::borrow::Cow::Borrowed(_) => self.0.write_all(buf)?,
+            std::borrow::Cow::Owned(masked) => self.0.write_all(masked.as_bytes())?,
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// Rewrites an OpenMetrics exposition as Prometheus text 0.0.4 (see [`Metrics::render_text`]).
@@ -262,6 +313,49 @@ fn to_prometheus_text(open_metrics: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// A secret in any log line (here a URL field no code path masked) reaches the log
+    /// masked, in the text and the JSON format.
+    #[test]
+    fn log_lines_mask_secret_values() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let _secret = crate::config::Secret::new("hunter2-log-secret");
+        for json in [false, true] {
+            let buf = Buf::default();
+            let out = buf.clone();
+            let builder = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(Redacting(move || out.clone()));
+            let dispatch: tracing::Dispatch = if json {
+                builder.json().finish().into()
+            } else {
+                builder.finish().into()
+            };
+            tracing::dispatcher::with_default(&dispatch, || {
+                tracing::warn!(
+                    url = "https://hooks.example.com/hunter2-log-secret/x",
+                    "cannot post"
+                );
+                tracing::warn!("error sending request for url (https://x/?t=hunter2-log-secret)");
+            });
+            let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+            assert!(text.contains("cannot post"), "{text}");
+            assert_eq!(text.matches("<redacted>").count(), 2, "{text}");
+            assert!(!text.contains("hunter2"), "{text}");
+        }
+    }
+
     use super::*;
 
     /// Checks what `promtool check metrics` checks of the text format: every sample's

@@ -9,6 +9,7 @@
 //!     p50/p99, vs the round trip of the no-op server at the same rate;
 //! (c) RSS of reflex during (b) vs the no-op server's.
 
+mod amqp;
 mod postgres;
 mod routing;
 mod syslog;
@@ -74,6 +75,22 @@ fn parse_args() -> Result<Args> {
                 // Matching alone: `routing SECONDS`.
                 let secs: u64 = val()?.parse()?;
                 print!("{}", routing::run(secs)?);
+                std::process::exit(0);
+            }
+            "amqp" => {
+                // Issue 8's figures: `amqp SECONDS [POSTGRES_ADMIN_URL]`.
+                let secs: u64 = val()?.parse()?;
+                let admin = it.next().unwrap_or_else(|| {
+                    std::env::var("REFLEX_TEST_PG").unwrap_or_else(|_| {
+                        "postgres://reflex:reflex@127.0.0.1:5432/postgres".into()
+                    })
+                });
+                let me = std::env::current_exe()?;
+                let rt = tokio::runtime::Runtime::new()?;
+                print!(
+                    "{}",
+                    rt.block_on(amqp::run(&me.with_file_name("reflex"), &admin, secs))?
+                );
                 std::process::exit(0);
             }
             "vcenter" => {

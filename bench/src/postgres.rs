@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 
 /// A database of its own for one measurement, dropped when done.
-struct Db {
+pub(crate) struct Db {
     admin: String,
     name: String,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Db {
-    async fn create(admin: &str, tag: &str) -> Result<Db> {
+    pub(crate) async fn create(admin: &str, tag: &str) -> Result<Db> {
         let name = format!("reflex_bench_{}_{tag}", std::process::id());
         let (c, conn) = tokio_postgres::connect(admin, NoTls)
             .await
@@ -48,7 +48,7 @@ impl Db {
         Ok(c)
     }
 
-    async fn drop_db(self) {
+    pub(crate) async fn drop_db(self) {
         if let Ok((c, conn)) = tokio_postgres::connect(&self.admin, NoTls).await {
             tokio::spawn(conn);
             let _ = c
@@ -95,16 +95,16 @@ fn node_config(
     path
 }
 
-const HOOK: &str = "sources:\n  - name: hook\n    type: webhook\n    path: /hook\n    mapping: {type: \"alert.{{ body.alert }}\", subject: \"{{ body.vm }}\", id: \"{{ body.id }}\"}\n";
+pub(crate) const HOOK: &str = "sources:\n  - name: hook\n    type: webhook\n    path: /hook\n    mapping: {type: \"alert.{{ body.alert }}\", subject: \"{{ body.vm }}\", id: \"{{ body.id }}\"}\n";
 
 /// A started node: its process and its URLs.
-struct Node {
+pub(crate) struct Node {
     proc: crate::Proc,
-    hook: String,
+    pub(crate) hook: String,
     api: String,
 }
 
-async fn start_node(
+pub(crate) async fn start_node(
     bin: &Path,
     dir: &Path,
     name: &str,

@@ -5,7 +5,6 @@ use crate::template::Template;
 use cloudevents::{AttributesReader, Event, EventBuilder, EventBuilderV10};
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::json;
 
 /// Configuration of `type: emit`.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -56,7 +55,7 @@ impl EmitAction {
         event: &Event,
         ctx: &ActionContext,
     ) -> Result<Outcome, ActionError> {
-        let view = json!({ "event": crate::event::view(event) });
+        let view = super::template_view(event, None);
         let ty = self
             .event_type
             .render(&view)
@@ -72,8 +71,10 @@ impl EmitAction {
             None => crate::event::data_json(event),
         };
         let id = format!("{}:{}", event.id(), ty.trim());
+        let depth = super::next_depth(event)?;
         let mut b = EventBuilderV10::new()
             .id(id.clone())
+            .extension(super::CHAIN_DEPTH_EXT, depth)
             .source(self.source.clone())
             .ty(ty.trim())
             .time(chrono::Utc::now())
@@ -84,11 +85,18 @@ impl EmitAction {
         let new = b
             .build()
             .map_err(|e| ActionError::permanent(format!("emit: {e}")))?;
+        if super::dry_run() {
+            return Ok(super::would(format!(
+                "emit event {id} of type `{}`",
+                ty.trim()
+            )));
+        }
         ctx.ingest
             .submit(&self.source, vec![new])
             .await
             .map_err(|e| ActionError::transient(format!("emit: {e}")))?;
         Ok(Outcome {
+            output: None,
             detail: format!("emitted {id}"),
         })
     }

@@ -52,6 +52,13 @@ impl ExecAction {
 
     /// Runs the program; a non-zero exit is an error carrying the end of stderr.
     pub async fn execute(&self, event: &Event) -> Result<Outcome, ActionError> {
+        if super::dry_run() {
+            return Ok(super::would(format!(
+                "run `{}` with {} argument(s) and the event on stdin",
+                self.command,
+                self.args.len()
+            )));
+        }
         let mut cmd = tokio::process::Command::new(&self.command);
         cmd.env_clear();
         if let Some(path) = std::env::var_os("PATH") {
@@ -97,6 +104,7 @@ impl ExecAction {
         );
         if status.success() {
             Ok(Outcome {
+                output: None,
                 detail: format!("exit 0: {}", stdout.describe()),
             })
         } else {

@@ -51,6 +51,12 @@ impl HttpAction {
         event: &Event,
         ctx: &ActionContext,
     ) -> Result<Outcome, ActionError> {
+        if super::dry_run() {
+            return Ok(super::would(format!(
+                "POST the event to {} ({:?} mode)",
+                self.url, self.mode
+            )));
+        }
         let req = ctx.client.post(self.url.clone());
         let req = match self.mode {
             Mode::Structured => req
@@ -85,6 +91,7 @@ impl HttpAction {
                 .is_some_and(|v| v.starts_with("application/cloudevents+json"));
         if !is_ce {
             return Ok(Outcome {
+                output: None,
                 detail: format!("HTTP {status}"),
             });
         }
@@ -95,12 +102,13 @@ impl HttpAction {
                 super::MAX_REPLY
             )));
         }
-        let reply = to_event(&headers, body).map_err(|e| {
+        let mut reply = to_event(&headers, body).map_err(|e| {
             ActionError::permanent(format!(
                 "the reply of {} is not a valid CloudEvent: {e}",
                 self.url
             ))
         })?;
+        reply.set_extension(super::CHAIN_DEPTH_EXT, super::next_depth(event)?);
         let id = reply.id().to_string();
         let source = format!("reply:{}", self.url.host_str().unwrap_or("http"));
         ctx.ingest
@@ -108,6 +116,7 @@ impl HttpAction {
             .await
             .map_err(|e| ActionError::transient(format!("ingesting the reply event {id}: {e}")))?;
         Ok(Outcome {
+            output: None,
             detail: format!("HTTP {status}; reply event {id} ingested"),
         })
     }

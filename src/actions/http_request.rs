@@ -6,7 +6,6 @@ use crate::template::Template;
 use cloudevents::Event;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::json;
 use std::collections::BTreeMap;
 
 /// Configuration of `type: http_request`.
@@ -71,7 +70,7 @@ impl HttpRequestAction {
         event: &Event,
         ctx: &ActionContext,
     ) -> Result<Outcome, ActionError> {
-        let view = json!({ "event": crate::event::view(event), "secrets": &*ctx.secrets });
+        let view = super::template_view(event, Some(&ctx.secrets));
         let render = |t: &Template| t.render(&view).map_err(ActionError::permanent);
         let method_s = render(&self.method)?;
         let method = reqwest::Method::from_bytes(method_s.trim().to_uppercase().as_bytes())
@@ -90,6 +89,16 @@ impl HttpRequestAction {
             req = req.body(render(b)?);
         }
         let what = format!("{method} {}", redact_url(&url));
+        if super::dry_run() {
+            return Ok(super::would(format!(
+                "{what} ({} header(s), {})",
+                self.headers.len(),
+                match &self.body {
+                    Some(b) => format!("{}-byte body", render(b)?.len()),
+                    None => "no body".into(),
+                }
+            )));
+        }
         let resp = req
             .send()
             .await
@@ -107,6 +116,7 @@ impl HttpRequestAction {
         }
         Ok(Outcome {
             detail: format!("{what}: HTTP {status}"),
+            output: Some(serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body))),
         })
     }
 }

@@ -1,12 +1,16 @@
 //! Actions: what a delivery does. One file per kind, chosen by `type:` through [`ActionConfig`].
 
+pub mod amqp;
+pub mod email;
 pub mod emit;
 pub mod exec;
 pub mod http;
 pub mod http_request;
+pub mod notify;
 #[cfg(test)]
 pub mod scripted;
 pub mod vsphere;
+pub mod workflow;
 
 use crate::config::{Config, Diagnostics};
 use crate::ingest::Ingest;
@@ -28,12 +32,39 @@ pub enum ActionConfig {
     Exec(exec::ExecConfig),
     /// A new event back into reflex.
     Emit(emit::EmitConfig),
+    /// A message to an AMQP exchange (RabbitMQ), persistent and confirmed.
+    Amqp(amqp::AmqpConfig),
+    /// Ordered steps, each an action, with conditions and results for later steps.
+    Workflow(workflow::WorkflowConfig),
+    /// A Slack message (incoming webhook or chat.postMessage).
+    #[serde(rename = "notify.slack")]
+    NotifySlack(notify::SlackConfig),
+    /// A Microsoft Teams message (incoming webhook).
+    #[serde(rename = "notify.teams")]
+    NotifyTeams(notify::TeamsConfig),
+    /// A PagerDuty alert: trigger, acknowledge or resolve (Events API v2).
+    #[serde(rename = "notify.pagerduty")]
+    NotifyPagerduty(notify::PagerDutyConfig),
+    /// A POST signed as Standard Webhooks specifies.
+    #[serde(rename = "notify.webhook")]
+    NotifyWebhook(notify::SignedWebhookConfig),
+    /// An e-mail over SMTP (STARTTLS or TLS; clear text to a loopback relay only).
+    #[serde(rename = "notify.email")]
+    NotifyEmail(email::EmailConfig),
     /// Disconnect a VM's NICs (connected and connect-at-power-on both false).
     #[serde(rename = "vsphere.disconnect_nics")]
     VsphereDisconnectNics(vsphere::NicsConfig),
     /// Connect a VM's NICs.
     #[serde(rename = "vsphere.connect_nics")]
     VsphereConnectNics(vsphere::NicsConfig),
+    /// Read a VM's facts (power state, CPUs, memory, tags by category, custom attributes,
+    /// datastores, host, folder, changeVersion) for later workflow steps.
+    #[serde(rename = "vsphere.get_vm")]
+    VsphereGetVm(vsphere::GetVmConfig),
+    /// Read a host's facts (connection, power and maintenance state, cluster, CPU cores,
+    /// memory, its VMs and how many are on) for later workflow steps.
+    #[serde(rename = "vsphere.get_host")]
+    VsphereGetHost(vsphere::GetHostConfig),
     /// Power on, off, reset, suspend, shut down or reboot a VM.
     #[serde(rename = "vsphere.power")]
     VspherePower(vsphere::PowerConfig),
@@ -67,13 +98,43 @@ impl ActionConfig {
     /// Whether the action waits for vCenter tasks (which may take up to
     /// [`vsphere::TASK_ATTEMPT`](crate::actions::vsphere::TASK_ATTEMPT)), so that its attempts need more time than the default.
     pub fn runs_vcenter_tasks(&self) -> bool {
+        if let ActionConfig::Workflow(w) = self {
+            return workflow::WorkflowAction::runs_vcenter_tasks(w);
+        }
         !matches!(
             self,
             ActionConfig::Http(_)
                 | ActionConfig::HttpRequest(_)
                 | ActionConfig::Exec(_)
                 | ActionConfig::Emit(_)
+                | ActionConfig::Amqp(_)
+                | ActionConfig::NotifySlack(_)
+                | ActionConfig::NotifyTeams(_)
+                | ActionConfig::NotifyPagerduty(_)
+                | ActionConfig::NotifyWebhook(_)
+                | ActionConfig::NotifyEmail(_)
         )
+    }
+
+    /// Whether the action may change something outside reflex: anything but notifications,
+    /// emitted events and reads. What `deliveries.blast_radius` counts.
+    pub fn may_change(&self) -> bool {
+        match self {
+            ActionConfig::Workflow(w) => w
+                .steps
+                .iter()
+                .chain(&w.on_failure)
+                .any(|s| s.action.may_change()),
+            ActionConfig::Emit(_)
+            | ActionConfig::NotifySlack(_)
+            | ActionConfig::NotifyTeams(_)
+            | ActionConfig::NotifyPagerduty(_)
+            | ActionConfig::NotifyWebhook(_)
+            | ActionConfig::NotifyEmail(_)
+            | ActionConfig::VsphereGetVm(_)
+            | ActionConfig::VsphereGetHost(_) => false,
+            _ => true,
+        }
     }
 
     /// The time allowed for one attempt when the trigger does not say.
@@ -97,6 +158,14 @@ pub enum Action {
     Exec(exec::ExecAction),
     /// See [`emit::EmitAction`].
     Emit(emit::EmitAction),
+    /// See [`amqp::AmqpAction`].
+    Amqp(Box<amqp::AmqpAction>),
+    /// See [`workflow::WorkflowAction`].
+    Workflow(Box<workflow::WorkflowAction>),
+    /// See [`notify::NotifyAction`].
+    Notify(Box<notify::NotifyAction>),
+    /// See [`email::EmailAction`].
+    Email(Box<email::EmailAction>),
     /// See [`vsphere::VsphereAction`].
     Vsphere(vsphere::VsphereAction),
     /// Answers from a script (tests of the dispatcher's timing).
@@ -115,6 +184,106 @@ pub struct ActionContext {
     pub secrets: Arc<serde_json::Value>,
     /// The configured vCenters.
     pub vcenters: crate::vcenters::Vcenters,
+    /// The paused triggers.
+    pub pauses: crate::deliveries::Pauses,
+}
+
+tokio::task_local! {
+    /// The steps a workflow ran so far (`steps.NAME.{status, output, detail, error}`),
+    /// for the templates of its next step.
+    static STEPS: serde_json::Value;
+    /// What the attempt running now knows of the delivery's history.
+    pub(crate) static ATTEMPT: AttemptInfo;
+    /// The action runs dry: it reads, and records what it would do, changing nothing.
+    pub(crate) static DRY_RUN: bool;
+    /// A correlated delivery's events (`events` in templates), oldest first.
+    pub(crate) static CORRELATED: serde_json::Value;
+}
+
+/// The CloudEvents extension counting how many actions led to an event (emit, replies).
+pub const CHAIN_DEPTH_EXT: &str = "reflexdepth";
+
+/// Longest chain of events made by actions from events made by actions: past it an action
+/// refuses to make another (a loop between triggers), and its delivery is dead with why.
+pub const MAX_CHAIN_DEPTH: i64 = 8;
+
+/// The chain depth of an event an action makes from `parent`, or why it may not make it.
+pub(crate) fn next_depth(parent: &Event) -> Result<i64, ActionError> {
+    let depth = crate::event::attribute(parent, CHAIN_DEPTH_EXT)
+        .and_then(|d| d.parse::<i64>().ok())
+        .unwrap_or(0)
+        + 1;
+    if depth > MAX_CHAIN_DEPTH {
+        return Err(ActionError::permanent(format!(
+            "loop guard: this would be event {depth} of a chain of events made by actions; the limit is {MAX_CHAIN_DEPTH} (do triggers feed each other in a loop?)"
+        )));
+    }
+    Ok(depth)
+}
+
+impl Action {
+    /// What the action would do now: a dry run of it (vSphere actions read the live state),
+    /// whatever the attempt's own mode.
+    pub(crate) async fn plan(
+        &self,
+        event: &Event,
+        ctx: &ActionContext,
+    ) -> Result<Outcome, ActionError> {
+        DRY_RUN
+            .scope(
+                true,
+                ::vsphere::journal::TaskJournal::resuming(None)
+                    .planning(true)
+                    .scope_owned(Box::pin(self.execute(event, ctx))),
+            )
+            .await
+    }
+}
+
+/// Whether the action running now is a dry run.
+pub(crate) fn dry_run() -> bool {
+    DRY_RUN.try_with(|d| *d).unwrap_or(false)
+}
+
+/// A dry run's outcome: what the action would do.
+pub(crate) fn would(what: impl std::fmt::Display) -> Outcome {
+    Outcome {
+        detail: format!("dry run: would {what}; nothing was done"),
+        output: None,
+    }
+}
+
+/// What the attempt running now knows of the delivery's history (set by the dispatcher).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AttemptInfo {
+    /// The delivery (approvals are kept per delivery and step).
+    pub(crate) delivery: i64,
+    /// Its trigger.
+    pub(crate) trigger: String,
+    /// The previous attempt's record, when it failed (a workflow resumes from it).
+    pub(crate) previous_error: Option<String>,
+    /// No attempt follows this one if it fails (its budget is spent).
+    pub(crate) last: bool,
+}
+
+/// What action templates see: `event`, `secrets` where the action allows them, and inside
+/// a workflow the `steps` run so far.
+pub(crate) fn template_view(
+    event: &Event,
+    secrets: Option<&serde_json::Value>,
+) -> serde_json::Value {
+    let mut view = serde_json::Map::new();
+    view.insert("event".into(), crate::event::view(event));
+    if let Some(s) = secrets {
+        view.insert("secrets".into(), s.clone());
+    }
+    if let Ok(steps) = STEPS.try_with(|s| s.clone()) {
+        view.insert("steps".into(), steps);
+    }
+    if let Ok(events) = CORRELATED.try_with(|e| e.clone()) {
+        view.insert("events".into(), events);
+    }
+    serde_json::Value::Object(view)
 }
 
 /// A successful attempt.
@@ -122,6 +291,9 @@ pub struct ActionContext {
 pub struct Outcome {
     /// A short description of what was done, kept in the attempt.
     pub detail: String,
+    /// What the action read or answered, for later steps of a workflow
+    /// (`steps.NAME.output`): an `http_request`'s JSON reply, a workflow's steps.
+    pub output: Option<serde_json::Value>,
 }
 
 /// A failed attempt; `permanent` failures are dead-lettered without further retries.
@@ -135,6 +307,9 @@ pub struct ActionError {
     pub status: Option<u16>,
     /// When the target asked to be retried (its `Retry-After`), if it did.
     pub retry_after: Option<std::time::Duration>,
+    /// Not a failure: the change waits for an approval until this time (ms since the
+    /// epoch); the delivery sleeps until then or until someone decides.
+    pub waiting_until: Option<i64>,
 }
 
 impl ActionError {
@@ -145,6 +320,7 @@ impl ActionError {
             permanent: false,
             status: None,
             retry_after: None,
+            waiting_until: None,
         }
     }
     /// A failure retrying cannot fix.
@@ -154,6 +330,7 @@ impl ActionError {
             permanent: true,
             status: None,
             retry_after: None,
+            waiting_until: None,
         }
     }
 }
@@ -168,12 +345,32 @@ impl Action {
         diags: &mut Diagnostics,
     ) -> Option<Action> {
         let r = match cfg {
+            ActionConfig::Workflow(c) => {
+                return workflow::WorkflowAction::build(c, trigger, config, loc, diags)
+                    .map(|w| Action::Workflow(Box::new(w)))
+            }
             ActionConfig::Http(c) => http::HttpAction::build(c).map(Action::Http),
+            ActionConfig::NotifySlack(c) => {
+                notify::NotifyAction::slack(c).map(|a| Action::Notify(Box::new(a)))
+            }
+            ActionConfig::NotifyTeams(c) => {
+                notify::NotifyAction::teams(c).map(|a| Action::Notify(Box::new(a)))
+            }
+            ActionConfig::NotifyPagerduty(c) => {
+                notify::NotifyAction::pagerduty(c).map(|a| Action::Notify(Box::new(a)))
+            }
+            ActionConfig::NotifyWebhook(c) => {
+                notify::NotifyAction::webhook(c).map(|a| Action::Notify(Box::new(a)))
+            }
+            ActionConfig::NotifyEmail(c) => {
+                email::EmailAction::build(c).map(|a| Action::Email(Box::new(a)))
+            }
             ActionConfig::HttpRequest(c) => {
                 http_request::HttpRequestAction::build(c).map(Action::HttpRequest)
             }
             ActionConfig::Exec(c) => exec::ExecAction::build(c).map(Action::Exec),
             ActionConfig::Emit(c) => emit::EmitAction::build(c, trigger).map(Action::Emit),
+            ActionConfig::Amqp(c) => amqp::AmqpAction::build(c).map(|a| Action::Amqp(Box::new(a))),
             ActionConfig::VsphereDisconnectNics(c) => {
                 vsphere::VsphereAction::nics(c, false).map(Action::Vsphere)
             }
@@ -181,6 +378,10 @@ impl Action {
                 vsphere::VsphereAction::nics(c, true).map(Action::Vsphere)
             }
             ActionConfig::VspherePower(c) => vsphere::VsphereAction::power(c).map(Action::Vsphere),
+            ActionConfig::VsphereGetVm(c) => vsphere::VsphereAction::get_vm(c).map(Action::Vsphere),
+            ActionConfig::VsphereGetHost(c) => {
+                vsphere::VsphereAction::get_host(c).map(Action::Vsphere)
+            }
             ActionConfig::VsphereTag(c) => {
                 vsphere::VsphereAction::tag(c, false).map(Action::Vsphere)
             }
@@ -230,6 +431,10 @@ impl Action {
             Action::HttpRequest(_) => "http_request",
             Action::Exec(_) => "exec",
             Action::Emit(_) => "emit",
+            Action::Amqp(_) => "amqp",
+            Action::Workflow(_) => "workflow",
+            Action::Notify(_) => "notify",
+            Action::Email(_) => "notify.email",
             Action::Vsphere(_) => "vsphere",
             #[cfg(test)]
             Action::Scripted(_) => "scripted",
@@ -247,6 +452,10 @@ impl Action {
             Action::HttpRequest(a) => a.execute(event, ctx).await,
             Action::Exec(a) => a.execute(event).await,
             Action::Emit(a) => a.execute(event, ctx).await,
+            Action::Amqp(a) => a.execute(event).await,
+            Action::Workflow(a) => Box::pin(a.execute(event, ctx)).await,
+            Action::Notify(a) => a.execute(event, ctx).await,
+            Action::Email(a) => a.execute(event, ctx).await,
             Action::Vsphere(a) => a.execute(event, ctx).await,
             #[cfg(test)]
             Action::Scripted(a) => a.execute(event).await,
@@ -281,6 +490,7 @@ pub(crate) fn status_error(
         permanent: !transient,
         status: Some(status.as_u16()),
         retry_after,
+        waiting_until: None,
     })
 }
 

@@ -50,6 +50,7 @@ impl Scripted {
         let (took, result) = step.unwrap_or((Duration::ZERO, Ok(())));
         tokio::time::sleep(took).await;
         result.map(|()| Outcome {
+            output: None,
             detail: "scripted".into(),
         })
     }

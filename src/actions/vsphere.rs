@@ -8,12 +8,15 @@ use crate::template::Template;
 use cloudevents::Event;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::json;
 use vsphere::vm::{PowerOp, VmSelector};
 
 /// Default time for one attempt of a vSphere action: the longest a vCenter task is
 /// awaited (10 minutes) and a minute for the reads around it.
 pub const TASK_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(660);
+
+/// How often a change held by a paused scope is looked at again (a lift wakes it at once
+/// on the node that lifts it; this covers the others).
+const SCOPE_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Which VM, by one of: name, moid, instance UUID, DNS name (each a template).
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -39,6 +42,30 @@ pub struct NicsConfig {
     pub vm: VmConfig,
     /// Only these NICs (device keys, e.g. 4000); all when absent.
     pub nics: Option<Vec<i64>>,
+    /// A condition the VM's facts must meet after the change (`vm.cpus == 4`), checked
+    /// until it holds or its timeout; otherwise the delivery fails verification.
+    #[serde(default)]
+    pub verify: Option<VerifyConfig>,
+}
+
+/// `vsphere.get_host`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GetHostConfig {
+    /// Name of a vCenter under `vcenters:`.
+    pub vcenter: String,
+    /// The host's name (template), e.g. `{{ steps.look.output.host }}`.
+    pub host: String,
+}
+
+/// `vsphere.get_vm`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GetVmConfig {
+    /// Name of a vCenter under `vcenters:`.
+    pub vcenter: String,
+    /// The VM.
+    pub vm: VmConfig,
 }
 
 /// `vsphere.power`.
@@ -51,6 +78,10 @@ pub struct PowerConfig {
     pub vm: VmConfig,
     /// `on`, `off`, `reset`, `suspend`, `shutdown_guest` or `reboot_guest`.
     pub op: PowerOpConfig,
+    /// A condition the VM's facts must meet after the change (`vm.cpus == 4`), checked
+    /// until it holds or its timeout; otherwise the delivery fails verification.
+    #[serde(default)]
+    pub verify: Option<VerifyConfig>,
 }
 
 /// A power operation.
@@ -87,6 +118,10 @@ pub struct ReconfigureConfig {
     pub max_cpus: Option<i64>,
     /// Largest memory this action may set; higher values are capped.
     pub max_memory_mb: Option<i64>,
+    /// A condition the VM's facts must meet after the change (`vm.cpus == 4`), checked
+    /// until it holds or its timeout; otherwise the delivery fails verification.
+    #[serde(default)]
+    pub verify: Option<VerifyConfig>,
 }
 
 /// `vsphere.tag` / `vsphere.untag`.
@@ -107,6 +142,10 @@ pub struct TagConfig {
     /// `vsphere.tag`: create the category (single cardinality) and tag when missing.
     #[serde(default)]
     pub create: bool,
+    /// A condition the VM's facts must meet after the change (`vm.cpus == 4`), checked
+    /// until it holds or its timeout; otherwise the delivery fails verification.
+    #[serde(default)]
+    pub verify: Option<VerifyConfig>,
 }
 
 /// `vsphere.relocate`.
@@ -122,6 +161,10 @@ pub struct RelocateConfig {
     /// Datastores the VM may move to (all when empty).
     #[serde(default)]
     pub allowed_datastores: Vec<String>,
+    /// A condition the VM's facts must meet after the change (`vm.cpus == 4`), checked
+    /// until it holds or its timeout; otherwise the delivery fails verification.
+    #[serde(default)]
+    pub verify: Option<VerifyConfig>,
 }
 
 /// `vsphere.host_maintenance`.
@@ -217,6 +260,10 @@ fn default_guest() -> String {
 
 #[derive(Debug)]
 enum Op {
+    GetVm,
+    GetHost {
+        host: Template,
+    },
     Create {
         name: Template,
         spec: vsphere::vm::CreateSpec,
@@ -272,6 +319,89 @@ pub struct VsphereAction {
     /// The VM (none for host operations).
     vm: Option<VmTemplate>,
     op: Op,
+    /// The goal checked after the change.
+    verify: Option<Box<Verify>>,
+}
+
+/// `verify:` — a condition the VM's facts must meet after the change.
+#[derive(Debug, Deserialize, JsonSchema, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// CEL over `vm` (the facts of `vsphere.get_vm`), e.g. `vm.cpus == 4`.
+    pub condition: String,
+    /// How long the condition may take to hold (default 60s).
+    #[serde(default)]
+    pub timeout: Option<crate::config::Duration>,
+}
+
+/// A compiled `verify:`.
+struct Verify {
+    source: String,
+    program: cel::Program,
+    timeout: std::time::Duration,
+}
+
+impl std::fmt::Debug for Verify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Verify({:?}, {:?})", self.source, self.timeout)
+    }
+}
+
+impl Verify {
+    fn build(c: &Option<VerifyConfig>) -> Result<Option<Box<Verify>>, String> {
+        let Some(c) = c else { return Ok(None) };
+        let program = cel::Program::compile(&c.condition)
+            .map_err(|e| format!("verify.condition `{}`: {e}", c.condition))?;
+        Ok(Some(Box::new(Verify {
+            source: c.condition.clone(),
+            program,
+            timeout: c
+                .timeout
+                .map_or(std::time::Duration::from_secs(60), |d| d.0),
+        })))
+    }
+
+    /// Reads the VM's facts until the condition holds; an error (permanent) when it does
+    /// not within the timeout.
+    async fn check(
+        &self,
+        client: &vsphere::Client,
+        vm: &vsphere::MoRef,
+    ) -> Result<(), vsphere::Error> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut wait = std::time::Duration::from_millis(200);
+        loop {
+            let facts = client.vm_facts(vm).await?;
+            let mut ctx = cel::Context::default();
+            let value =
+                cel::to_value(&facts).map_err(|e| vsphere::Error::Invalid(e.to_string()))?;
+            ctx.add_variable_from_value("vm", value);
+            match self.program.execute(&ctx) {
+                Ok(cel::Value::Bool(true)) => return Ok(()),
+                Ok(cel::Value::Bool(false)) => {}
+                Ok(other) => {
+                    return Err(vsphere::Error::Invalid(format!(
+                        "failed verification: `{}` gave {other:?}, not a boolean",
+                        self.source
+                    )))
+                }
+                Err(e) => {
+                    return Err(vsphere::Error::Invalid(format!(
+                        "failed verification: `{}`: {e}",
+                        self.source
+                    )))
+                }
+            }
+            if tokio::time::Instant::now() + wait > deadline {
+                return Err(vsphere::Error::Invalid(format!(
+                    "failed verification: `{}` did not hold within {:?} after the change (the VM has {} CPUs, {} MB, {})",
+                    self.source, self.timeout, facts["cpus"], facts["memory_mb"], facts["power_state"]
+                )));
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
 }
 
 fn vm_selector(vm: &VmConfig) -> Result<VmTemplate, String> {
@@ -294,6 +424,29 @@ impl VsphereAction {
                 connected,
                 keys: c.nics.clone(),
             },
+            verify: Verify::build(&c.verify)?,
+        })
+    }
+
+    /// `get_vm`: reads the VM's facts (nothing is changed).
+    pub fn get_vm(c: &GetVmConfig) -> Result<VsphereAction, String> {
+        Ok(VsphereAction {
+            vcenter: c.vcenter.clone(),
+            vm: Some(vm_selector(&c.vm)?),
+            op: Op::GetVm,
+            verify: None,
+        })
+    }
+
+    /// `get_host`: reads a host's facts (nothing is changed).
+    pub fn get_host(c: &GetHostConfig) -> Result<VsphereAction, String> {
+        Ok(VsphereAction {
+            vcenter: c.vcenter.clone(),
+            vm: None,
+            op: Op::GetHost {
+                host: Template::compile(&c.host).map_err(|e| format!("host: {e}"))?,
+            },
+            verify: None,
         })
     }
 
@@ -311,6 +464,7 @@ impl VsphereAction {
             vcenter: c.vcenter.clone(),
             vm: Some(vm_selector(&c.vm)?),
             op: Op::Power(op),
+            verify: Verify::build(&c.verify)?,
         })
     }
 
@@ -334,6 +488,7 @@ impl VsphereAction {
                 max_cpus: c.max_cpus,
                 max_memory_mb: c.max_memory_mb,
             },
+            verify: Verify::build(&c.verify)?,
         })
     }
 
@@ -356,6 +511,7 @@ impl VsphereAction {
                     create: c.create,
                 }
             },
+            verify: Verify::build(&c.verify)?,
         })
     }
 
@@ -376,6 +532,7 @@ impl VsphereAction {
                     .map_err(|e| format!("datastore: {e}"))?,
                 allowed: c.allowed_datastores.clone(),
             },
+            verify: Verify::build(&c.verify)?,
         })
     }
 
@@ -388,6 +545,7 @@ impl VsphereAction {
                 host: Template::compile(&c.host).map_err(|e| format!("host: {e}"))?,
                 enter: c.mode == MaintenanceMode::Enter,
             },
+            verify: None,
         })
     }
 
@@ -399,6 +557,7 @@ impl VsphereAction {
             op: Op::Delete {
                 power_off: c.power_off,
             },
+            verify: None,
         })
     }
 
@@ -422,6 +581,7 @@ impl VsphereAction {
                     guest_id: c.guest_id.clone(),
                 },
             },
+            verify: None,
         })
     }
 
@@ -437,6 +597,7 @@ impl VsphereAction {
                 datastore: c.datastore.clone(),
                 power_on: c.power_on,
             },
+            verify: None,
         })
     }
 
@@ -451,7 +612,7 @@ impl VsphereAction {
         event: &Event,
         ctx: &ActionContext,
     ) -> Result<Outcome, ActionError> {
-        let view = json!({ "event": crate::event::view(event) });
+        let view = super::template_view(event, None);
         let sel = match &self.vm {
             Some((make, tpl)) => {
                 let raw = tpl.render(&view).map_err(ActionError::permanent)?;
@@ -484,6 +645,57 @@ impl VsphereAction {
             }
             Ok(s)
         };
+        // Guard rail: protected objects are refused before anything is read for the change.
+        if let Some(why) = self.protected(&client, ctx, sel.as_ref(), &render).await? {
+            return Err(ActionError::permanent(format!(
+                "vcenter `{}`: refused by a guard rail: {why} (vcenters.{}.protect); nothing was changed",
+                self.vcenter, self.vcenter
+            )));
+        }
+        // A task an earlier attempt left running is awaited first: its change may be done
+        // or under way, and the state read below then shows what is still to do.
+        let earlier = client
+            .await_earlier_task(vsphere::vm::TASK_TIMEOUT)
+            .await
+            .map_err(|e| self.classify(e))?;
+        // Guard rails: paused scopes and budgets, read from the live inventory now (a dry
+        // run changes nothing, so nothing is held).
+        if !super::dry_run() {
+            if let Some((key, why)) = self
+                .paused_scope(&client, ctx, sel.as_ref(), &render)
+                .await?
+            {
+                return Err(ActionError {
+                    waiting_until: Some(crate::store::now_ms() + SCOPE_RECHECK.as_millis() as i64),
+                    ..ActionError::transient(format!(
+                        "vcenter `{}`: held by a pause ({key}): {why}; it runs when the pause is lifted (`reflex pauses lift '{key}'`), or ends dead if it is discarded (`reflex pauses discard '{key}'`); nothing was changed",
+                        self.vcenter
+                    ))
+                });
+            }
+        }
+        if !super::dry_run() {
+            if let Some(why) = self
+                .over_budget(&client, ctx, sel.as_ref(), &render)
+                .await?
+            {
+                let recheck = ctx
+                    .vcenters
+                    .budgets(&self.vcenter)
+                    .map_or(std::time::Duration::from_secs(60), |b| b.recheck.0);
+                return Err(ActionError {
+                    waiting_until: Some(
+                        crate::store::now_ms() + recheck.as_millis().min(i64::MAX as u128) as i64,
+                    ),
+                    ..ActionError::transient(format!(
+                        "vcenter `{}`: held by a budget: {why} (vcenters.{}.budgets); checked again in {recheck:?}; nothing was changed",
+                        self.vcenter, self.vcenter
+                    ))
+                });
+            }
+        }
+        // What `get_vm` read, for the step's output.
+        let read: std::sync::Mutex<Option<serde_json::Value>> = std::sync::Mutex::new(None);
         let result = async {
             // Operations that do not act on an existing VM.
             match &self.op {
@@ -493,6 +705,21 @@ impl VsphereAction {
                         ..spec.clone()
                     };
                     return client.create_vm(&spec).await;
+                }
+                Op::GetHost { host } => {
+                    let name = render(host, "host")?;
+                    let h = client.find_by_name("HostSystem", &name).await?;
+                    let facts = client.host_facts(&h).await?;
+                    let detail = format!(
+                        "read host {name} ({h}): {}, {}, in maintenance: {}, {} of {} VMs on",
+                        facts["connection_state"].as_str().unwrap_or("?"),
+                        facts["power_state"].as_str().unwrap_or("?"),
+                        facts["in_maintenance"],
+                        facts["vms_powered_on"],
+                        facts["vms"].as_array().map_or(0, Vec::len)
+                    );
+                    *read.lock().unwrap_or_else(|p| p.into_inner()) = Some(facts);
+                    return Ok(vsphere::vm::Change::AlreadySo(detail));
                 }
                 Op::HostMaintenance { host, enter } => {
                     return client
@@ -527,8 +754,22 @@ impl VsphereAction {
             let vm = client
                 .find_vm(sel.as_ref().expect("VM operations have a VM"))
                 .await?;
-            match &self.op {
+            let change = match &self.op {
+                Op::GetVm => {
+                    let facts = client.vm_facts(&vm).await?;
+                    let detail = format!(
+                        "read {} ({}): {}, {} CPUs, {} MB",
+                        facts["name"].as_str().unwrap_or(""),
+                        vm,
+                        facts["power_state"].as_str().unwrap_or("?"),
+                        facts["cpus"],
+                        facts["memory_mb"]
+                    );
+                    *read.lock().unwrap_or_else(|p| p.into_inner()) = Some(facts);
+                    Ok(vsphere::vm::Change::AlreadySo(detail))
+                }
                 Op::Create { .. }
+                | Op::GetHost { .. }
                 | Op::HostMaintenance { .. }
                 | Op::Delete { .. }
                 | Op::Clone { .. } => {
@@ -588,12 +829,39 @@ impl VsphereAction {
                     let m = num(memory_mb, max_memory_mb, "memory_mb")?;
                     client.reconfigure(&vm, c, m).await
                 }
+            }?;
+            // The goal must hold afterwards (not in a dry run: nothing was changed).
+            if let Some(v) = &self.verify {
+                if !super::dry_run() {
+                    v.check(&client, &vm).await?;
+                }
             }
+            Ok(change)
         }
         .await;
         match result {
             Ok(change) => Ok(Outcome {
-                detail: change.to_string(),
+                output: read.into_inner().unwrap_or_else(|p| p.into_inner()),
+                detail: match (&self.op, earlier) {
+                    // A read is not a change: its detail is what it read.
+                    (Op::GetVm | Op::GetHost { .. }, _) => change
+                        .to_string()
+                        .trim_start_matches("already so: ")
+                        .to_string(),
+                    // A dry run: what would change, from the state read now.
+                    _ if super::dry_run() => {
+                        let calls = vsphere::journal::TaskJournal::planned_now();
+                        match change {
+                            vsphere::vm::Change::Changed(what) => format!(
+                                "dry run: would change: {what} (calls not made: {}); nothing was changed",
+                                calls.join(", ")
+                            ),
+                            already => format!("dry run: nothing to do: {already}"),
+                        }
+                    }
+                    (_, Some(note)) => format!("{change} ({note})"),
+                    (_, None) => change.to_string(),
+                },
             }),
             Err(e) => {
                 if matches!(e, vsphere::Error::Connection(_)) {
@@ -604,6 +872,191 @@ impl VsphereAction {
         }
     }
 
+    /// The paused scope this change falls in, with why, if one does.
+    async fn paused_scope(
+        &self,
+        client: &vsphere::Client,
+        ctx: &ActionContext,
+        sel: Option<&VmSelector>,
+        render: &(dyn Fn(&Template, &str) -> Result<String, vsphere::Error> + Sync),
+    ) -> Result<Option<(String, String)>, ActionError> {
+        let scopes = ctx.pauses.scopes(&self.vcenter);
+        if scopes.is_empty() {
+            return Ok(None);
+        }
+        let e = |e| self.classify(e);
+        let in_cluster = |c: Option<vsphere::inventory::Cluster>| {
+            let c = c?;
+            scopes
+                .iter()
+                .find(|s| s.kind == "cluster" && s.name == c.name)
+                .map(|s| (s.key(), format!("it is in cluster `{}`", c.name)))
+        };
+        let wants_cluster = scopes.iter().any(|s| s.kind == "cluster");
+        match &self.op {
+            Op::GetVm | Op::GetHost { .. } | Op::Create { .. } | Op::Clone { .. } => Ok(None),
+            Op::HostMaintenance { host, .. } => {
+                if !wants_cluster {
+                    return Ok(None);
+                }
+                let name = render(host, "host").map_err(e)?;
+                let h = match client.find_by_name("HostSystem", &name).await {
+                    Ok(h) => h,
+                    Err(vsphere::Error::NotFound(_)) => return Ok(None),
+                    Err(x) => return Err(e(x)),
+                };
+                Ok(in_cluster(client.cluster_of_host(&h).await.map_err(e)?))
+            }
+            _ => {
+                let Some(sel) = sel else { return Ok(None) };
+                let vm = match client.find_vm(sel).await {
+                    Ok(vm) => vm,
+                    Err(vsphere::Error::NotFound(_)) => return Ok(None),
+                    Err(x) => return Err(e(x)),
+                };
+                if wants_cluster {
+                    if let Some(hit) = in_cluster(client.cluster_of_vm(&vm).await.map_err(e)?) {
+                        return Ok(Some(hit));
+                    }
+                }
+                let facts = client.vm_facts(&vm).await.map_err(e)?;
+                // The same matching as protected objects, one scope at a time.
+                Ok(scopes.iter().find_map(|s| {
+                    let mut rule = crate::vcenters::ProtectConfig::default();
+                    match s.kind.as_str() {
+                        "folder" => rule.folders.push(s.name.clone()),
+                        "tag" => rule.tags.push(s.name.clone()),
+                        "resource_pool" => rule.resource_pools.push(s.name.clone()),
+                        _ => return None,
+                    }
+                    rule.vm_rule(&facts).map(|why| (s.key(), why))
+                }))
+            }
+        }
+    }
+
+    /// Why a budget of the vCenter holds this change now, if one does.
+    async fn over_budget(
+        &self,
+        client: &vsphere::Client,
+        ctx: &ActionContext,
+        sel: Option<&VmSelector>,
+        render: &(dyn Fn(&Template, &str) -> Result<String, vsphere::Error> + Sync),
+    ) -> Result<Option<String>, ActionError> {
+        let Some(b) = ctx.vcenters.budgets(&self.vcenter) else {
+            return Ok(None);
+        };
+        let e = |e| self.classify(e);
+        match &self.op {
+            Op::HostMaintenance { host, enter: true } => {
+                let Some(max) = b.hosts_in_maintenance else {
+                    return Ok(None);
+                };
+                let name = render(host, "host").map_err(e)?;
+                let h = match client.find_by_name("HostSystem", &name).await {
+                    Ok(h) => h,
+                    // The action itself reports a host that is not there.
+                    Err(vsphere::Error::NotFound(_)) => return Ok(None),
+                    Err(x) => return Err(e(x)),
+                };
+                let Some(c) = client.cluster_of_host(&h).await.map_err(e)? else {
+                    return Ok(None);
+                };
+                if c.hosts.iter().any(|x| x.host == h && x.in_maintenance) {
+                    return Ok(None);
+                }
+                let others: Vec<&str> = c
+                    .hosts
+                    .iter()
+                    .filter(|x| x.in_maintenance && x.host != h)
+                    .map(|x| x.name.as_str())
+                    .collect();
+                Ok((others.len() as u64 >= u64::from(max)).then(|| {
+                    format!(
+                        "{} of the {} hosts of cluster `{}` in maintenance mode already ({}); at most {max} at once (hosts_in_maintenance)",
+                        others.len(),
+                        c.hosts.len(),
+                        c.name,
+                        others.join(", ")
+                    )
+                }))
+            }
+            Op::Power(
+                vsphere::vm::PowerOp::Off
+                | vsphere::vm::PowerOp::Suspend
+                | vsphere::vm::PowerOp::ShutdownGuest,
+            )
+            | Op::Delete { .. } => {
+                let (Some(max), Some(sel)) = (b.vms_powered_off, sel) else {
+                    return Ok(None);
+                };
+                let vm = match client.find_vm(sel).await {
+                    Ok(vm) => vm,
+                    Err(vsphere::Error::NotFound(_)) => return Ok(None),
+                    Err(x) => return Err(e(x)),
+                };
+                let Some(c) = client.cluster_of_vm(&vm).await.map_err(e)? else {
+                    return Ok(None);
+                };
+                // Off already: nothing more would be off.
+                let Some(me) = c.vms.iter().find(|v| v.vm == vm && v.powered_on) else {
+                    return Ok(None);
+                };
+                let off = c.vms.iter().filter(|v| !v.powered_on).count() + 1;
+                let share = off as f64 * 100.0 / c.vms.len().max(1) as f64;
+                Ok((share > max.0).then(|| {
+                    format!(
+                        "powering off `{}` would leave {off} of the {} VMs of cluster `{}` off ({share:.0}%); at most {}% at once (vms_powered_off)",
+                        me.name,
+                        c.vms.len(),
+                        c.name,
+                        max.0
+                    )
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Why the object this action would change is protected, if it is.
+    async fn protected(
+        &self,
+        client: &vsphere::Client,
+        ctx: &ActionContext,
+        sel: Option<&VmSelector>,
+        render: &(dyn Fn(&Template, &str) -> Result<String, vsphere::Error> + Sync),
+    ) -> Result<Option<String>, ActionError> {
+        let Some(protect) = ctx.vcenters.protect(&self.vcenter) else {
+            return Ok(None);
+        };
+        match &self.op {
+            Op::GetVm | Op::GetHost { .. } | Op::Create { .. } | Op::Clone { .. } => Ok(None),
+            Op::HostMaintenance { host, .. } => {
+                let h = render(host, "host").map_err(|e| self.classify(e))?;
+                Ok(protect
+                    .host_rule(&h)
+                    .map(|r| format!("host `{h}` is protected: {r}")))
+            }
+            _ if protect.guards_vms() => {
+                let Some(sel) = sel else { return Ok(None) };
+                let vm = match client.find_vm(sel).await {
+                    Ok(vm) => vm,
+                    // The action itself reports a VM that is not there.
+                    Err(vsphere::Error::NotFound(_)) => return Ok(None),
+                    Err(e) => return Err(self.classify(e)),
+                };
+                let facts = client.vm_facts(&vm).await.map_err(|e| self.classify(e))?;
+                Ok(protect.vm_rule(&facts).map(|r| {
+                    format!(
+                        "VM `{}` ({vm}) is protected: {r}",
+                        facts["name"].as_str().unwrap_or("")
+                    )
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn classify(&self, e: vsphere::Error) -> ActionError {
         let msg = format!("vcenter `{}`: {e}", self.vcenter);
         if e.is_transient() {
@@ -611,5 +1064,35 @@ impl VsphereAction {
         } else {
             ActionError::permanent(msg)
         }
+    }
+}
+
+/// Appended to the record of an attempt that ended while the vCenter task it started was
+/// still running; [`running_task`] reads it back for the next attempt.
+pub fn task_note(task: &str) -> String {
+    format!(" [vCenter task {task} still running: the next attempt waits for it]")
+}
+
+/// The task an attempt's record says it left running (see [`task_note`]).
+pub fn running_task(detail: &str) -> Option<String> {
+    let rest = &detail[detail.rfind("[vCenter task ")? + "[vCenter task ".len()..];
+    let key = rest.split(' ').next()?;
+    (!key.is_empty() && rest[key.len()..].starts_with(" still running:")).then(|| key.to_string())
+}
+
+#[cfg(test)]
+mod task_note_tests {
+    use super::{running_task, task_note};
+
+    #[test]
+    fn the_task_left_running_is_read_back_from_the_record() {
+        let detail = format!(
+            "attempt timed out after 30s (vsphere.power action){}",
+            task_note("task-42")
+        );
+        assert_eq!(running_task(&detail).as_deref(), Some("task-42"));
+        assert_eq!(running_task("attempt timed out after 30s"), None);
+        // Text an event put in an error message cannot pass for the note unless it is whole.
+        assert_eq!(running_task("vcenter `vc1`: [vCenter task x"), None);
     }
 }

@@ -2,6 +2,7 @@
 //! token is configured every `/api/*` request must carry it.
 
 use crate::config::Secret;
+use crate::deliveries::attempt::ALL;
 use crate::deliveries::{Admission, Job};
 use crate::ingest::Ingest;
 use crate::router::Router as TriggerRouter;
@@ -48,6 +49,12 @@ pub struct AppState {
     pub metrics_token: bool,
     /// Where `POST /api/v1/reload` goes; `None` when reflex runs without a file.
     pub reload: Option<mpsc::Sender<crate::ReloadRequest>>,
+    /// The paused triggers.
+    pub pauses: crate::deliveries::Pauses,
+    /// The API listens on loopback only: requests must name a loopback host.
+    pub loopback_only: bool,
+    /// The configured vCenters (paused scopes name one).
+    pub vcenters: crate::vcenters::Vcenters,
 }
 
 type Shared = Arc<AppState>;
@@ -61,6 +68,15 @@ pub fn routes(state: Shared) -> Router {
         .route("/deliveries/{id}", get(show_delivery))
         .route("/deliveries/{id}/replay", post(replay))
         .route("/triggers", get(list_triggers))
+        .route("/triggers/{name}/pause", post(pause_trigger))
+        .route("/triggers/{name}/resume", post(resume_trigger))
+        .route("/approvals", get(list_approvals))
+        .route("/approvals/{id}", get(show_approval))
+        .route("/approvals/{id}/approve", post(approve))
+        .route("/approvals/{id}/reject", post(reject_approval))
+        .route("/pauses", get(list_pauses).post(add_pause))
+        .route("/pauses/{key}/lift", post(lift_pause))
+        .route("/pauses/{key}/discard", post(discard_paused))
         .route("/nodes", get(list_nodes))
         .route("/reload", post(reload))
         .layer(axum::middleware::from_fn_with_state(
@@ -102,7 +118,35 @@ fn from_another_site(headers: &axum::http::HeaderMap) -> bool {
     }
 }
 
+/// Whether a `Host` header names this machine's loopback (`localhost`, `127.x.x.x`,
+/// `[::1]`, with any port). A page that reaches a loopback API through DNS rebinding names
+/// its own host instead.
+fn names_loopback(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 async fn require_token(AxState(s): AxState<Shared>, req: Request, next: Next) -> Response {
+    if s.loopback_only {
+        let host = req
+            .headers()
+            .get(axum::http::header::HOST)
+            .and_then(|v| v.to_str().ok());
+        if host.is_some_and(|h| !names_loopback(h)) {
+            return Rejection::new(
+                StatusCode::FORBIDDEN,
+                "host_not_allowed",
+                "this API listens on loopback: address it as localhost, 127.0.0.1 or [::1] (another name is how a web page reaches it through DNS rebinding)",
+            )
+            .into_response();
+        }
+    }
     // A page on another site can make a browser POST to a loopback API without a token:
     // state changes from such requests are refused.
     if req.method() != axum::http::Method::GET && from_another_site(req.headers()) {
@@ -403,16 +447,365 @@ async fn list_nodes(AxState(s): AxState<Shared>) -> Response {
 }
 
 async fn list_triggers(AxState(s): AxState<Shared>) -> Response {
+    let paused = match s.backend.store.paused_triggers().await {
+        Ok(p) => p,
+        Err(e) => return store_error(e),
+    };
     let v: Vec<Value> = s
         .router
         .triggers
         .iter()
         .map(|t| {
+            let pause = paused.iter().find(|p| p.trigger == t.name).or_else(|| {
+                t.policy
+                    .global_radius
+                    .and_then(|_| paused.iter().find(|p| p.trigger == ALL))
+            });
             json!({"name": t.name, "action": t.action.kind(), "max_attempts": t.policy.max_attempts,
-                   "concurrency": t.policy.concurrency, "timeout_ms": t.policy.timeout.as_millis() as u64})
+                   "concurrency": t.policy.concurrency, "timeout_ms": t.policy.timeout.as_millis() as u64,
+                   "dry_run": t.policy.dry_run,
+                   "blast_radius": t.policy.blast_radius.map(|(max, w)| json!({"max": max, "within_ms": w.as_millis() as u64})),
+                   "counts_toward_global_blast_radius": t.policy.global_radius.is_some(),
+                   "paused": pause.map(|p| json!({"since": p.since, "reason": p.reason}))})
         })
         .collect();
-    Json(json!({ "triggers": v })).into_response()
+    let all = paused.iter().find(|p| p.trigger == ALL);
+    Json(json!({ "triggers": v,
+                 "all_paused": all.map(|p| json!({"since": p.since, "reason": p.reason})) }))
+    .into_response()
+}
+
+/// Pauses a trigger by hand: its deliveries wait until it is resumed.
+async fn pause_trigger(AxState(s): AxState<Shared>, Path(name): Path<String>) -> Response {
+    if name != ALL && s.router.position(&name).is_none() {
+        return Rejection::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no trigger `{name}` (`*` stands for every trigger that may change something)"),
+        )
+        .into_response();
+    }
+    if let Err(e) = s
+        .backend
+        .store
+        .pause_trigger(&name, "paused by an operator")
+        .await
+    {
+        return store_error(e);
+    }
+    s.pauses.mark(&name, true);
+    tracing::warn!(trigger = %name, "trigger paused through the API");
+    Json(json!({"trigger": name, "paused": true})).into_response()
+}
+
+/// `GET /approvals` parameters.
+#[derive(Deserialize)]
+struct ApprovalParams {
+    state: Option<String>,
+    limit: Option<u32>,
+}
+
+fn approval_json(a: &crate::store::Approval) -> Value {
+    let mut v = serde_json::to_value(a).unwrap_or_default();
+    v["requested_at"] = json!(ms_to_rfc3339(a.requested_at));
+    v["expires_at"] = json!(ms_to_rfc3339(a.expires_at));
+    v["decided_at"] = json!(a.decided_at.map(ms_to_rfc3339));
+    v
+}
+
+/// Lists approvals, newest first (`?state=waiting`).
+async fn list_approvals(AxState(s): AxState<Shared>, Query(p): Query<ApprovalParams>) -> Response {
+    let state = match p.state.as_deref() {
+        None => None,
+        Some(name) => match crate::store::ApprovalState::parse(name) {
+            Some(st) => Some(st),
+            None => {
+                return Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("state `{name}` is not one of waiting, approved, rejected, expired"),
+                )
+                .into_response()
+            }
+        },
+    };
+    match s
+        .backend
+        .store
+        .approvals(state, p.limit.unwrap_or(100).clamp(1, 1000))
+        .await
+    {
+        Ok(list) => Json(json!({"approvals": list.iter().map(approval_json).collect::<Vec<_>>()}))
+            .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn show_approval(AxState(s): AxState<Shared>, Path(id): Path<i64>) -> Response {
+    match s.backend.store.approval(id).await {
+        Ok(Some(a)) => Json(approval_json(&a)).into_response(),
+        Ok(None) => store_error(StoreError::NotFound(format!("approval {id}"))),
+        Err(e) => store_error(e),
+    }
+}
+
+/// The body of an approval's decision.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Decision {
+    /// Who decides (recorded); the API token's holder when not given.
+    by: Option<String>,
+    /// Why.
+    reason: Option<String>,
+}
+
+async fn approve(
+    AxState(s): AxState<Shared>,
+    Path(id): Path<i64>,
+    body: Option<Json<Decision>>,
+) -> Response {
+    decide(s, id, true, body.map(|b| b.0).unwrap_or_default()).await
+}
+
+async fn reject_approval(
+    AxState(s): AxState<Shared>,
+    Path(id): Path<i64>,
+    body: Option<Json<Decision>>,
+) -> Response {
+    decide(s, id, false, body.map(|b| b.0).unwrap_or_default()).await
+}
+
+/// Approves or rejects a waiting approval, then wakes its delivery: it runs (after its plan
+/// is checked again) or ends dead at once.
+async fn decide(s: Shared, id: i64, approve: bool, d: Decision) -> Response {
+    use crate::deliveries::approval::DecideError;
+    let by =
+        d.by.filter(|b| !b.trim().is_empty())
+            .unwrap_or_else(|| "the API token's holder".to_string());
+    let decider = crate::deliveries::approval::Decider::new(
+        s.backend.store.clone(),
+        s.backend.bus.clone(),
+        s.dispatch.clone(),
+    );
+    match decider.decide(id, approve, &by, d.reason).await {
+        Ok(a) => Json(approval_json(&a)).into_response(),
+        Err(DecideError::Bad(m)) => {
+            Rejection::new(StatusCode::BAD_REQUEST, "bad_request", m).into_response()
+        }
+        Err(DecideError::Conflict(m)) => {
+            Rejection::new(StatusCode::CONFLICT, "conflict", m).into_response()
+        }
+        Err(DecideError::Store(e)) => store_error(e),
+    }
+}
+
+/// The body of `POST /pauses`: one scope of one vCenter.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewPause {
+    vcenter: String,
+    cluster: Option<String>,
+    folder: Option<String>,
+    tag: Option<String>,
+    resource_pool: Option<String>,
+    reason: Option<String>,
+}
+
+/// The deliveries a paused scope holds now (waiting, with the pause in their reason).
+async fn held_by(s: &AppState, key: &str) -> Result<Vec<crate::store::DeliveryRecord>, StoreError> {
+    let marker = format!("held by a pause ({key})");
+    let mut held = Vec::new();
+    let mut before = None;
+    loop {
+        let page = s
+            .backend
+            .store
+            .deliveries(DeliveryQuery {
+                limit: 1000,
+                before,
+                state: Some(State::Retrying),
+                trigger: None,
+            })
+            .await?;
+        let Some(last) = page.last() else { break };
+        before = Some(last.id);
+        let full = page.len() == 1000;
+        held.extend(
+            page.into_iter()
+                .filter(|d| d.last_error.as_deref().is_some_and(|e| e.contains(&marker))),
+        );
+        if !full {
+            break;
+        }
+    }
+    Ok(held)
+}
+
+/// Lists the paused scopes with the deliveries each holds.
+async fn list_pauses(AxState(s): AxState<Shared>) -> Response {
+    let paused = match s.backend.store.paused_triggers().await {
+        Ok(p) => p,
+        Err(e) => return store_error(e),
+    };
+    let mut out = Vec::new();
+    for p in paused {
+        let Some(scope) = crate::deliveries::Scope::parse(&p.trigger) else {
+            continue;
+        };
+        let held = match held_by(&s, &p.trigger).await {
+            Ok(h) => h,
+            Err(e) => return store_error(e),
+        };
+        out.push(json!({"key": p.trigger, "vcenter": scope.vcenter, "kind": scope.kind, "name": scope.name,
+                        "since": ms_to_rfc3339(p.since), "reason": p.reason,
+                        "held": held.iter().map(|d| d.id).collect::<Vec<_>>()}));
+    }
+    Json(json!({ "pauses": out })).into_response()
+}
+
+/// Pauses a scope of a vCenter: changes to what is in it are held from now on.
+async fn add_pause(
+    AxState(s): AxState<Shared>,
+    body: Result<Json<NewPause>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(p) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(format!("the body must be {{\"vcenter\", and one of \"cluster\", \"folder\", \"tag\", \"resource_pool\", and \"reason\"}}: {e}")),
+    };
+    if !s.vcenters.contains(&p.vcenter) {
+        return bad_request(format!("no vCenter `{}` under `vcenters:`", p.vcenter));
+    }
+    let given: Vec<(&str, String)> = [
+        ("cluster", p.cluster),
+        ("folder", p.folder),
+        ("tag", p.tag),
+        ("resource_pool", p.resource_pool),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| (k, v.trim().to_string())))
+    .collect();
+    let [(kind, name)] = given.as_slice() else {
+        return bad_request("give exactly one of `cluster`, `folder`, `tag`, `resource_pool`");
+    };
+    if name.is_empty() || name.chars().count() > 200 {
+        return bad_request(format!("the {kind}'s name must be 1 to 200 characters"));
+    }
+    let reason = p
+        .reason
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| "paused by an operator".into());
+    if reason.chars().count() > 2000 {
+        return bad_request("`reason` is at most 2000 characters");
+    }
+    let scope = crate::deliveries::Scope {
+        vcenter: p.vcenter,
+        kind: kind.to_string(),
+        name: name.clone(),
+    };
+    let key = scope.key();
+    if let Err(e) = s.backend.store.pause_trigger(&key, &reason).await {
+        return store_error(e);
+    }
+    s.pauses.mark(&key, true);
+    tracing::warn!(scope = %key, %reason, "scope paused through the API");
+    Json(json!({"key": key, "paused": true})).into_response()
+}
+
+/// A paused scope by its key, or the answer saying there is none.
+async fn paused_scope(s: &AppState, key: &str) -> Result<crate::deliveries::Scope, Response> {
+    let not_found = || {
+        Rejection::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no paused scope `{key}` (`reflex pauses` lists them)"),
+        )
+        .into_response()
+    };
+    let scope = crate::deliveries::Scope::parse(key).ok_or_else(not_found)?;
+    match s.backend.store.paused_triggers().await {
+        Ok(p) if p.iter().any(|p| p.trigger == key) => Ok(scope),
+        Ok(_) => Err(not_found()),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+/// Lifts a scope's pause: the changes it held run now.
+async fn lift_pause(AxState(s): AxState<Shared>, Path(key): Path<String>) -> Response {
+    if let Err(r) = paused_scope(&s, &key).await {
+        return r;
+    }
+    let held = match held_by(&s, &key).await {
+        Ok(h) => h,
+        Err(e) => return store_error(e),
+    };
+    if let Err(e) = s.backend.store.resume_trigger(&key).await {
+        return store_error(e);
+    }
+    s.pauses.mark(&key, false);
+    for d in &held {
+        if let Err(e) = s.backend.bus.wake(d.id).await {
+            tracing::warn!(delivery = d.id, error = %e, "cannot wake a held delivery; it runs at its next look");
+        }
+    }
+    let _ = s.dispatch.send(Admission::Rescan);
+    tracing::warn!(scope = %key, released = held.len(), "scope pause lifted through the API");
+    Json(json!({"key": key, "paused": false, "released": held.iter().map(|d| d.id).collect::<Vec<_>>()}))
+        .into_response()
+}
+
+/// Ends the changes a paused scope holds, dead (replayable), and keeps the pause.
+async fn discard_paused(AxState(s): AxState<Shared>, Path(key): Path<String>) -> Response {
+    if let Err(r) = paused_scope(&s, &key).await {
+        return r;
+    }
+    let held = match held_by(&s, &key).await {
+        Ok(h) => h,
+        Err(e) => return store_error(e),
+    };
+    // Each held delivery is marked (in the store, so every node sees it) and woken: its
+    // next attempt ends it dead without running anything. Ended here instead, a delivery
+    // the embedded bus holds in memory would still run at its next look.
+    let mut discarded = Vec::new();
+    for d in &held {
+        let mark = crate::deliveries::attempt::discard_mark(d.id);
+        if let Err(e) = s
+            .backend
+            .store
+            .pause_trigger(&mark, &format!("discarded while {key} was paused"))
+            .await
+        {
+            return store_error(e);
+        }
+        s.pauses.mark(&mark, true);
+        if let Err(e) = s.backend.bus.wake(d.id).await {
+            tracing::warn!(delivery = d.id, error = %e, "cannot wake a discarded delivery; it ends at its next look");
+        }
+        discarded.push(d.id);
+    }
+    let _ = s.dispatch.send(Admission::Rescan);
+    tracing::warn!(scope = %key, discarded = discarded.len(), "held changes discarded through the API");
+    Json(json!({"key": key, "discarded": discarded})).into_response()
+}
+
+/// Lifts a trigger's pause; its waiting deliveries run again.
+async fn resume_trigger(AxState(s): AxState<Shared>, Path(name): Path<String>) -> Response {
+    if name != ALL && s.router.position(&name).is_none() {
+        return Rejection::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no trigger `{name}` (`*` stands for every trigger that may change something)"),
+        )
+        .into_response();
+    }
+    if let Err(e) = s.backend.store.resume_trigger(&name).await {
+        return store_error(e);
+    }
+    s.pauses.mark(&name, false);
+    // Its deliveries wait in the store: read them back.
+    let _ = s.dispatch.send(Admission::Rescan);
+    tracing::info!(trigger = %name, "trigger resumed through the API");
+    Json(json!({"trigger": name, "paused": false})).into_response()
 }
 
 async fn post_events(AxState(s): AxState<Shared>, headers: HeaderMap, body: Body) -> Response {

@@ -2,6 +2,7 @@
 //! as a whole so that `reflex check` reports every error at once with file:line:column.
 
 mod duration;
+pub mod reference;
 pub mod secret;
 
 pub use duration::{ByteSize, Duration, Rate};
@@ -36,6 +37,10 @@ pub struct Config {
     /// How deliveries are run, across triggers.
     #[serde(default)]
     pub deliveries: DeliveriesConfig,
+    /// How deliveries travel to the nodes that run them: `embedded` (the store's tables,
+    /// the default) or `amqp` (RabbitMQ).
+    #[serde(default)]
+    pub bus: crate::bus::BusConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -97,12 +102,21 @@ pub struct DeliveriesConfig {
     /// How long running attempts get to finish when reflex stops or reloads; those still
     /// running after it are recorded as interrupted and run again at the next start.
     pub drain: Duration,
+    /// Every trigger in dry run: actions read what they need and record what they would
+    /// do; nothing is changed anywhere.
+    pub dry_run: bool,
+    /// At most `max` changes within `within` by all triggers together (every trigger whose
+    /// action may change something: all but notifications, `emit` and reads). Past it,
+    /// those triggers pause together as `*` until `reflex triggers resume '*'`.
+    pub blast_radius: Option<BlastRadiusConfig>,
 }
 
 impl Default for DeliveriesConfig {
     fn default() -> Self {
         DeliveriesConfig {
             drain: Duration(std::time::Duration::from_secs(20)),
+            dry_run: false,
+            blast_radius: None,
         }
     }
 }
@@ -240,6 +254,77 @@ pub struct TriggerConfig {
     /// Retries, timeout, concurrency, ordering and throttling.
     #[serde(default)]
     pub delivery: DeliveryConfig,
+    /// Dry run (a shadow of a live trigger): its action reads the current state and records
+    /// exactly what it would change; nothing is changed anywhere.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// At most `max` changes (succeeded attempts) `within` a window, across all nodes; the
+    /// trigger pauses when it would make more (its deliveries wait; `reflex triggers resume`).
+    pub blast_radius: Option<BlastRadiusConfig>,
+    /// Fire on vCenter events caused by reflex's own changes too (the loop guard skips them
+    /// by default: they carry `reflexcaused`).
+    #[serde(default)]
+    pub own_effects: bool,
+    /// Fire once `count` matching events with the same key arrived within a window, with
+    /// all of them given to the action (`events` in its templates).
+    pub correlate: Option<CorrelateConfig>,
+    /// The action waits for a person to approve it (`reflex approvals`, `reflex approve
+    /// ID`), shown its plan (its dry run); rejected or not decided in time, nothing changes.
+    pub approval: Option<ApprovalConfig>,
+}
+
+/// `approval:` of a trigger or a workflow step: `required` (someone decides within an
+/// hour), or `{timeout: 30m}`. Without a decision by then, the change is rejected.
+#[derive(Debug, Deserialize, JsonSchema, Clone, Copy)]
+#[serde(try_from = "ApprovalWritten")]
+#[schemars(with = "ApprovalWritten")]
+pub struct ApprovalConfig {
+    /// How long the change waits for a decision.
+    pub timeout: std::time::Duration,
+}
+
+/// How `approval:` is written.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ApprovalWritten {
+    /// `required`: decided within an hour.
+    Word(String),
+    /// With its own timeout.
+    Within {
+        /// How long the change waits for a decision, e.g. `30m`.
+        timeout: Duration,
+    },
+}
+
+/// How long a change waits for an approval unless its `approval:` says otherwise.
+pub const DEFAULT_APPROVAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl TryFrom<ApprovalWritten> for ApprovalConfig {
+    type Error = String;
+    fn try_from(w: ApprovalWritten) -> Result<Self, String> {
+        match w {
+            ApprovalWritten::Word(w) if w == "required" => Ok(ApprovalConfig {
+                timeout: DEFAULT_APPROVAL_TIMEOUT,
+            }),
+            ApprovalWritten::Word(w) => Err(format!(
+                "approval: `{w}` is not a setting; write `approval: required` or `approval: {{timeout: 30m}}`"
+            )),
+            ApprovalWritten::Within { timeout } if timeout.0.is_zero() => {
+                Err("approval: timeout must be longer than 0s".into())
+            }
+            ApprovalWritten::Within { timeout } => Ok(ApprovalConfig { timeout: timeout.0 }),
+        }
+    }
+}
+
+/// `blast_radius:` of a trigger.
+#[derive(Debug, Deserialize, JsonSchema, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct BlastRadiusConfig {
+    /// Most changes within the window.
+    pub max: u32,
+    /// The window, e.g. `1h`.
+    pub within: Duration,
 }
 
 /// A Knative-style attribute filter.
@@ -314,6 +399,22 @@ impl Default for DeliveryConfig {
             throttle: None,
         }
     }
+}
+
+/// `correlate:` of a trigger: it fires once `count` matching events with the same `key`
+/// arrived `within` a window; the events before are recorded as held (`throttled`, with
+/// why), and the one that completes the count runs the action with all of them. The
+/// window is kept in the store, so it survives a restart and is shared by nodes.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CorrelateConfig {
+    /// Template of the key, e.g. `{{ event.subject }}`.
+    #[schemars(with = "String")]
+    pub key: Text,
+    /// Events needed (at least 2).
+    pub count: u32,
+    /// The window, e.g. `10m`.
+    pub within: Duration,
 }
 
 /// `once_within` a window per key: later matches are recorded as `throttled`, not run.
@@ -451,6 +552,26 @@ impl Config {
                     self.api.listen
                 ),
             });
+        }
+        if let crate::bus::BusConfig::Amqp(b) = &self.bus {
+            let mut problem = |message: String| {
+                diags.0.push(Diagnostic {
+                    line: 0,
+                    column: 0,
+                    message,
+                })
+            };
+            if self.store.url.is_none() {
+                problem("bus: amqp needs the shared PostgreSQL store (store.url): the broker hands a delivery to any node, and the store's claim makes sure it runs once".into());
+            }
+            if let Err(e) = crate::amqp::Broker::new(b.url.clone(), b.ca_file.as_deref(), "bus") {
+                problem(e);
+            }
+            for (what, v) in [("exchange", &b.exchange), ("prefix", &b.prefix)] {
+                if v.is_empty() || v.len() > 200 {
+                    problem(format!("bus.{what} must be a name of 1 to 200 bytes"));
+                }
+            }
         }
         let mut names = std::collections::HashSet::new();
         for t in &self.triggers {

@@ -10,7 +10,8 @@
 //! half the memory), so that one failing or rate-limited target does not fill memory and
 //! starve the rest.
 
-mod attempt;
+pub mod approval;
+pub mod attempt;
 mod backlog;
 mod clock;
 mod drain;
@@ -19,6 +20,8 @@ mod schedule;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use approval::gate as approval_gate;
+pub use approval::APPROVAL_REQUESTED;
 pub use backlog::PARK_RETRY_AFTER;
 pub use clock::Clock;
 pub use retry::RetrySchedule;
@@ -60,6 +63,9 @@ pub struct Job {
     pub received_at: i64,
     /// Not to be attempted before this time (ms since the epoch).
     pub not_before: Option<i64>,
+    /// The last attempt's record when it failed: the vCenter task it left running, a
+    /// workflow's steps done, for the next attempt.
+    pub last_error: Option<String>,
 }
 
 impl Job {
@@ -80,6 +86,7 @@ impl Job {
             ordering_key: d.ordering_key,
             received_at: d.received_at,
             not_before: d.next_at,
+            last_error: d.last_error,
         })
     }
 }
@@ -237,6 +244,7 @@ impl Dispatcher {
         }
         let trigger = &self.router.triggers[job.trigger];
         job.attempts = record.n;
+        job.last_error = (record.outcome != "succeeded").then(|| record.detail.clone());
         let (state, next_at) =
             decided.unwrap_or_else(|| decide(&trigger.policy, self.clock, &job, record.n, &error));
         if state == State::Succeeded {
@@ -247,6 +255,9 @@ impl Dispatcher {
         }
         self.metrics.delivery(&trigger.name, state.as_str());
         match (&error, state) {
+            (Some(e), _) if e.waiting_until.is_some() => {
+                tracing::info!(trigger = %trigger.name, delivery = job.id, detail = %e.message, "the delivery waits for an approval")
+            }
             (Some(e), State::Dead) => {
                 tracing::warn!(trigger = %trigger.name, delivery = job.id, attempts = job.attempts, error = %e.message, "delivery dead-lettered")
             }
@@ -383,6 +394,145 @@ struct Unrecorded {
     next_at: Option<i64>,
 }
 
-pub(super) fn log_unrecorded(id: i64, e: &StoreError, waiting: usize) {
+pub(crate) fn log_unrecorded(id: i64, e: &StoreError, waiting: usize) {
     tracing::error!(delivery = id, waiting, error = %e, "cannot record an attempt; it is kept and written again once the store answers");
+}
+
+/// What one attempt run outside the dispatcher did (the AMQP bus's consumers).
+pub(crate) struct Settled {
+    /// The store gave the delivery to this node; `false`: nothing ran.
+    pub(crate) claimed: bool,
+    /// The delivery's new state and next attempt's time.
+    pub(crate) state: State,
+    pub(crate) next_at: Option<i64>,
+    /// The attempt's record (its number is the delivery's attempt count now).
+    pub(crate) record: AttemptRecord,
+    /// The store took the record; `false`: write it again before letting the delivery go.
+    pub(crate) recorded: bool,
+}
+
+/// Claims `job` on `bus` and runs one attempt of it, recorded on `bus`, with the metrics and
+/// logs of the dispatcher.
+pub(crate) async fn attempt_once(
+    router: Arc<Router>,
+    bus: Arc<dyn Bus>,
+    ctx: ActionContext,
+    metrics: &Metrics,
+    job: Job,
+) -> Settled {
+    let clock = Clock::System;
+    let received_at = job.received_at;
+    let done = attempt::attempt(router.clone(), bus, ctx, clock, job).await;
+    let (state, next_at) = done.decided.unwrap_or((State::Pending, None));
+    if done.claimed {
+        let trigger = &router.triggers[done.job.trigger];
+        if state == State::Succeeded {
+            metrics.delivery_latency(
+                &trigger.name,
+                (clock.now_ms() - received_at).max(0) as f64 / 1000.0,
+            );
+        }
+        metrics.delivery(&trigger.name, state.as_str());
+        match (&done.error, state) {
+            (Some(e), State::Dead) => {
+                tracing::warn!(trigger = %trigger.name, delivery = done.job.id, attempts = done.record.n, error = %e.message, "delivery dead-lettered")
+            }
+            (Some(e), _) => {
+                tracing::info!(trigger = %trigger.name, delivery = done.job.id, attempt = done.record.n, error = %e.message, "attempt failed; will retry")
+            }
+            _ => tracing::debug!(trigger = %trigger.name, delivery = done.job.id, "delivered"),
+        }
+    }
+    Settled {
+        claimed: done.claimed,
+        state,
+        next_at,
+        record: done.record,
+        recorded: done.recorded,
+    }
+}
+
+/// The triggers paused now (by a guard rail or an operator), as this node knows them: read
+/// from the store every second, and changed at once by this node's own pauses and resumes.
+/// Also the changes `deliveries.blast_radius` counts that run now on this node.
+#[derive(Clone, Default)]
+pub struct Pauses {
+    paused: Arc<std::sync::RwLock<HashSet<String>>>,
+    /// One look at the global count at a time, so that two attempts cannot both take the
+    /// last change left.
+    checking: Arc<tokio::sync::Mutex<()>>,
+    /// Counted changes running now (not yet in the store's count).
+    in_flight: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A paused scope of a vCenter: changes by `vsphere.*` actions to what is in it are held
+/// until the pause is lifted (they run then) or discarded (they end dead).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// The vCenter, by its name under `vcenters:`.
+    pub vcenter: String,
+    /// `cluster`, `folder`, `tag` (`CATEGORY/TAG` or `TAG`) or `resource_pool`.
+    pub kind: String,
+    /// The cluster's, folder's, tag's or pool's name.
+    pub name: String,
+}
+
+/// What a scope can be.
+pub const SCOPE_KINDS: [&str; 4] = ["cluster", "folder", "tag", "resource_pool"];
+
+impl Scope {
+    /// The name its pause is stored under: `scope:VCENTER:KIND:NAME`.
+    pub fn key(&self) -> String {
+        format!("scope:{}:{}:{}", self.vcenter, self.kind, self.name)
+    }
+
+    /// The scope a pause's name stands for, if it is one.
+    pub fn parse(key: &str) -> Option<Scope> {
+        let mut parts = key.strip_prefix("scope:")?.splitn(3, ':');
+        let (vcenter, kind, name) = (parts.next()?, parts.next()?, parts.next()?);
+        (!vcenter.is_empty() && SCOPE_KINDS.contains(&kind) && !name.is_empty()).then(|| Scope {
+            vcenter: vcenter.into(),
+            kind: kind.into(),
+            name: name.into(),
+        })
+    }
+}
+
+impl Pauses {
+    /// The paused scopes of vCenter `vcenter`.
+    pub fn scopes(&self, vcenter: &str) -> Vec<Scope> {
+        self.paused
+            .read()
+            .map(|p| {
+                p.iter()
+                    .filter_map(|k| Scope::parse(k))
+                    .filter(|s| s.vcenter == vcenter)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether `trigger` is paused.
+    pub fn is_paused(&self, trigger: &str) -> bool {
+        self.paused
+            .read()
+            .map(|p| !p.is_empty() && p.contains(trigger))
+            .unwrap_or(false)
+    }
+    /// Replaces the set (from the store).
+    pub fn set(&self, triggers: impl IntoIterator<Item = String>) {
+        if let Ok(mut p) = self.paused.write() {
+            *p = triggers.into_iter().collect();
+        }
+    }
+    /// Marks `trigger` paused (`true`) or not.
+    pub fn mark(&self, trigger: &str, paused: bool) {
+        if let Ok(mut p) = self.paused.write() {
+            if paused {
+                p.insert(trigger.to_string());
+            } else {
+                p.remove(trigger);
+            }
+        }
+    }
 }

@@ -93,6 +93,10 @@ pub(super) fn decide(
     made: u32,
     error: &Option<ActionError>,
 ) -> (State, Option<i64>) {
+    // Waiting for a person is not a failure: the delivery sleeps until the deadline.
+    if let Some(until) = error.as_ref().and_then(|e| e.waiting_until) {
+        return (State::Retrying, Some(until));
+    }
     let state = next_state(error, made - job.attempt_base, policy.max_attempts);
     let next_at = match (state, error) {
         (State::Retrying, Some(e)) => {

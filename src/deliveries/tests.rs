@@ -39,6 +39,7 @@ impl MemoryBus {
             next_at: None,
             event_body: crate::event::to_json(&job.event),
             received_at: job.received_at,
+            last_error: None,
         };
         let row = Row {
             open,
@@ -90,6 +91,11 @@ impl Bus for MemoryBus {
     async fn replay(&self, id: i64) -> Result<OpenDelivery, StoreError> {
         Err(StoreError::NotFound(format!(
             "delivery {id}: replay is not part of these tests"
+        )))
+    }
+    async fn wake(&self, id: i64) -> Result<Option<OpenDelivery>, StoreError> {
+        Err(StoreError::NotFound(format!(
+            "delivery {id}: approvals are not part of these tests"
         )))
     }
     async fn open_deliveries(
@@ -180,8 +186,10 @@ impl Harness {
             metrics.clone(),
             16,
             tx.clone(),
+            None,
         );
         let ctx = ActionContext {
+            pauses: Default::default(),
             client: reqwest::Client::new(),
             ingest,
             secrets: Arc::new(serde_json::json!({})),
@@ -221,6 +229,7 @@ impl Harness {
             ordering_key: None,
             received_at: self.clock.now_ms(),
             not_before: None,
+            last_error: None,
         };
         self.bus.add(&job, "t");
         self.tx.send(Admission::Ingested(job)).unwrap();
@@ -359,4 +368,31 @@ async fn the_drain_waits_for_short_attempts_and_records_long_ones_as_interrupted
     assert_eq!(long.len(), 1);
     assert_eq!(long[0].0.outcome, "interrupted");
     assert_eq!(long[0].1, State::Retrying);
+}
+
+#[test]
+fn scopes_are_named_and_read_back() {
+    use super::Scope;
+    let s = Scope {
+        vcenter: "vc1".into(),
+        kind: "tag".into(),
+        name: "env:prod/frozen".into(),
+    };
+    assert_eq!(s.key(), "scope:vc1:tag:env:prod/frozen");
+    assert_eq!(Scope::parse(&s.key()), Some(s));
+    for bad in [
+        "scope:vc1:planet:earth",
+        "scope::cluster:c",
+        "scope:vc1:cluster:",
+        "vc1:cluster:c",
+        "discard:12",
+        "*",
+    ] {
+        assert_eq!(Scope::parse(bad), None, "{bad}");
+    }
+    let p = super::Pauses::default();
+    p.set(["scope:vc1:cluster:A", "scope:vc2:cluster:B", "fix", "*"].map(String::from));
+    assert_eq!(p.scopes("vc1").len(), 1);
+    assert_eq!(p.scopes("vc1")[0].name, "A");
+    assert!(p.scopes("vc3").is_empty());
 }

@@ -76,6 +76,38 @@ impl CompiledFilter {
     }
 }
 
+impl CompiledFilter {
+    /// AMQP topic binding keys that every event this filter matches is routed by (its type
+    /// is the routing key), or `None` when the filter does not narrow the type.
+    pub fn type_bindings(&self) -> Option<Vec<String>> {
+        let usable = |v: &str| !v.is_empty() && !v.contains(['*', '#']) && v.len() <= 255;
+        match self {
+            CompiledFilter::Exact(pairs) => pairs
+                .iter()
+                .find(|(k, v)| k == "type" && usable(v))
+                .map(|(_, v)| vec![v.clone()]),
+            CompiledFilter::Prefix(pairs) => pairs
+                .iter()
+                .find(|(k, v)| k == "type" && usable(v))
+                .and_then(|(_, v)| {
+                    // `#` matches any number of words, so the words before the last dot
+                    // that the prefix holds whole are enough.
+                    let whole = &v[..v.rfind('.')? + 1];
+                    Some(vec![format!("{whole}#")])
+                }),
+            CompiledFilter::All(fs) => fs.iter().find_map(CompiledFilter::type_bindings),
+            CompiledFilter::Any(fs) => {
+                let mut out = Vec::new();
+                for f in fs {
+                    out.extend(f.type_bindings()?);
+                }
+                (!out.is_empty()).then_some(out)
+            }
+            CompiledFilter::Suffix(_) | CompiledFilter::Not(_) => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +153,41 @@ mod tests {
             .contains("at least one"));
         let raw: Filter = serde_saphyr::from_str("exact: {Type: x}").unwrap();
         assert!(CompiledFilter::compile(&raw).is_err());
+    }
+
+    #[test]
+    fn type_bindings_route_every_match() {
+        use crate::config::Filter;
+        let f = |yaml: &str| {
+            let f: Filter = serde_saphyr::from_str(yaml).unwrap();
+            CompiledFilter::compile(&f).unwrap().type_bindings()
+        };
+        assert_eq!(
+            f("exact: {type: com.vmware.vsphere.VmPoweredOffEvent.v0}"),
+            Some(vec!["com.vmware.vsphere.VmPoweredOffEvent.v0".to_string()])
+        );
+        assert_eq!(
+            f("prefix: {type: com.vmware.}"),
+            Some(vec!["com.vmware.#".to_string()])
+        );
+        assert_eq!(
+            f("prefix: {type: com.vmware.vsphere.Vm}"),
+            Some(vec!["com.vmware.vsphere.#".to_string()])
+        );
+        assert_eq!(f("prefix: {type: com}"), None);
+        assert_eq!(f("exact: {subject: vm-1}"), None);
+        assert_eq!(
+            f("any: [{exact: {type: a.b}}, {prefix: {type: c.}}]"),
+            Some(vec!["a.b".to_string(), "c.#".to_string()])
+        );
+        assert_eq!(
+            f("any: [{exact: {type: a.b}}, {exact: {subject: x}}]"),
+            None
+        );
+        assert_eq!(
+            f("all: [{exact: {subject: x}}, {exact: {type: a.b}}]"),
+            Some(vec!["a.b".to_string()])
+        );
+        assert_eq!(f("exact: {type: 'a.*'}"), None);
     }
 }

@@ -31,6 +31,17 @@ pub struct DeliveryPolicy {
     pub ordering_key: Option<Template>,
     /// Key template and window for `once_within` throttling.
     pub throttle: Option<(Template, Duration)>,
+    /// Its action only says what it would do (`dry_run`, or `deliveries.dry_run`).
+    pub dry_run: bool,
+    /// At most this many changes within this window, then the trigger pauses.
+    pub blast_radius: Option<(u64, Duration)>,
+    /// It counts toward `deliveries.blast_radius` (its action may change something), and
+    /// waits while that pause (`*`) holds.
+    pub global_radius: Option<(u64, Duration)>,
+    /// Its action waits for an approval, up to this long.
+    pub approval: Option<Duration>,
+    /// Key template, count and window of its correlation.
+    pub correlate: Option<(Template, u32, Duration)>,
 }
 
 /// A compiled trigger.
@@ -43,7 +54,24 @@ pub struct Trigger {
     pub action: Action,
     /// Its delivery policy.
     pub policy: DeliveryPolicy,
+    /// Fires on events reflex's own vSphere changes caused too.
+    pub own_effects: bool,
 }
+
+impl Trigger {
+    /// The AMQP topic binding keys of this trigger's queue: every event it can match has a
+    /// type these keys route (`#` when its filters do not narrow the type).
+    pub fn type_bindings(&self) -> Vec<String> {
+        self.filters
+            .iter()
+            .find_map(|f| f.type_bindings())
+            .unwrap_or_else(|| vec!["#".into()])
+    }
+}
+
+/// The extension the vcenter source sets on an event caused by reflex's own vSphere session
+/// (the loop guard): triggers do not fire on it unless they set `own_effects: true`.
+pub const REFLEX_CAUSED: &str = "reflexcaused";
 
 /// One (event, trigger) match, ready to become a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +82,8 @@ pub struct Match {
     pub ordering_key: Option<String>,
     /// Rendered throttle key and window.
     pub throttle: Option<(String, Duration)>,
+    /// Rendered correlation.
+    pub correlate: Option<crate::store::Correlate>,
 }
 
 /// All triggers, with the index that finds an event's candidates.
@@ -80,6 +110,15 @@ impl Router {
         Router { triggers, index }
     }
 
+    /// The triggers counted by `deliveries.blast_radius`.
+    pub fn changing(&self) -> Vec<String> {
+        self.triggers
+            .iter()
+            .filter(|t| t.policy.global_radius.is_some())
+            .map(|t| t.name.clone())
+            .collect()
+    }
+
     /// Index of a trigger by name.
     pub fn position(&self, name: &str) -> Option<usize> {
         self.triggers.iter().position(|t| t.name == name)
@@ -88,6 +127,17 @@ impl Router {
     /// The triggers an event matches, in configuration order. An expression that fails to
     /// evaluate counts as no match and is reported in `errors`.
     pub fn route(&self, event: &Event, errors: &mut Vec<String>) -> Vec<Match> {
+        self.route_noting(event, errors, &mut Vec::new())
+    }
+
+    /// [`Router::route`], also noting the triggers the loop guard kept from firing on an
+    /// event reflex's own change caused (`loop_guarded`).
+    pub fn route_noting(
+        &self,
+        event: &Event,
+        errors: &mut Vec<String>,
+        loop_guarded: &mut Vec<usize>,
+    ) -> Vec<Match> {
         let candidates = self.index.candidates(event);
         let mut view = None;
         // The template context, converted once per event and shared by the key templates.
@@ -98,8 +148,16 @@ impl Router {
             if !t.filters.iter().all(|f| f.matches(event)) {
                 continue;
             }
-            let needs_view =
-                t.when.is_some() || t.policy.ordering_key.is_some() || t.policy.throttle.is_some();
+            if !t.own_effects
+                && crate::event::attribute(event, REFLEX_CAUSED).as_deref() == Some("true")
+            {
+                loop_guarded.push(i);
+                continue;
+            }
+            let keyed = t.policy.ordering_key.is_some()
+                || t.policy.throttle.is_some()
+                || t.policy.correlate.is_some();
+            let needs_view = t.when.is_some() || keyed;
             if needs_view && view.is_none() {
                 view = Some(json!({ "event": crate::event::view(event) }));
             }
@@ -117,8 +175,7 @@ impl Router {
                     }
                 }
             }
-            if (t.policy.ordering_key.is_some() || t.policy.throttle.is_some()) && tpl_ctx.is_none()
-            {
+            if keyed && tpl_ctx.is_none() {
                 tpl_ctx = Some(Template::context(ctx.expect("view built")));
             }
             let render = |tpl: &Template| -> Result<String, String> {
@@ -141,10 +198,25 @@ impl Router {
                 },
                 None => None,
             };
+            let correlate = match &t.policy.correlate {
+                Some((tpl, count, within)) => match render(tpl) {
+                    Ok(key) => Some(crate::store::Correlate {
+                        key,
+                        count: *count,
+                        within: *within,
+                    }),
+                    Err(e) => {
+                        errors.push(format!("trigger `{}`: correlate.key: {e}", t.name));
+                        continue;
+                    }
+                },
+                None => None,
+            };
             out.push(Match {
                 trigger: i,
                 ordering_key,
                 throttle,
+                correlate,
             });
         }
         out
@@ -210,6 +282,26 @@ fn compile_trigger(t: &TriggerConfig, config: &Config, diags: &mut Diagnostics) 
     let throttle = d.throttle.as_ref().and_then(|th| {
         template(&th.key, "delivery.throttle.key").map(|tpl| (tpl, th.once_within.0))
     });
+    let correlate = t
+        .correlate
+        .as_ref()
+        .and_then(|c| template(&c.key, "correlate.key").map(|k| (k, c.count, c.within.0)));
+    if let Some(c) = &t.correlate {
+        if c.count < 2 {
+            diags.at(
+                &c.key.referenced,
+                format!("trigger `{name}`: correlate.count must be at least 2 (one event needs no correlation)"),
+            );
+            ok = false;
+        }
+        if c.within.0.is_zero() {
+            diags.at(
+                &c.key.referenced,
+                format!("trigger `{name}`: correlate.within must be longer than 0s"),
+            );
+            ok = false;
+        }
+    }
     let action = Action::build(&t.action, name, config, loc, diags);
     let policy = DeliveryPolicy {
         max_attempts: d.max_attempts.max(1),
@@ -225,11 +317,40 @@ fn compile_trigger(t: &TriggerConfig, config: &Config, diags: &mut Diagnostics) 
             .timeout
             .map(|t| t.0)
             .unwrap_or_else(|| t.action.default_timeout()),
-        concurrency: d.concurrency.max(1),
+        // A trigger with a blast radius makes one change at a time (per node), so that each
+        // is counted before the next starts.
+        concurrency: if t.blast_radius.is_some() {
+            1
+        } else {
+            d.concurrency.max(1)
+        },
         spacing: d.rate.map(|r| r.interval()),
         ordering_key,
         throttle,
+        dry_run: t.dry_run || config.deliveries.dry_run,
+        blast_radius: t.blast_radius.map(|b| (u64::from(b.max), b.within.0)),
+        global_radius: config
+            .deliveries
+            .blast_radius
+            .filter(|_| t.action.may_change())
+            .map(|b| (u64::from(b.max), b.within.0)),
+        approval: t.approval.map(|a| a.timeout),
+        correlate,
     };
+    if t.correlate.is_some() && d.throttle.is_some() {
+        diags.at(
+            loc,
+            format!("trigger `{name}`: correlate and delivery.throttle cannot go together: both hold events back by key; keep one"),
+        );
+        ok = false;
+    }
+    if t.approval.is_some() && d.ordering_key.is_some() {
+        diags.at(
+            loc,
+            format!("trigger `{name}`: approval and delivery.ordering_key cannot go together: a delivery waiting for a person would hold every later event of its key; drop one of them"),
+        );
+        ok = false;
+    }
     match (ok, action) {
         (true, Some(action)) => Some(Trigger {
             name: name.clone(),
@@ -237,6 +358,7 @@ fn compile_trigger(t: &TriggerConfig, config: &Config, diags: &mut Diagnostics) 
             when,
             action,
             policy,
+            own_effects: t.own_effects,
         }),
         _ => None,
     }

@@ -2,6 +2,7 @@
 //! [`SourceConfig`]; shared request plumbing (auth, body limits, replies) lives in `util`.
 
 pub mod alertmanager;
+pub mod amqp;
 pub mod auth;
 pub mod cloudevents;
 pub mod schedule;
@@ -36,6 +37,8 @@ pub enum SourceConfig {
     Syslog(syslog::SyslogConfig),
     /// Slack slash commands and interactive payloads (ChatOps).
     Slack(slack::SlackConfig),
+    /// A queue on an AMQP broker (RabbitMQ).
+    Amqp(amqp::AmqpSourceConfig),
 }
 
 impl SourceConfig {
@@ -47,7 +50,7 @@ impl SourceConfig {
             SourceConfig::Vcenter(_) => false,
             SourceConfig::Alertmanager(c) => matches!(c.auth, auth::AuthConfig::None),
             SourceConfig::Schedule(_) => false,
-            SourceConfig::Syslog(_) | SourceConfig::Slack(_) => false,
+            SourceConfig::Syslog(_) | SourceConfig::Slack(_) | SourceConfig::Amqp(_) => false,
         }
     }
 
@@ -60,6 +63,7 @@ impl SourceConfig {
             SourceConfig::Schedule(c) => &c.name,
             SourceConfig::Syslog(c) => &c.name,
             SourceConfig::Slack(c) => &c.name,
+            SourceConfig::Amqp(c) => &c.name,
         }
     }
     /// The HTTP path, for sources served on the sources listener.
@@ -70,7 +74,7 @@ impl SourceConfig {
             SourceConfig::Vcenter(_) => None,
             SourceConfig::Alertmanager(c) => Some(&c.path),
             SourceConfig::Slack(c) => Some(&c.path),
-            SourceConfig::Schedule(_) | SourceConfig::Syslog(_) => None,
+            SourceConfig::Schedule(_) | SourceConfig::Syslog(_) | SourceConfig::Amqp(_) => None,
         }
     }
 }
@@ -91,6 +95,8 @@ pub enum Source {
     Syslog(Box<syslog::Syslog>),
     /// See [`slack::Slack`].
     Slack(slack::Slack),
+    /// See [`amqp::AmqpSource`].
+    Amqp(Box<amqp::AmqpSource>),
 }
 
 /// A source that runs a task of its own instead of answering requests.
@@ -101,6 +107,8 @@ pub enum Task {
     Schedule(Box<schedule::Schedule>),
     /// See [`syslog::Syslog`].
     Syslog(Box<syslog::Syslog>),
+    /// See [`amqp::AmqpSource`].
+    Amqp(Box<amqp::AmqpSource>),
 }
 
 impl Task {
@@ -110,6 +118,7 @@ impl Task {
             Task::Vcenter(v) => v.name(),
             Task::Schedule(s) => s.name(),
             Task::Syslog(s) => s.name(),
+            Task::Amqp(s) => s.name(),
         }
     }
 
@@ -118,7 +127,7 @@ impl Task {
     pub async fn bind(&mut self) -> anyhow::Result<()> {
         match self {
             Task::Syslog(s) => s.bind().await,
-            Task::Vcenter(_) | Task::Schedule(_) => Ok(()),
+            Task::Vcenter(_) | Task::Schedule(_) | Task::Amqp(_) => Ok(()),
         }
     }
 
@@ -138,6 +147,7 @@ impl Task {
                     .await
             }
             Task::Syslog(s) => s.run(ingest, shutdown).await,
+            Task::Amqp(s) => s.run(ingest, shutdown).await,
         }
     }
 }
@@ -224,6 +234,8 @@ pub fn build(config: &Config, diags: &mut Diagnostics) -> Vec<Source> {
             SourceConfig::Slack(c) => {
                 slack::Slack::build(c, &at(&c.name), config, diags).map(Source::Slack)
             }
+            SourceConfig::Amqp(c) => amqp::AmqpSource::build(c, &at(&c.name), config, diags)
+                .map(|s| Source::Amqp(Box::new(s))),
         };
         out.extend(built);
     }
@@ -231,7 +243,11 @@ pub fn build(config: &Config, diags: &mut Diagnostics) -> Vec<Source> {
 }
 
 /// The sources listener's routes, and the sources that run tasks instead of listening.
-pub fn routes(sources: Vec<Source>, ingest: Ingest) -> (Router, Vec<Task>) {
+pub fn routes(
+    sources: Vec<Source>,
+    ingest: Ingest,
+    decider: crate::deliveries::approval::Decider,
+) -> (Router, Vec<Task>) {
     let mut router = Router::new();
     let mut pollers = Vec::new();
     for s in sources {
@@ -239,7 +255,7 @@ pub fn routes(sources: Vec<Source>, ingest: Ingest) -> (Router, Vec<Task>) {
             Source::Webhook(w) => w.route(router, ingest.clone()),
             Source::CloudEvents(c) => c.route(router, ingest.clone()),
             Source::Alertmanager(a) => a.route(router, ingest.clone()),
-            Source::Slack(s) => s.route(router, ingest.clone()),
+            Source::Slack(s) => s.route(router, ingest.clone(), decider.clone()),
             Source::Vcenter(v) => {
                 pollers.push(Task::Vcenter(v));
                 router
@@ -250,6 +266,10 @@ pub fn routes(sources: Vec<Source>, ingest: Ingest) -> (Router, Vec<Task>) {
             }
             Source::Syslog(s) => {
                 pollers.push(Task::Syslog(s));
+                router
+            }
+            Source::Amqp(s) => {
+                pollers.push(Task::Amqp(s));
                 router
             }
         };

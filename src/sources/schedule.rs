@@ -459,12 +459,15 @@ mod tests {
         }
         // The last firing's checkpoint is written right after it (before the next sleep).
         let last = fired[3].0;
-        for _ in 0..1000 {
+        // The store's writer is an OS thread, not on paused time: give it real time (a busy
+        // machine may take a while), without letting tokio's clock run on.
+        for _ in 0..2000 {
             store.flush().await;
             if store.checkpoint("s").await.unwrap().map(|c| c.position) == Some(last) {
                 break;
             }
             tokio::task::yield_now().await;
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
         stop.cancel();
         task.await.unwrap();

@@ -9,10 +9,16 @@
 //! 3 seconds): an acknowledgement once the event is durable, the help text for an unknown
 //! verb, or the reason of a refusal. Results go to the request's `response_url` from an
 //! action (`http_request` to `{{ event.data.response_url | safe }}`).
+//!
+//! Approvals can be decided with buttons: a message with a button whose `action_id` is
+//! `reflex.approve` or `reflex.reject` and whose `value` is the approval's number decides
+//! it when the user who clicked is one of the source's `approvers`, and the message is
+//! replaced (through its `response_url`) by who decided. Such a click is not an event.
 
 use super::auth::{AuthConfig, Encoding, HmacTimestamp, Replays};
 use super::util::{post_route, read_body, reject, Rejection};
 use crate::config::{ByteSize, Config, Diagnostics, Secret, Text};
+use crate::deliveries::approval::Decider;
 use crate::ingest::Ingest;
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode};
@@ -46,6 +52,10 @@ pub struct SlackConfig {
     pub verbs: BTreeMap<String, VerbConfig>,
     /// Largest accepted body (default: `http.max_body`).
     pub max_body: Option<ByteSize>,
+    /// Slack user ids (`U…`) who may decide approvals with the `reflex.approve` and
+    /// `reflex.reject` buttons; nobody when empty.
+    #[serde(default)]
+    pub approvers: Vec<String>,
 }
 
 /// One verb: what it does (for the help) and who may use it where.
@@ -71,7 +81,17 @@ pub struct Slack {
     replays: Replays,
     verbs: BTreeMap<String, VerbConfig>,
     limit: usize,
+    approvers: Vec<String>,
+    /// Takes the buttons' decisions (set when the route is made).
+    decider: Option<Decider>,
+    /// Answers to `response_url`: bounded, redirects not followed.
+    client: reqwest::Client,
 }
+
+/// The `action_id` of a button approving an approval (its `value`: the approval's number).
+pub const APPROVE_ACTION: &str = "reflex.approve";
+/// The `action_id` of a button rejecting one.
+pub const REJECT_ACTION: &str = "reflex.reject";
 
 /// What Slack shows the user who typed the command (only to them).
 fn ephemeral(text: impl Into<String>) -> Response {
@@ -139,11 +159,19 @@ impl Slack {
             replays: Replays::default(),
             verbs,
             limit: c.max_body.unwrap_or(config.http.max_body).0,
+            approvers: c.approvers.clone(),
+            decider: None,
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(std::time::Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
         })
     }
 
-    /// Adds the POST route.
-    pub fn route(self, router: axum::Router, ingest: Ingest) -> axum::Router {
+    /// Adds the POST route; `decider` takes the approval buttons' decisions.
+    pub fn route(mut self, router: axum::Router, ingest: Ingest, decider: Decider) -> axum::Router {
+        self.decider = Some(decider);
         let path = self.path.clone();
         post_route(
             router,
@@ -181,6 +209,9 @@ impl Slack {
 
     async fn answer(&self, ingest: &Ingest, form: HashMap<String, String>) -> Response {
         let event = if let Some(payload) = form.get("payload") {
+            if let Some(answer) = self.approval_button(payload) {
+                return answer;
+            }
             match self.interaction(payload) {
                 Ok(e) => e,
                 Err(r) => return reject(ingest, &self.name, r),
@@ -274,6 +305,86 @@ impl Slack {
             .data("application/json", data)
             .build()
             .map_err(|e| format!("the command could not be turned into an event: {e}"))
+    }
+
+    /// Decides an approval when the payload is a click on a `reflex.approve` or
+    /// `reflex.reject` button: the answer to Slack, at once (the decision and the message
+    /// saying who took it follow, within Slack's 3 seconds or not). `None`: any other payload.
+    fn approval_button(&self, payload: &str) -> Option<Response> {
+        let data: Value = serde_json::from_str(payload).ok()?;
+        let action = data["actions"].as_array()?.iter().find(|a| {
+            matches!(
+                a["action_id"].as_str(),
+                Some(APPROVE_ACTION) | Some(REJECT_ACTION)
+            )
+        })?;
+        let approve = action["action_id"] == APPROVE_ACTION;
+        let user = data["user"]["id"].as_str().unwrap_or_default().to_string();
+        let name = data["user"]["username"]
+            .as_str()
+            .or(data["user"]["name"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        let response_url = data["response_url"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let id = action["value"]
+            .as_str()
+            .and_then(|v| v.trim().parse::<i64>().ok());
+        let (this, client) = (self.name.clone(), self.client.clone());
+        let say = move |body: Value| async move {
+            if response_url.is_empty() {
+                return;
+            }
+            match client.post(&response_url).json(&body).send().await {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => {
+                    tracing::warn!(source = %this, status = %r.status(), "Slack refused the answer to an approval button")
+                }
+                Err(e) => {
+                    tracing::warn!(source = %this, error = %e, "cannot answer an approval button in Slack")
+                }
+            }
+        };
+        let ephemeral = |text: String| json!({"response_type": "ephemeral", "replace_original": false, "text": text});
+        let Some(id) = id else {
+            tokio::spawn(say(ephemeral(format!(
+                "This button carries no approval number (`{}`); decide with `reflex approve ID`.",
+                action["value"].as_str().unwrap_or_default()
+            ))));
+            return Some(StatusCode::OK.into_response());
+        };
+        if user.is_empty() || !self.approvers.contains(&user) {
+            tracing::warn!(source = %self.name, %user, approval = id, "a Slack user who is not an approver clicked an approval button");
+            tokio::spawn(say(ephemeral(format!(
+                "You may not decide approval #{id}: only this source's approvers may. Ask an operator of reflex."
+            ))));
+            return Some(StatusCode::OK.into_response());
+        }
+        let decider = self.decider.clone()?;
+        let by = if name.is_empty() || name == user {
+            format!("{user} in Slack")
+        } else {
+            format!("{name} ({user}) in Slack")
+        };
+        tokio::spawn(async move {
+            let reason = (!approve).then(|| "rejected with Slack's button".to_string());
+            let answer = match decider.decide(id, approve, &by, reason).await {
+                Ok(a) => json!({
+                    "replace_original": true,
+                    "text": format!(
+                        "Approval #{id} ({}) {} by <@{user}>: {}",
+                        a.trigger,
+                        a.state.as_str(),
+                        a.plan
+                    ),
+                }),
+                Err(e) => ephemeral(format!("Approval #{id} was not decided: {e}")),
+            };
+            say(answer).await;
+        });
+        Some(StatusCode::OK.into_response())
     }
 
     /// The event of an interactive payload (its JSON as data; subject its type).

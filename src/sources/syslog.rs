@@ -343,6 +343,36 @@ impl Syslog {
         b.build().map(Some).map_err(|e| e.to_string())
     }
 
+    /// Frames a TCP stream that arrives in chunks of `chunk` bytes and maps every frame by
+    /// the rules, as a connection does; the number of events made (the fuzz target).
+    pub(crate) fn frame_and_map(&self, data: &[u8], chunk: usize) -> usize {
+        let mut framer = Framer::new(self.max_frame);
+        let mut buf = BytesMut::new();
+        let mut made = 0;
+        let mut map = |frame: &[u8]| {
+            if let Ok(line) = std::str::from_utf8(trim_frame(frame)) {
+                if let Ok(Some(e)) = self.event(line) {
+                    let _ = crate::event::to_json(&e);
+                    made += 1;
+                }
+            }
+        };
+        for piece in data.chunks(chunk.max(1)) {
+            buf.extend_from_slice(piece);
+            loop {
+                match framer.next(&mut buf) {
+                    Next::Frame(f) => map(&f),
+                    Next::Oversized => {}
+                    Next::More => break,
+                }
+            }
+        }
+        if let Some(f) = framer.rest(&mut buf) {
+            map(&f);
+        }
+        made
+    }
+
     /// The events of some frames, counting what is not stored.
     fn events(&self, ingest: &Ingest, frames: &[&[u8]]) -> Vec<Event> {
         self.events_counted(ingest, frames, true)

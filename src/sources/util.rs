@@ -89,7 +89,7 @@ pub const STORE_REFUSED: &str = "the event could not be stored; it was not accep
 
 /// Logs a store failure at most once a second (an outage fails every request), with the
 /// number of failures not logged since the last line.
-fn log_store_error(source: &str, e: &crate::store::StoreError) {
+fn log_store_error(source: &str, e: &dyn std::fmt::Display) {
     use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
     static LAST: AtomicI64 = AtomicI64::new(0);
     static QUIET: AtomicU64 = AtomicU64::new(0);
@@ -130,6 +130,16 @@ pub async fn submit(ingest: &Ingest, source: &str, events: Vec<Event>) -> Respon
                 StatusCode::SERVICE_UNAVAILABLE,
                 "stopping",
                 "reflex is stopping or reloading; the event was not accepted, retry shortly",
+            )
+            .into_response()
+        }
+        Err(IngestError::Bus(e)) => {
+            ingest.metrics().event_rejected(source, "bus");
+            log_store_error(source, &e);
+            Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bus",
+                "the event bus cannot take events now; the event was not accepted, retry shortly",
             )
             .into_response()
         }

@@ -438,7 +438,8 @@ impl VcenterSource {
         let mut events = Vec::new();
         let mut skipped = 0;
         for e in &new {
-            let ce = match self.to_cloudevent(e, client.url(), &client.content.api_version) {
+            let own = vcenters.own_user(&self.vcenter);
+            let ce = match self.to_cloudevent(e, client.url(), &client.content.api_version, own) {
                 Ok(ce) => ce,
                 Err(err) => {
                     tracing::warn!(source = %self.name, error = %err, "vSphere event cannot be converted; skipped");
@@ -489,7 +490,15 @@ impl VcenterSource {
     }
 
     /// Converts a vSphere event to the appliance's CloudEvent.
-    pub fn to_cloudevent(&self, e: &Node, url: &str, api_version: &str) -> Result<Event, String> {
+    /// `own_user`: the user reflex's actions log in as; an event by that user is marked
+    /// `reflexcaused` (the loop guard).
+    pub fn to_cloudevent(
+        &self,
+        e: &Node,
+        url: &str,
+        api_version: &str,
+        own_user: Option<&str>,
+    ) -> Result<Event, String> {
         let class = vsphere::events::class(e);
         let key = vsphere::events::key(e).ok_or("event without key")?;
         let (eventclass, type_name) = match class.as_str() {
@@ -517,6 +526,11 @@ impl VcenterSource {
             .extension("eventclass", eventclass)
             .extension("vsphereapiversion", api_version.to_string())
             .data("application/json", vsphere::events::event_data(e));
+        if let (Some(own), Some(by)) = (own_user, e.child_text("userName")) {
+            if same_user(own, by) {
+                b = b.extension(crate::router::REFLEX_CAUSED, true);
+            }
+        }
         if let Some(t) = e
             .child_text("createdTime")
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
@@ -629,8 +643,37 @@ impl Held<'_> {
     }
 }
 
+/// Whether a vCenter event's `userName` is the configured user: case aside, and with the
+/// domain written either way (`VSPHERE.LOCAL\\reflex` is `reflex@vsphere.local`).
+fn same_user(configured: &str, event: &str) -> bool {
+    fn parts(u: &str) -> (String, Option<String>) {
+        let u = u.trim().to_lowercase();
+        if let Some((d, n)) = u.split_once('\\') {
+            return (n.to_string(), Some(d.to_string()));
+        }
+        if let Some((n, d)) = u.split_once('@') {
+            return (n.to_string(), Some(d.to_string()));
+        }
+        (u, None)
+    }
+    let (a, ad) = parts(configured);
+    let (b, bd) = parts(event);
+    !a.is_empty() && a == b && (ad.is_none() || bd.is_none() || ad == bd)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_own_user_is_recognized_however_its_domain_is_written() {
+        use super::same_user;
+        assert!(same_user("reflex-svc", "reflex-svc"));
+        assert!(same_user("reflex@vsphere.local", "VSPHERE.LOCAL\\reflex"));
+        assert!(same_user("reflex@vsphere.local", "reflex"));
+        assert!(!same_user("reflex@vsphere.local", "OTHER\\reflex"));
+        assert!(!same_user("reflex", "administrator"));
+        assert!(!same_user("", ""));
+    }
+
     use super::*;
 
     fn source(format: Format) -> VcenterSource {
@@ -714,7 +757,7 @@ mod tests {
     #[test]
     fn appliance_form_from_a_recorded_event() {
         let ev = source(Format::Cloudevents)
-            .to_cloudevent(&recorded_alarm(), "https://vc/sdk", "8.0")
+            .to_cloudevent(&recorded_alarm(), "https://vc/sdk", "8.0", None)
             .unwrap();
         assert_eq!(ev.ty(), "com.vmware.vsphere.AlarmStatusChangedEvent.v0");
         assert_eq!(ev.subject(), Some("AlarmStatusChangedEvent"));
@@ -736,7 +779,7 @@ mod tests {
     #[test]
     fn router_form_and_eventex() {
         let ev = source(Format::Router)
-            .to_cloudevent(&recorded_alarm(), "https://vc/sdk", "8.0")
+            .to_cloudevent(&recorded_alarm(), "https://vc/sdk", "8.0", None)
             .unwrap();
         assert_eq!(ev.ty(), "com.vmware.event.router/event");
         assert_eq!(ev.subject(), Some("AlarmStatusChangedEvent"));
@@ -749,7 +792,7 @@ mod tests {
                 "com.vmware.vc.HA.ClusterFailoverActionInitiatedEvent",
             ));
         let ev = source(Format::Cloudevents)
-            .to_cloudevent(&ex, "https://vc/sdk", "8.0")
+            .to_cloudevent(&ex, "https://vc/sdk", "8.0", None)
             .unwrap();
         assert_eq!(
             ev.ty(),

@@ -55,12 +55,85 @@ pub struct MappingConfig {
     pub routing_key: Option<String>,
 }
 
-struct Mapping {
+/// A compiled [`MappingConfig`]: how a JSON body becomes an event (webhook and AMQP sources).
+pub(crate) struct Mapping {
     ty: Template,
     subject: Option<Template>,
     id: Option<Template>,
     data: Option<Template>,
     routing_key: Option<Template>,
+}
+
+impl Mapping {
+    /// Compiles the templates; `default_ty` when `type` is not given. The error names the
+    /// field.
+    pub(crate) fn compile(c: &MappingConfig, default_ty: &str) -> Result<Mapping, String> {
+        let tpl = |field: &str, src: Option<&str>| -> Result<Option<Template>, String> {
+            src.map(Template::compile)
+                .transpose()
+                .map_err(|e| format!("mapping.{field}: {e}"))
+        };
+        Ok(Mapping {
+            ty: tpl("type", Some(c.ty.as_deref().unwrap_or(default_ty)))?.expect("a type template"),
+            subject: tpl("subject", c.subject.as_deref())?,
+            id: tpl("id", c.id.as_deref())?,
+            data: tpl("data", c.data.as_deref())?,
+            routing_key: tpl("routing_key", c.routing_key.as_deref())?,
+        })
+    }
+
+    /// The event of `body` received by source `source`; its id from the `id` template, else
+    /// `default_id`, else a new UUIDv7. The error names the field that failed.
+    pub(crate) fn event(
+        &self,
+        source: &str,
+        body: Value,
+        default_id: Option<String>,
+    ) -> Result<cloudevents::Event, String> {
+        // One conversion of the body for all mapping templates, without copying it first.
+        let ctx =
+            minijinja::context! { body => minijinja::Value::from(minijinja::value::Serde(&body)) };
+        let render = |field: &str, t: &Template| -> Result<String, String> {
+            t.render_value(&ctx)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("mapping.{field}: {e}"))
+        };
+        let ty = render("type", &self.ty)?;
+        if ty.is_empty() {
+            return Err("mapping.type rendered empty for this body".into());
+        }
+        let id = match &self.id {
+            Some(t) => render("id", t)?,
+            None => default_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        };
+        if id.is_empty() {
+            return Err("mapping.id rendered empty for this body".into());
+        }
+        let data = match &self.data {
+            Some(t) => {
+                let s = render("data", t)?;
+                serde_json::from_str(&s).unwrap_or(Value::String(s))
+            }
+            None => body,
+        };
+        let mut b = EventBuilderV10::new()
+            .id(id)
+            .source(format!("/reflex/sources/{source}"))
+            .ty(ty)
+            .time(chrono::Utc::now())
+            .data("application/json", data);
+        if let Some(t) = &self.subject {
+            let s = render("subject", t)?;
+            if !s.is_empty() {
+                b = b.subject(s);
+            }
+        }
+        if let Some(t) = &self.routing_key {
+            b = b.extension(ROUTING_KEY_EXT, render("routing_key", t)?);
+        }
+        b.build()
+            .map_err(|e| format!("the mapped event is invalid: {e}"))
+    }
 }
 
 /// A compiled webhook source.
@@ -84,23 +157,14 @@ impl Webhook {
     ) -> Option<Webhook> {
         let name = &c.name.value;
         let mut ok = true;
-        let mut tpl = |field: &str, src: Option<&str>| -> Option<Template> {
-            let src = src?;
-            match Template::compile(src) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    diags.at(loc, format!("source `{name}`: mapping.{field}: {e}"));
-                    ok = false;
-                    None
-                }
+        let mapping = match Mapping::compile(&c.mapping, &format!("reflex.webhook.{name}")) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                diags.at(loc, format!("source `{name}`: {e}"));
+                ok = false;
+                None
             }
         };
-        let default_ty = format!("reflex.webhook.{name}");
-        let ty = tpl("type", Some(c.mapping.ty.as_deref().unwrap_or(&default_ty)));
-        let subject = tpl("subject", c.mapping.subject.as_deref());
-        let id = tpl("id", c.mapping.id.as_deref());
-        let data = tpl("data", c.mapping.data.as_deref());
-        let routing_key = tpl("routing_key", c.mapping.routing_key.as_deref());
         if let Err(e) = c.auth.check() {
             diags.at(loc, format!("source `{name}`: {e}"));
             ok = false;
@@ -128,13 +192,7 @@ impl Webhook {
             auth: c.auth.clone(),
             replays: Replays::default(),
             schema,
-            mapping: Mapping {
-                ty: ty?,
-                subject,
-                id,
-                data,
-                routing_key,
-            },
+            mapping: mapping?,
             limit: c.max_body.unwrap_or(config.http.max_body).0,
         })
     }
@@ -219,74 +277,17 @@ impl Webhook {
                 return Err(r);
             }
         }
-        // One conversion of the body for all mapping templates, without copying it first.
-        let ctx =
-            minijinja::context! { body => minijinja::Value::from(minijinja::value::Serde(&body)) };
-        let render = |field: &str, t: &Template| -> Result<String, Rejection> {
-            t.render_value(&ctx)
-                .map(|s| s.trim().to_string())
-                .map_err(|e| {
-                    Rejection::new(
-                        StatusCode::BAD_REQUEST,
-                        "mapping",
-                        format!("mapping.{field}: {e}"),
-                    )
-                })
-        };
-        let ty = render("type", &self.mapping.ty)?;
-        if ty.is_empty() {
-            return Err(Rejection::new(
-                StatusCode::BAD_REQUEST,
-                "mapping",
-                "mapping.type rendered empty for this body",
-            ));
-        }
-        let id = match (&self.mapping.id, &self.auth) {
-            (Some(t), _) => render("id", t)?,
-            // A Standard Webhooks sender names each message, and repeats the name when it
-            // retries: the (verified) `webhook-id` makes the retries deduplicate.
-            (None, AuthConfig::StandardWebhooks { .. }) => headers
+        // A Standard Webhooks sender names each message, and repeats the name when it
+        // retries: the (verified) `webhook-id` makes the retries deduplicate.
+        let default_id = match &self.auth {
+            AuthConfig::StandardWebhooks { .. } => headers
                 .get("webhook-id")
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-            (None, _) => uuid::Uuid::now_v7().to_string(),
+                .map(str::to_string),
+            _ => None,
         };
-        if id.is_empty() {
-            return Err(Rejection::new(
-                StatusCode::BAD_REQUEST,
-                "mapping",
-                "mapping.id rendered empty for this body",
-            ));
-        }
-        let data = match &self.mapping.data {
-            Some(t) => {
-                let s = render("data", t)?;
-                serde_json::from_str(&s).unwrap_or(Value::String(s))
-            }
-            None => body,
-        };
-        let mut b = EventBuilderV10::new()
-            .id(id)
-            .source(format!("/reflex/sources/{}", self.name))
-            .ty(ty)
-            .time(chrono::Utc::now())
-            .data("application/json", data);
-        if let Some(t) = &self.mapping.subject {
-            let s = render("subject", t)?;
-            if !s.is_empty() {
-                b = b.subject(s);
-            }
-        }
-        if let Some(t) = &self.mapping.routing_key {
-            b = b.extension(ROUTING_KEY_EXT, render("routing_key", t)?);
-        }
-        b.build().map_err(|e| {
-            Rejection::new(
-                StatusCode::BAD_REQUEST,
-                "mapping",
-                format!("the mapped event is invalid: {e}"),
-            )
-        })
+        self.mapping
+            .event(&self.name, body, default_id)
+            .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, "mapping", e))
     }
 }

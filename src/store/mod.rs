@@ -146,6 +146,28 @@ pub struct NewDelivery {
     pub ordering_key: Option<String>,
     /// Throttle key and window, if the trigger has one.
     pub throttle: Option<(String, Duration)>,
+    /// Correlation, if the trigger has one.
+    pub correlate: Option<Correlate>,
+}
+
+/// Why a delivery counted in a correlation waits (its `last_error`).
+pub fn correlation_note(c: &Correlate, counted: u32) -> String {
+    format!(
+        "held for correlation: {counted} of {} events with key `{}` within {:?}; the action runs once all {} have arrived, with all of them",
+        c.count, c.key, c.within, c.count
+    )
+}
+
+/// A delivery's place in its trigger's correlation: it runs only as the `count`th event of
+/// its key within the window, with the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Correlate {
+    /// The rendered key.
+    pub key: String,
+    /// Events needed.
+    pub count: u32,
+    /// The window.
+    pub within: Duration,
 }
 
 /// What the store did with a [`NewEvent`].
@@ -178,6 +200,8 @@ pub struct OpenDelivery {
     pub event_body: String,
     /// When the event was received (ms since the epoch).
     pub received_at: i64,
+    /// The last failed attempt's detail.
+    pub last_error: Option<String>,
 }
 
 /// One attempt's record.
@@ -315,6 +339,133 @@ pub struct Checkpoint {
     pub time: String,
 }
 
+/// Where an approval stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalState {
+    /// Waiting for someone to approve or reject it.
+    Waiting,
+    /// Approved: the change runs (after its plan is checked again).
+    Approved,
+    /// Rejected: the delivery is dead, nothing was changed.
+    Rejected,
+    /// Nobody decided within its timeout: rejected so.
+    Expired,
+}
+
+impl ApprovalState {
+    /// Its name in the store and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalState::Waiting => "waiting",
+            ApprovalState::Approved => "approved",
+            ApprovalState::Rejected => "rejected",
+            ApprovalState::Expired => "expired",
+        }
+    }
+    /// From its name.
+    pub fn parse(s: &str) -> Option<ApprovalState> {
+        Some(match s {
+            "waiting" => ApprovalState::Waiting,
+            "approved" => ApprovalState::Approved,
+            "rejected" => ApprovalState::Rejected,
+            "expired" => ApprovalState::Expired,
+            _ => return None,
+        })
+    }
+}
+
+/// A change that waits for a person's decision: a trigger's action or a workflow step
+/// with `approval: required`, with the plan (its dry run) the approver sees.
+#[derive(Debug, Clone, Serialize)]
+pub struct Approval {
+    /// Its number (`reflex approve ID`).
+    pub id: i64,
+    /// The delivery that waits.
+    pub delivery_id: i64,
+    /// The trigger.
+    pub trigger: String,
+    /// The workflow step, or empty for the trigger's action.
+    pub step: String,
+    /// Where it stands.
+    pub state: ApprovalState,
+    /// What the change would do (its dry run), as it was when last shown.
+    pub plan: String,
+    /// The event's type.
+    pub event_type: String,
+    /// The event's subject.
+    pub subject: Option<String>,
+    /// When it was asked for, or asked for again after its plan changed (ms since the epoch).
+    pub requested_at: i64,
+    /// When it is rejected unless decided (ms since the epoch).
+    pub expires_at: i64,
+    /// Who decided.
+    pub decided_by: Option<String>,
+    /// When (ms since the epoch).
+    pub decided_at: Option<i64>,
+    /// Why (the decision's reason, or why it was asked again).
+    pub reason: Option<String>,
+}
+
+/// An approval to ask for.
+#[derive(Debug, Clone)]
+pub struct NewApproval {
+    /// The delivery that waits.
+    pub delivery_id: i64,
+    /// The trigger.
+    pub trigger: String,
+    /// The workflow step, or empty.
+    pub step: String,
+    /// The plan.
+    pub plan: String,
+    /// The event's type.
+    pub event_type: String,
+    /// The event's subject.
+    pub subject: Option<String>,
+    /// When it is rejected unless decided (ms since the epoch).
+    pub expires_at: i64,
+}
+
+/// A change of an approval's state; each applies only from the state it names, so that two
+/// people (or nodes) deciding at once cannot both win.
+#[derive(Debug, Clone)]
+pub enum ApprovalChange {
+    /// Waiting → approved (`true`) or rejected, by whom and why.
+    Decide {
+        /// Approve (`true`) or reject.
+        approve: bool,
+        /// Who.
+        by: String,
+        /// Why.
+        reason: Option<String>,
+    },
+    /// Approved → waiting again with a new plan (the state changed since), until `expires_at`.
+    Replan {
+        /// The new plan.
+        plan: String,
+        /// Why it is asked again.
+        reason: String,
+        /// The new deadline.
+        expires_at: i64,
+    },
+    /// Waiting → expired.
+    Expire,
+}
+
+impl ApprovalChange {
+    /// The state the change applies from, and the state it leaves.
+    pub fn states(&self) -> (ApprovalState, ApprovalState) {
+        match self {
+            ApprovalChange::Decide { approve: true, .. } => {
+                (ApprovalState::Waiting, ApprovalState::Approved)
+            }
+            ApprovalChange::Decide { .. } => (ApprovalState::Waiting, ApprovalState::Rejected),
+            ApprovalChange::Replan { .. } => (ApprovalState::Approved, ApprovalState::Waiting),
+            ApprovalChange::Expire => (ApprovalState::Waiting, ApprovalState::Expired),
+        }
+    }
+}
+
 /// Events, history, attempts, dedup, throttle windows, checkpoints and retention.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync {
@@ -351,6 +502,23 @@ pub trait Store: Send + Sync {
     async fn release_lease(&self, name: &str) -> Result<(), StoreError>;
     /// How long a lease lasts unless renewed.
     fn lease_time(&self) -> Duration;
+    /// Pauses trigger `name` (a guard rail stopped it, or an operator): its deliveries wait,
+    /// on every node, until it is resumed. `false`: it was paused already (the first reason
+    /// stays).
+    async fn pause_trigger(&self, name: &str, reason: &str) -> Result<bool, StoreError>;
+    /// Lifts a trigger's pause.
+    async fn resume_trigger(&self, name: &str) -> Result<(), StoreError>;
+    /// The paused triggers.
+    async fn paused_triggers(&self) -> Result<Vec<PausedTrigger>, StoreError>;
+    /// Attempts of `triggers` that succeeded since `since` (ms since the epoch), and since
+    /// the pause `pause` (a trigger's name, or `*` for all) was last lifted: their changes,
+    /// for a blast radius.
+    async fn changes_since(
+        &self,
+        pause: &str,
+        triggers: &[String],
+        since: i64,
+    ) -> Result<u64, StoreError>;
     /// A source's stored position.
     async fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>, StoreError>;
     /// Applies retention; returns the number of events removed.
@@ -362,8 +530,42 @@ pub trait Store: Send + Sync {
     /// Bytes the store takes on disk, where the engine tells.
     async fn size_bytes(&self) -> Option<u64>;
     /// The nodes sharing this store, with their last heartbeat and the singletons each
+    /// The events a correlated delivery fired with (structured JSON, oldest first); empty
+    /// for any other delivery.
+    async fn correlated_events(&self, delivery: i64) -> Result<Vec<String>, StoreError>;
+    /// Asks for an approval; when one exists for the delivery and step, returns it instead.
+    async fn request_approval(&self, a: NewApproval) -> Result<Approval, StoreError>;
+    /// The approval of a delivery's step (empty: its trigger's action).
+    async fn approval_for(&self, delivery: i64, step: &str)
+        -> Result<Option<Approval>, StoreError>;
+    /// One approval.
+    async fn approval(&self, id: i64) -> Result<Option<Approval>, StoreError>;
+    /// Approvals, newest first, in `state` if given.
+    async fn approvals(
+        &self,
+        state: Option<ApprovalState>,
+        limit: u32,
+    ) -> Result<Vec<Approval>, StoreError>;
+    /// Applies `change` when the approval is in the state it applies from; `None` when it
+    /// is not (someone else decided first, or it is gone).
+    async fn change_approval(
+        &self,
+        id: i64,
+        change: ApprovalChange,
+    ) -> Result<Option<Approval>, StoreError>;
     /// holds (one entry, this process, for the embedded store).
     async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError>;
+}
+
+/// A paused trigger.
+#[derive(Debug, Clone, Serialize)]
+pub struct PausedTrigger {
+    /// Its name.
+    pub trigger: String,
+    /// Since when (ms since the epoch).
+    pub since: i64,
+    /// Why.
+    pub reason: String,
 }
 
 /// A reflex process sharing the store.
@@ -409,6 +611,10 @@ pub trait Bus: Send + Sync {
         state: State,
         next_at: Option<i64>,
     ) -> Result<(), StoreError>;
+    /// Makes a delivery that waits for an approval due now, after a decision; the attempt
+    /// that put it to wait does not count toward its `max_attempts`. `None`: it no longer
+    /// waits (finished, or running).
+    async fn wake(&self, id: i64) -> Result<Option<OpenDelivery>, StoreError>;
     /// Returns a dead or throttled delivery to `pending` with a fresh attempt budget.
     async fn replay(&self, id: i64) -> Result<OpenDelivery, StoreError>;
     /// Up to `limit` deliveries still to do with an id above `after`, in id order: pending

@@ -9,8 +9,9 @@
 //! runs; a node that dies leaves its running deliveries to the others once the lease ends.
 
 use super::{
-    now_ms, AttemptRecord, Checkpoint, DeliveryQuery, DeliveryRecord, EventDetail, EventQuery,
-    EventSummary, NewEvent, OpenDelivery, Retention, State, StoreError, Stored,
+    now_ms, Approval, ApprovalChange, ApprovalState, AttemptRecord, Checkpoint, DeliveryQuery,
+    DeliveryRecord, EventDetail, EventQuery, EventSummary, NewApproval, NewEvent, OpenDelivery,
+    PausedTrigger, Retention, State, StoreError, Stored,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::collections::{HashMap, HashSet};
@@ -135,6 +136,57 @@ CREATE UNIQUE INDEX events_dedup ON events (dedup_key) WHERE dedup_key IS NOT NU
 DROP TABLE dedup_keys;
 "#,
     ),
+    (
+        3,
+        "paused triggers",
+        r#"
+CREATE TABLE trigger_pauses (
+    trigger TEXT PRIMARY KEY,
+    since BIGINT NOT NULL,
+    reason TEXT NOT NULL,
+    resumed_at BIGINT
+);
+"#,
+    ),
+    (
+        4,
+        "approvals",
+        r#"
+CREATE TABLE approvals (
+    id BIGSERIAL PRIMARY KEY,
+    delivery_id BIGINT NOT NULL,
+    trigger TEXT NOT NULL,
+    step TEXT NOT NULL,
+    state TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    subject TEXT,
+    requested_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    decided_by TEXT,
+    decided_at BIGINT,
+    reason TEXT,
+    UNIQUE (delivery_id, step)
+);
+CREATE INDEX approvals_by_state ON approvals (state, id);
+"#,
+    ),
+    (
+        5,
+        "correlation windows",
+        r#"
+CREATE TABLE correlations (
+    trigger TEXT NOT NULL,
+    key TEXT NOT NULL,
+    event_seq BIGINT NOT NULL,
+    delivery_id BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    fired_by BIGINT
+);
+CREATE INDEX correlations_open ON correlations (trigger, key) WHERE fired_by IS NULL;
+CREATE INDEX correlations_fired ON correlations (fired_by) WHERE fired_by IS NOT NULL;
+"#,
+    ),
 ];
 
 /// Any number serves, as long as every node uses the same: start-ups take it in turn.
@@ -254,7 +306,12 @@ async fn claim_batch(inner: Arc<Inner>, ids: Vec<i64>) -> Result<Vec<bool>, Stor
         .iter()
         .map(|r| r.get(0))
         .collect();
-    Ok(ids.iter().map(|id| claimed.contains(id)).collect())
+    // The same delivery asked twice in one batch (two copies of its message) is given once.
+    let mut given = HashSet::with_capacity(ids.len());
+    Ok(ids
+        .iter()
+        .map(|id| claimed.contains(id) && given.insert(*id))
+        .collect())
 }
 
 /// Records a batch of attempts and their deliveries' new states in one durable statement.
@@ -981,9 +1038,11 @@ async fn insert_events(
         &dv.state,
         &dv.ordering_key,
     ];
-    let throttled = rows
-        .iter()
-        .any(|r| r.e.deliveries.iter().any(|d| d.throttle.is_some()));
+    let throttled = rows.iter().any(|r| {
+        r.e.deliveries
+            .iter()
+            .any(|d| d.throttle.is_some() || d.correlate.is_some())
+    });
     if throttled {
         client.batch_execute("BEGIN").await.map_err(err)?;
     }
@@ -1040,7 +1099,74 @@ async fn insert_events(
             .await
             .map_err(err)?;
     }
+    for r in rows.iter_mut() {
+        let Some(seq) = r.seq else { continue };
+        for (d, (id, state)) in r.e.deliveries.iter().zip(r.deliveries.iter_mut()) {
+            if let Some(c) = &d.correlate {
+                *state = correlate(client, &d.trigger, c, seq, *id, now).await?;
+            }
+        }
+    }
     client.batch_execute("COMMIT").await.map_err(err)
+}
+
+/// Counts delivery `id` (of event `seq`) in its trigger's correlation window for its key,
+/// within the ingest transaction: `Pending` when it completes the count (the window's
+/// events are then its own), otherwise `Throttled`, with why. Nodes ingesting the same key
+/// at once take turns (a transaction lock on the key).
+async fn correlate(
+    client: &deadpool_postgres::Client,
+    trigger: &str,
+    c: &super::Correlate,
+    seq: i64,
+    id: i64,
+    now: i64,
+) -> Result<State, StoreError> {
+    let err = |e| pg_error("counting a correlation", e);
+    let since = now - c.within.as_millis().min(i64::MAX as u128) as i64;
+    let lock = format!("correlation\u{1f}{trigger}\u{1f}{}", c.key);
+    client
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&lock],
+        )
+        .await
+        .map_err(err)?;
+    client
+        .execute(
+            "DELETE FROM correlations WHERE trigger = $1 AND key = $2 AND fired_by IS NULL AND at < $3",
+            &[&trigger, &c.key, &since],
+        )
+        .await
+        .map_err(err)?;
+    let n: i64 = client
+        .query_one(
+            "WITH ins AS (INSERT INTO correlations (trigger, key, event_seq, delivery_id, at)
+                          VALUES ($1, $2, $3, $4, $5) RETURNING 1)
+             SELECT 1 + count(*) FROM correlations WHERE trigger = $1 AND key = $2 AND fired_by IS NULL",
+            &[&trigger, &c.key, &seq, &id, &now],
+        )
+        .await
+        .map_err(err)?
+        .get(0);
+    if n >= i64::from(c.count) {
+        client
+            .execute(
+                "UPDATE correlations SET fired_by = $3 WHERE trigger = $1 AND key = $2 AND fired_by IS NULL",
+                &[&trigger, &c.key, &id],
+            )
+            .await
+            .map_err(err)?;
+        return Ok(State::Pending);
+    }
+    client
+        .execute(
+            "UPDATE deliveries SET state = 'throttled', last_error = $2 WHERE id = $1",
+            &[&id, &super::correlation_note(c, n as u32)],
+        )
+        .await
+        .map_err(err)?;
+    Ok(State::Throttled)
 }
 
 /// Events as column arrays, for `UNNEST`.
@@ -1064,8 +1190,33 @@ struct DeliveryColumns<'a> {
     ordering_key: Vec<Option<&'a str>>,
 }
 
+const APPROVAL_COLUMNS: &str = "id, delivery_id, trigger, step, state, plan, event_type, subject, requested_at, expires_at, decided_by, decided_at, reason";
+
+fn approval_row(r: &Row) -> Result<Approval, StoreError> {
+    let state: String = r.get(4);
+    Ok(Approval {
+        id: r.get(0),
+        delivery_id: r.get(1),
+        trigger: r.get(2),
+        step: r.get(3),
+        state: ApprovalState::parse(&state).ok_or_else(|| StoreError::Backend {
+            backend: "postgres",
+            what: "reading an approval".into(),
+            message: format!("unknown approval state `{state}`"),
+        })?,
+        plan: r.get(5),
+        event_type: r.get(6),
+        subject: r.get(7),
+        requested_at: r.get(8),
+        expires_at: r.get(9),
+        decided_by: r.get(10),
+        decided_at: r.get(11),
+        reason: r.get(12),
+    })
+}
+
 const OPEN_COLUMNS: &str =
-    "d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at";
+    "d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at, d.last_error";
 
 fn open_row(r: &Row) -> OpenDelivery {
     OpenDelivery {
@@ -1077,6 +1228,7 @@ fn open_row(r: &Row) -> OpenDelivery {
         next_at: r.get(5),
         event_body: r.get(6),
         received_at: r.get(7),
+        last_error: r.get(8),
     }
 }
 
@@ -1314,6 +1466,66 @@ impl super::Store for PgStore {
         Duration::from_millis(self.inner.lease_ms as u64)
     }
 
+    async fn pause_trigger(&self, name: &str, reason: &str) -> Result<bool, StoreError> {
+        self.query(
+            "pausing a trigger",
+            "INSERT INTO trigger_pauses(trigger, since, reason) VALUES ($1, $2, $3)
+             ON CONFLICT (trigger) DO UPDATE SET since = excluded.since, reason = excluded.reason, resumed_at = NULL
+             WHERE trigger_pauses.resumed_at IS NOT NULL
+             RETURNING trigger",
+            &[&name, &now_ms(), &reason],
+        )
+        .await
+        .map(|rows| !rows.is_empty())
+    }
+
+    async fn resume_trigger(&self, name: &str) -> Result<(), StoreError> {
+        self.query(
+            "resuming a trigger",
+            "UPDATE trigger_pauses SET resumed_at = $2 WHERE trigger = $1 AND resumed_at IS NULL",
+            &[&name, &now_ms()],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn paused_triggers(&self) -> Result<Vec<PausedTrigger>, StoreError> {
+        let rows = self
+            .query(
+                "reading paused triggers",
+                "SELECT trigger, since, reason FROM trigger_pauses WHERE resumed_at IS NULL ORDER BY trigger",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| PausedTrigger {
+                trigger: r.get(0),
+                since: r.get(1),
+                reason: r.get(2),
+            })
+            .collect())
+    }
+
+    async fn changes_since(
+        &self,
+        pause: &str,
+        triggers: &[String],
+        since: i64,
+    ) -> Result<u64, StoreError> {
+        let triggers = triggers.to_vec();
+        let rows = self
+            .query(
+                "counting triggers' changes",
+                "SELECT count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
+                 WHERE d.trigger = ANY($1) AND a.outcome = 'succeeded'
+                   AND a.started_at >= GREATEST($2, COALESCE((SELECT resumed_at FROM trigger_pauses WHERE trigger = $3), 0))",
+                &[&triggers, &since, &pause],
+            )
+            .await?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)) as u64)
+    }
+
     async fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>, StoreError> {
         let rows = self
             .query(
@@ -1363,6 +1575,15 @@ impl super::Store for PgStore {
             )
             .await
             .map_err(err)?;
+            tx.execute("DELETE FROM correlations WHERE event_seq <= $1", &[&cutoff])
+                .await
+                .map_err(err)?;
+            tx.execute(
+                &format!("DELETE FROM approvals WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_seq <= $1 AND event_seq NOT IN ({OPEN}))"),
+                &[&cutoff],
+            )
+            .await
+            .map_err(err)?;
             tx.execute(
                 &format!(
                     "DELETE FROM deliveries WHERE event_seq <= $1 AND event_seq NOT IN ({OPEN})"
@@ -1394,6 +1615,126 @@ impl super::Store for PgStore {
         self.query("checking the connection", "SELECT 1", &[])
             .await
             .map(|_| ())
+    }
+
+    async fn correlated_events(&self, delivery: i64) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .query(
+                "reading a correlation's events",
+                "SELECT e.body FROM correlations c JOIN events e ON e.seq = c.event_seq
+                 WHERE c.fired_by = $1 ORDER BY c.event_seq",
+                &[&delivery],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn request_approval(&self, a: NewApproval) -> Result<Approval, StoreError> {
+        self.query(
+            "asking for an approval",
+            "INSERT INTO approvals (delivery_id, trigger, step, state, plan, event_type, subject, requested_at, expires_at)
+             VALUES ($1, $2, $3, 'waiting', $4, $5, $6, $7, $8) ON CONFLICT (delivery_id, step) DO NOTHING",
+            &[&a.delivery_id, &a.trigger, &a.step, &a.plan, &a.event_type, &a.subject, &now_ms(), &a.expires_at],
+        )
+        .await?;
+        self.approval_for(a.delivery_id, &a.step)
+            .await?
+            .ok_or_else(|| {
+                StoreError::NotFound(format!("the approval of delivery {}", a.delivery_id))
+            })
+    }
+
+    async fn approval_for(
+        &self,
+        delivery: i64,
+        step: &str,
+    ) -> Result<Option<Approval>, StoreError> {
+        let rows = self
+            .query(
+                "reading an approval",
+                &format!(
+                    "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE delivery_id = $1 AND step = $2"
+                ),
+                &[&delivery, &step],
+            )
+            .await?;
+        rows.first().map(approval_row).transpose()
+    }
+
+    async fn approval(&self, id: i64) -> Result<Option<Approval>, StoreError> {
+        let rows = self
+            .query(
+                "reading an approval",
+                &format!("SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1"),
+                &[&id],
+            )
+            .await?;
+        rows.first().map(approval_row).transpose()
+    }
+
+    async fn approvals(
+        &self,
+        state: Option<ApprovalState>,
+        limit: u32,
+    ) -> Result<Vec<Approval>, StoreError> {
+        let state = state.map(ApprovalState::as_str);
+        let rows = self
+            .query(
+                "listing approvals",
+                &format!(
+                    "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE ($1::text IS NULL OR state = $1)
+                     ORDER BY id DESC LIMIT $2"
+                ),
+                &[&state, &i64::from(limit)],
+            )
+            .await?;
+        rows.iter().map(approval_row).collect()
+    }
+
+    async fn change_approval(
+        &self,
+        id: i64,
+        change: ApprovalChange,
+    ) -> Result<Option<Approval>, StoreError> {
+        let (from, to) = change.states();
+        let (from, to) = (from.as_str(), to.as_str());
+        let now = now_ms();
+        let what = "changing an approval";
+        let rows = match &change {
+            ApprovalChange::Decide { by, reason, .. } => {
+                self.query(
+                    what,
+                    &format!("UPDATE approvals SET state = $2, decided_by = $3, decided_at = $4, reason = $5
+                              WHERE id = $1 AND state = $6 RETURNING {APPROVAL_COLUMNS}"),
+                    &[&id, &to, by, &now, reason, &from],
+                )
+                .await?
+            }
+            ApprovalChange::Replan {
+                plan,
+                reason,
+                expires_at,
+            } => {
+                self.query(
+                    what,
+                    &format!("UPDATE approvals SET state = $2, plan = $3, reason = $4, requested_at = $5, expires_at = $6,
+                                     decided_by = NULL, decided_at = NULL
+                              WHERE id = $1 AND state = $7 RETURNING {APPROVAL_COLUMNS}"),
+                    &[&id, &to, plan, reason, &now, expires_at, &from],
+                )
+                .await?
+            }
+            ApprovalChange::Expire => {
+                self.query(
+                    what,
+                    &format!("UPDATE approvals SET state = $2, decided_at = $3, reason = 'nobody decided before it expired'
+                              WHERE id = $1 AND state = $4 RETURNING {APPROVAL_COLUMNS}"),
+                    &[&id, &to, &now, &from],
+                )
+                .await?
+            }
+        };
+        rows.first().map(approval_row).transpose()
     }
 
     async fn nodes(&self) -> Result<Vec<super::NodeInfo>, StoreError> {
@@ -1459,6 +1800,21 @@ impl super::Bus for PgStore {
     ) -> Result<(), StoreError> {
         self.batched(&self.inner.finishes, (id, attempt, state, next_at))
             .await
+    }
+
+    async fn wake(&self, id: i64) -> Result<Option<OpenDelivery>, StoreError> {
+        let rows = self
+            .query(
+                "waking a delivery",
+                &format!(
+                    "WITH d AS (UPDATE deliveries SET next_at = $2, attempt_base = attempt_base + 1, updated_at = $2
+                                WHERE id = $1 AND state = 'retrying' RETURNING *)
+                     SELECT {OPEN_COLUMNS} FROM d JOIN events e ON e.seq = d.event_seq"
+                ),
+                &[&id, &now_ms()],
+            )
+            .await?;
+        Ok(rows.first().map(open_row))
     }
 
     async fn replay(&self, id: i64) -> Result<OpenDelivery, StoreError> {

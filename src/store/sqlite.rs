@@ -5,8 +5,9 @@
 use super::dedup::{self, Dedup, DedupLimits};
 use super::sqlite_schema as schema;
 use super::{
-    now_ms, AttemptRecord, Checkpoint, DeliveryQuery, DeliveryRecord, EventDetail, EventQuery,
-    EventSummary, NewEvent, OpenDelivery, Retention, State, StoreError, Stored,
+    now_ms, Approval, ApprovalChange, ApprovalState, AttemptRecord, Checkpoint, DeliveryQuery,
+    DeliveryRecord, EventDetail, EventQuery, EventSummary, NewApproval, NewEvent, OpenDelivery,
+    PausedTrigger, Retention, State, StoreError, Stored,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
@@ -42,6 +43,21 @@ enum Op {
     Prune(Retention, oneshot::Sender<Result<u64, StoreError>>),
     Flush(oneshot::Sender<()>),
     Checkpoint(String, i64, String, oneshot::Sender<Result<(), StoreError>>),
+    /// Pause (with a reason) or resume (`None`) a trigger.
+    Pause(
+        String,
+        Option<String>,
+        oneshot::Sender<Result<bool, StoreError>>,
+    ),
+    /// Ask for an approval (`Ok`) or change one (`Err`: its id and the change).
+    Approval(
+        Result<NewApproval, (i64, ApprovalChange)>,
+        oneshot::Sender<Result<Option<Approval>, StoreError>>,
+    ),
+    Wake(
+        i64,
+        oneshot::Sender<Result<Option<OpenDelivery>, StoreError>>,
+    ),
 }
 
 /// The SQLite store and bus; cheap to clone.
@@ -287,6 +303,53 @@ impl super::Store for SqliteStore {
             .await?
     }
 
+    async fn pause_trigger(&self, name: &str, reason: &str) -> Result<bool, StoreError> {
+        let (name, reason) = (name.to_string(), reason.to_string());
+        self.call(|tx| Op::Pause(name, Some(reason), tx)).await?
+    }
+
+    async fn resume_trigger(&self, name: &str) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.call(|tx| Op::Pause(name, None, tx)).await?.map(|_| ())
+    }
+
+    async fn paused_triggers(&self) -> Result<Vec<PausedTrigger>, StoreError> {
+        self.read(|c| {
+            let mut st =
+                c.prepare_cached("SELECT trigger, since, reason FROM trigger_pauses WHERE resumed_at IS NULL ORDER BY trigger")?;
+            let rows = st.query_map([], |r| {
+                Ok(PausedTrigger {
+                    trigger: r.get(0)?,
+                    since: r.get(1)?,
+                    reason: r.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn changes_since(
+        &self,
+        pause: &str,
+        triggers: &[String],
+        since: i64,
+    ) -> Result<u64, StoreError> {
+        let pause = pause.to_string();
+        let triggers = serde_json::to_string(triggers).unwrap_or_else(|_| "[]".into());
+        self.read(move |c| {
+            c.query_row(
+                "SELECT count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
+                 WHERE d.trigger IN (SELECT value FROM json_each(?1)) AND a.outcome = 'succeeded'
+                   AND a.started_at >= MAX(?2, COALESCE((SELECT resumed_at FROM trigger_pauses WHERE trigger = ?3), 0))",
+                params![triggers, since, pause],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .await
+        .map(|n| n as u64)
+    }
+
     async fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>, StoreError> {
         let source = source.to_string();
         self.read(move |c| {
@@ -315,6 +378,78 @@ impl super::Store for SqliteStore {
 
     async fn health(&self) -> Result<(), StoreError> {
         self.read(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+
+    async fn correlated_events(&self, delivery: i64) -> Result<Vec<String>, StoreError> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT e.body FROM correlations c JOIN events e ON e.seq = c.event_seq
+                 WHERE c.fired_by = ?1 ORDER BY c.event_seq",
+            )?;
+            let rows = st.query_map([delivery], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn request_approval(&self, a: NewApproval) -> Result<Approval, StoreError> {
+        self.call(|tx| Op::Approval(Ok(a), tx))
+            .await??
+            .ok_or_else(|| StoreError::NotFound("the approval just asked for".into()))
+    }
+
+    async fn approval_for(
+        &self,
+        delivery: i64,
+        step: &str,
+    ) -> Result<Option<Approval>, StoreError> {
+        let step = step.to_string();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE delivery_id=?1 AND step=?2"
+            ))?
+            .query_row(params![delivery, step], approval_row)
+            .optional()
+        })
+        .await
+    }
+
+    async fn approval(&self, id: i64) -> Result<Option<Approval>, StoreError> {
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id=?1"
+            ))?
+            .query_row([id], approval_row)
+            .optional()
+        })
+        .await
+    }
+
+    async fn approvals(
+        &self,
+        state: Option<ApprovalState>,
+        limit: u32,
+    ) -> Result<Vec<Approval>, StoreError> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE (?1 IS NULL OR state = ?1)
+                 ORDER BY id DESC LIMIT ?2"
+            ))?;
+            let rows = st.query_map(
+                params![state.map(ApprovalState::as_str), limit],
+                approval_row,
+            )?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn change_approval(
+        &self,
+        id: i64,
+        change: ApprovalChange,
+    ) -> Result<Option<Approval>, StoreError> {
+        self.call(|tx| Op::Approval(Err((id, change)), tx)).await?
     }
 
     async fn nodes(&self) -> Result<Vec<super::NodeInfo>, StoreError> {
@@ -388,6 +523,10 @@ impl super::Bus for SqliteStore {
         self.call(|tx| Op::Replay(id, tx)).await?
     }
 
+    async fn wake(&self, id: i64) -> Result<Option<OpenDelivery>, StoreError> {
+        self.call(|tx| Op::Wake(id, tx)).await?
+    }
+
     async fn open_deliveries(
         &self,
         after: i64,
@@ -397,7 +536,7 @@ impl super::Bus for SqliteStore {
         // Each state is read along its index, so a large history costs nothing.
         self.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
+                "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at, d.last_error
                  FROM deliveries d JOIN events e ON e.seq = d.event_seq
                  WHERE d.state = ?1 AND d.id > ?2
                    AND (d.next_at IS NULL OR d.next_at <= ?4 OR d.ordering_key IS NOT NULL)
@@ -427,7 +566,7 @@ impl super::Bus for SqliteStore {
     ) -> Result<Vec<OpenDelivery>, StoreError> {
         self.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
+                "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at, d.last_error
                  FROM deliveries d JOIN events e ON e.seq = d.event_seq
                  WHERE d.state IN ('pending','retrying') AND d.next_at IS NOT NULL
                    AND d.next_at <= ?1 AND d.ordering_key IS NULL
@@ -504,6 +643,7 @@ fn open_delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpenDelivery> {
         next_at: r.get(5)?,
         event_body: r.get(6)?,
         received_at: r.get(7)?,
+        last_error: r.get(8)?,
     })
 }
 
@@ -521,6 +661,15 @@ enum Reply {
         Result<u64, rusqlite::Error>,
     ),
     Done(oneshot::Sender<Result<(), StoreError>>),
+    Paused(oneshot::Sender<Result<bool, StoreError>>, bool),
+    Approval(
+        oneshot::Sender<Result<Option<Approval>, StoreError>>,
+        Result<Option<Approval>, rusqlite::Error>,
+    ),
+    Wake(
+        oneshot::Sender<Result<Option<OpenDelivery>, StoreError>>,
+        Result<Option<OpenDelivery>, rusqlite::Error>,
+    ),
     Flush(oneshot::Sender<()>),
 }
 
@@ -626,6 +775,31 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, mut k
                         replies.push(Reply::Prune(reply, res));
                     }
                     Op::Flush(reply) => replies.push(Reply::Flush(reply)),
+                    Op::Pause(trigger, reason, reply) => {
+                        let changed = match reason {
+                            Some(reason) => tx
+                                .prepare_cached(
+                                    "INSERT INTO trigger_pauses(trigger, since, reason) VALUES (?1,?2,?3)
+                                     ON CONFLICT(trigger) DO UPDATE SET since=excluded.since, reason=excluded.reason, resumed_at=NULL
+                                     WHERE trigger_pauses.resumed_at IS NOT NULL",
+                                )?
+                                .execute(params![trigger, now, reason])?,
+                            None => tx
+                                .prepare_cached("UPDATE trigger_pauses SET resumed_at=?2 WHERE trigger=?1 AND resumed_at IS NULL")?
+                                .execute(params![trigger, now])?,
+                        };
+                        replies.push(Reply::Paused(reply, changed > 0));
+                    }
+                    Op::Approval(op, reply) => {
+                        let r = match op {
+                            Ok(new) => request_approval(&tx, &new, now).map(Some),
+                            Err((id, change)) => change_approval(&tx, id, &change, now),
+                        };
+                        replies.push(Reply::Approval(reply, r));
+                    }
+                    Op::Wake(id, reply) => {
+                        replies.push(Reply::Wake(reply, wake(&tx, id, now)));
+                    }
                     Op::Checkpoint(source, position, time, reply) => {
                         tx.prepare_cached(
                             "INSERT INTO checkpoints(source, position, time, updated_at) VALUES (?1,?2,?3,?4)
@@ -679,6 +853,26 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, mut k
                     let _ = tx.send(match &result {
                         Ok(()) => Ok(()),
                         Err(e) => Err(sqlite_err(clone_err(e))),
+                    });
+                }
+                Reply::Paused(tx, changed) => {
+                    let _ = tx.send(match &result {
+                        Ok(()) => Ok(changed),
+                        Err(e) => Err(sqlite_err(clone_err(e))),
+                    });
+                }
+                Reply::Approval(tx, r) => {
+                    let _ = tx.send(match (&result, r) {
+                        (Ok(()), Ok(v)) => Ok(v),
+                        (Err(e), _) => Err(sqlite_err(clone_err(e))),
+                        (_, Err(e)) => Err(sqlite_err(e)),
+                    });
+                }
+                Reply::Wake(tx, r) => {
+                    let _ = tx.send(match (&result, r) {
+                        (Ok(()), Ok(v)) => Ok(v),
+                        (Err(e), _) => Err(sqlite_err(clone_err(e))),
+                        (_, Err(e)) => Err(sqlite_err(e)),
                     });
                 }
                 Reply::Flush(tx) => {
@@ -784,7 +978,12 @@ fn ingest(
                 None => State::Pending,
             };
             ins_delivery.execute(params![seq, d.trigger, state.as_str(), d.ordering_key, now])?;
-            deliveries.push((tx.last_insert_rowid(), state));
+            let id = tx.last_insert_rowid();
+            let state = match &d.correlate {
+                Some(c) => correlate(tx, &d.trigger, c, seq, id, now)?,
+                None => state,
+            };
+            deliveries.push((id, state));
         }
         out.push(Stored {
             seq,
@@ -793,6 +992,43 @@ fn ingest(
         });
     }
     Ok(out)
+}
+
+/// Counts delivery `id` (of event `seq`) in its trigger's correlation window for its key:
+/// `Pending` when it completes the count (the window's events are then its own), otherwise
+/// `Throttled`, with why, until more come.
+fn correlate(
+    tx: &Connection,
+    trigger: &str,
+    c: &super::Correlate,
+    seq: i64,
+    id: i64,
+    now: i64,
+) -> rusqlite::Result<State> {
+    let since = now - c.within.as_millis().min(i64::MAX as u128) as i64;
+    tx.prepare_cached(
+        "DELETE FROM correlations WHERE trigger=?1 AND key=?2 AND fired_by IS NULL AND at < ?3",
+    )?
+    .execute(params![trigger, c.key, since])?;
+    tx.prepare_cached(
+        "INSERT INTO correlations(trigger, key, event_seq, delivery_id, at) VALUES (?1,?2,?3,?4,?5)",
+    )?
+    .execute(params![trigger, c.key, seq, id, now])?;
+    let n: u32 = tx
+        .prepare_cached(
+            "SELECT count(*) FROM correlations WHERE trigger=?1 AND key=?2 AND fired_by IS NULL",
+        )?
+        .query_row(params![trigger, c.key], |r| r.get(0))?;
+    if n >= c.count {
+        tx.prepare_cached(
+            "UPDATE correlations SET fired_by=?3 WHERE trigger=?1 AND key=?2 AND fired_by IS NULL",
+        )?
+        .execute(params![trigger, c.key, id])?;
+        return Ok(State::Pending);
+    }
+    tx.prepare_cached("UPDATE deliveries SET state='throttled', last_error=?2 WHERE id=?1")?
+        .execute(params![id, super::correlation_note(c, n)])?;
+    Ok(State::Throttled)
 }
 
 fn replay(tx: &rusqlite::Transaction<'_>, id: i64, now: i64) -> Result<OpenDelivery, StoreError> {
@@ -818,12 +1054,109 @@ fn replay(tx: &rusqlite::Transaction<'_>, id: i64, now: i64) -> Result<OpenDeliv
     )
     .map_err(q)?;
     tx.query_row(
-        "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at
+        "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at, d.last_error
          FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id=?1",
         [id],
         open_delivery_row,
     )
     .map_err(q)
+}
+
+const APPROVAL_COLUMNS: &str = "id, delivery_id, trigger, step, state, plan, event_type, subject, requested_at, expires_at, decided_by, decided_at, reason";
+
+fn approval_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Approval> {
+    let state: String = r.get(4)?;
+    Ok(Approval {
+        id: r.get(0)?,
+        delivery_id: r.get(1)?,
+        trigger: r.get(2)?,
+        step: r.get(3)?,
+        state: ApprovalState::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                4,
+                rusqlite::types::Type::Text,
+                format!("unknown approval state `{state}`").into(),
+            )
+        })?,
+        plan: r.get(5)?,
+        event_type: r.get(6)?,
+        subject: r.get(7)?,
+        requested_at: r.get(8)?,
+        expires_at: r.get(9)?,
+        decided_by: r.get(10)?,
+        decided_at: r.get(11)?,
+        reason: r.get(12)?,
+    })
+}
+
+fn request_approval(tx: &Connection, a: &NewApproval, now: i64) -> rusqlite::Result<Approval> {
+    tx.prepare_cached(
+        "INSERT INTO approvals(delivery_id, trigger, step, state, plan, event_type, subject, requested_at, expires_at)
+         VALUES (?1,?2,?3,'waiting',?4,?5,?6,?7,?8) ON CONFLICT(delivery_id, step) DO NOTHING",
+    )?
+    .execute(params![a.delivery_id, a.trigger, a.step, a.plan, a.event_type, a.subject, now, a.expires_at])?;
+    tx.prepare_cached(&format!(
+        "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE delivery_id=?1 AND step=?2"
+    ))?
+    .query_row(params![a.delivery_id, a.step], approval_row)
+}
+
+fn change_approval(
+    tx: &Connection,
+    id: i64,
+    change: &ApprovalChange,
+    now: i64,
+) -> rusqlite::Result<Option<Approval>> {
+    let (from, to) = change.states();
+    let (from, to) = (from.as_str(), to.as_str());
+    let changed = match change {
+        ApprovalChange::Decide { by, reason, .. } => tx
+            .prepare_cached(
+                "UPDATE approvals SET state=?2, decided_by=?3, decided_at=?4, reason=?5 WHERE id=?1 AND state=?6",
+            )?
+            .execute(params![id, to, by, now, reason, from])?,
+        ApprovalChange::Replan {
+            plan,
+            reason,
+            expires_at,
+        } => tx
+            .prepare_cached(
+                "UPDATE approvals SET state=?2, plan=?3, reason=?4, requested_at=?5, expires_at=?6,
+                        decided_by=NULL, decided_at=NULL WHERE id=?1 AND state=?7",
+            )?
+            .execute(params![id, to, plan, reason, now, expires_at, from])?,
+        ApprovalChange::Expire => tx
+            .prepare_cached(
+                "UPDATE approvals SET state=?2, decided_at=?3, reason='nobody decided before it expired' WHERE id=?1 AND state=?4",
+            )?
+            .execute(params![id, to, now, from])?,
+    };
+    if changed == 0 {
+        return Ok(None);
+    }
+    tx.prepare_cached(&format!(
+        "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id=?1"
+    ))?
+    .query_row([id], approval_row)
+    .optional()
+}
+
+fn wake(tx: &Connection, id: i64, now: i64) -> rusqlite::Result<Option<OpenDelivery>> {
+    let changed = tx
+        .prepare_cached(
+            "UPDATE deliveries SET next_at=?2, attempt_base=attempt_base+1, updated_at=?2 WHERE id=?1 AND state='retrying'",
+        )?
+        .execute(params![id, now])?;
+    if changed == 0 {
+        return Ok(None);
+    }
+    tx.query_row(
+        "SELECT d.id, d.trigger, d.ordering_key, d.attempts, d.attempt_base, d.next_at, e.body, e.received_at, d.last_error
+         FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id=?1",
+        [id],
+        open_delivery_row,
+    )
+    .optional()
 }
 
 /// The highest seq received before `before_ms`, by binary search over seq: `received_at`
@@ -898,6 +1231,14 @@ fn prune(
             [cutoff_seq],
         )?;
         tx.execute(
+            "DELETE FROM correlations WHERE event_seq <= ?1",
+            [cutoff_seq],
+        )?;
+        tx.execute(
+            &format!("DELETE FROM approvals WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_seq <= ?1 AND event_seq NOT IN ({KEEP}))"),
+            [cutoff_seq],
+        )?;
+        tx.execute(
             &format!("DELETE FROM deliveries WHERE event_seq <= ?1 AND event_seq NOT IN ({KEEP})"),
             [cutoff_seq],
         )?;
@@ -930,6 +1271,7 @@ mod tests {
                     trigger: t.into(),
                     ordering_key: None,
                     throttle: None,
+                    correlate: None,
                 })
                 .into_iter()
                 .collect(),

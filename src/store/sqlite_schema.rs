@@ -54,10 +54,43 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     time TEXT NOT NULL,
     updated_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS trigger_pauses (
+    trigger TEXT PRIMARY KEY,
+    since INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    resumed_at INTEGER
+);
 CREATE TABLE IF NOT EXISTS throttles (
     trigger TEXT NOT NULL,
     key TEXT NOT NULL,
     until INTEGER NOT NULL,
     PRIMARY KEY (trigger, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS approvals (
+    id INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL,
+    trigger TEXT NOT NULL,
+    step TEXT NOT NULL,
+    state TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    subject TEXT,
+    requested_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    decided_by TEXT,
+    decided_at INTEGER,
+    reason TEXT,
+    UNIQUE (delivery_id, step)
+);
+CREATE INDEX IF NOT EXISTS approvals_by_state ON approvals(state, id);
+CREATE TABLE IF NOT EXISTS correlations (
+    trigger TEXT NOT NULL,
+    key TEXT NOT NULL,
+    event_seq INTEGER NOT NULL,
+    delivery_id INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    fired_by INTEGER
+);
+CREATE INDEX IF NOT EXISTS correlations_open ON correlations(trigger, key) WHERE fired_by IS NULL;
+CREATE INDEX IF NOT EXISTS correlations_fired ON correlations(fired_by) WHERE fired_by IS NOT NULL;
 "#;

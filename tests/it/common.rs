@@ -133,6 +133,10 @@ impl Reflex {
         } else {
             format!("store: {}\n{yaml}", store_config(dir.path()))
         };
+        let yaml = match (amqp_bus_for(dir.path()), yaml.contains("\nbus:")) {
+            (Some(bus), false) => format!("{yaml}\nbus: {bus}\n"),
+            _ => yaml,
+        };
         let cfg = reflex::config::parse("test.yaml", &yaml).unwrap_or_else(|e| panic!("{e}"));
         let compiled = reflex::compile("test.yaml".into(), cfg).unwrap_or_else(|e| panic!("{e}"));
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -218,6 +222,17 @@ impl Reflex {
         }
     }
 
+    /// Asserts `/metrics` counts a decision of guard rail `guard` (any trigger).
+    pub async fn assert_guard_rail(&self, guard: &str, decision: &str) {
+        let m = self.metrics().await;
+        let want = format!("guard=\"{guard}\",decision=\"{decision}\"");
+        assert!(
+            m.lines()
+                .any(|l| l.starts_with("reflex_guard_rail_decisions_total{") && l.contains(&want)),
+            "no {guard}/{decision} guard-rail decision in the metrics:\n{m}"
+        );
+    }
+
     pub async fn metrics(&self) -> String {
         self.client
             .get(format!("{}/metrics", self.api))
@@ -266,6 +281,35 @@ pub fn pg_admin_url() -> Option<String> {
         Ok("sqlite") | Ok("") | Err(_) => None,
         Ok(other) => panic!("REFLEX_TEST_STORE={other}: expected sqlite or postgres"),
     }
+}
+
+/// Whether the suite runs with `REFLEX_TEST_BUS=amqp`.
+pub fn on_amqp_bus() -> bool {
+    std::env::var("REFLEX_TEST_BUS").as_deref() == Ok("amqp")
+}
+
+/// With `REFLEX_TEST_BUS=amqp` (and the PostgreSQL store), the `bus:` mapping that puts a
+/// test's deliveries on RabbitMQ (`REFLEX_TEST_AMQP`), with an exchange and queues of its
+/// own; `None` for the embedded bus.
+pub fn amqp_bus_for(dir: &std::path::Path) -> Option<String> {
+    match std::env::var("REFLEX_TEST_BUS").as_deref() {
+        Ok("amqp") => {}
+        Ok("embedded") | Ok("") | Err(_) => return None,
+        Ok(other) => panic!("REFLEX_TEST_BUS={other}: expected embedded or amqp"),
+    }
+    assert!(
+        pg_admin_url().is_some(),
+        "REFLEX_TEST_BUS=amqp needs REFLEX_TEST_STORE=postgres (the AMQP bus shares a store)"
+    );
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut h);
+    let name = format!("reflex_t_{:016x}", h.finish());
+    let url = std::env::var("REFLEX_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    Some(format!(
+        "{{type: amqp, url: \"{url}\", exchange: {name}.events, prefix: {name}}}"
+    ))
 }
 
 /// A database of its own for the store kept in `dir` (the same `dir` gives the same
@@ -324,4 +368,59 @@ pub async fn open_backend(dir: &std::path::Path) -> reflex::store::Backend {
     reflex::store::Backend::open(&cfg.store, "127.0.0.1:1".parse().unwrap())
         .await
         .unwrap()
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, made by openssl in `dir`:
+/// (certificate, key), both PEM.
+pub fn localhost_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "keyUsage=digitalSignature",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(out.status.success(), "{out:?}");
+    (cert, key)
+}
+
+/// [`localhost_cert`] and a TLS acceptor serving it: (certificate path, acceptor).
+pub fn tls_for_localhost(dir: &std::path::Path) -> (std::path::PathBuf, tokio_rustls::TlsAcceptor) {
+    let (cert, key) = localhost_cert(dir);
+    use rustls_pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&cert)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key_der = rustls_pki_types::PrivateKeyDer::from_pem_file(&key).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .unwrap();
+    (
+        cert,
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
+    )
 }

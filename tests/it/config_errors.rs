@@ -88,9 +88,23 @@ fn examples_check_clean() {
         "LOGINSIGHT_TOKEN",
         "ALERTMANAGER_TOKEN",
         "SLACK_SIGNING_SECRET",
+        "CHAT_WEBHOOK_PATH",
+        "VROPS_PASSWORD",
     ] {
         std::env::set_var(var, "example");
     }
+    std::env::set_var(
+        "SLACK_APPROVALS_WEBHOOK",
+        "https://hooks.slack.com/services/example",
+    );
+    std::env::set_var(
+        "AMQP_URL",
+        "amqp://example:example@rabbitmq.example.com:5672/%2f",
+    );
+    std::env::set_var(
+        "REFLEX_PG_URL",
+        "postgres://reflex:example@db.example.com/reflex",
+    );
     for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
@@ -145,6 +159,16 @@ fn the_committed_schema_file_is_current() {
 }
 
 #[test]
+fn the_committed_reference_is_current() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/reference.md");
+    let have = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        have == reflex::config::reference::markdown(),
+        "docs/reference.md is stale: run `cargo run -q -- docs > docs/reference.md`"
+    );
+}
+
+#[test]
 fn bad_schedule() {
     insta::assert_snapshot!(check(
         "sources:\n  - name: a\n    type: schedule\n    cron: \"61 * * * *\"\n  - name: b\n    type: schedule\n    cron: \"0 2 * * *\"\n    timezone: Europe/Berln\n  - name: c\n    type: schedule\n    cron: \"0 0 30 2 *\"\n"
@@ -155,5 +179,19 @@ fn bad_schedule() {
 fn bad_syslog() {
     insta::assert_snapshot!(check(
         "sources:\n  - name: s\n    type: syslog\n    udp: 127.0.0.1:99999\n    tls: {cert_file: /nonexistent/c.pem, key_file: /nonexistent/k.pem}\n    rules:\n      - {match: '(unclosed', event_type: t}\n  - name: t\n    type: syslog\n    tcp: 127.0.0.1:5514\n    tls: {cert_file: /nonexistent/c.pem, key_file: /nonexistent/k.pem}\n    rules: []\n"
+    ));
+}
+
+#[test]
+fn bad_amqp() {
+    insta::assert_snapshot!(check(
+        "sources:\n  - name: a\n    type: amqp\n    url: http://127.0.0.1:5672/\n    queue: ''\n    prefetch: 0\n  - name: b\n    type: amqp\n    url: amqps://h/\n    ca_file: /nonexistent/ca.pem\n    queue: q\ntriggers:\n  - name: t\n    filters: [{exact: {type: x}}]\n    action: {type: amqp, url: 'rabbitmq:5672', exchange: x}\n  - name: u\n    filters: [{exact: {type: x}}]\n    action: {type: amqp, url: 'amqp://h/', ca_file: /etc/hostname}\n"
+    ));
+}
+
+#[test]
+fn bad_workflow() {
+    insta::assert_snapshot!(check(
+        "triggers:\n  - name: w\n    action:\n      type: workflow\n      steps:\n        - {name: a, action: {type: http, url: 'http://127.0.0.1:9/'}}\n        - {name: a, action: {type: http, url: 'http://127.0.0.1:9/'}}\n        - {name: 'b-c', when: 'event.type ==', max_attempts: 0, action: {type: workflow, steps: []}}\n  - name: empty\n    action: {type: workflow, steps: []}\n"
     ));
 }

@@ -42,16 +42,24 @@ fn spawn(config: &Path, http: u16, api: u16) -> Server {
 }
 
 pub(crate) async fn wait_ready(api: &str) {
+    assert!(
+        is_ready(api).await,
+        "the reflex binary did not become ready"
+    );
+}
+
+/// Whether the binary answers `/readyz` within about 6 s.
+pub(crate) async fn is_ready(api: &str) -> bool {
     let c = reqwest::Client::new();
     for _ in 0..300 {
         if let Ok(r) = c.get(format!("{api}/readyz")).send().await {
             if r.status() == 200 {
-                return;
+                return true;
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("the reflex binary did not become ready");
+    false
 }
 
 fn write_config(dir: &Path, http: u16, api: u16, url: &str, extra: &str) -> std::path::PathBuf {

@@ -26,11 +26,12 @@ fn replay(target: &str, run: fn(&[u8])) -> usize {
 fn fuzz_inputs_do_not_crash() {
     use reflex::fuzzing;
     type Run = fn(&[u8]);
-    let targets: [(&str, Run); 4] = [
+    let targets: [(&str, Run); 5] = [
         ("config", fuzzing::config),
         ("cloudevents", fuzzing::cloudevents),
         ("webhook", fuzzing::webhook),
         ("soap", fuzzing::soap),
+        ("syslog", fuzzing::syslog),
     ];
     for (name, run) in targets {
         assert!(replay(name, run) > 0, "no seeds for the {name} target");

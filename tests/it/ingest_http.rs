@@ -630,6 +630,29 @@ async fn metrics_in_both_formats() {
         "{text}"
     );
     assert!(!text.contains("# EOF"), "{text}");
+    // A Prometheus text-format parser reads every sample, and each has its HELP.
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("the exposition parses");
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "reflex_events_received_total"
+                && s.labels.get("source") == Some("ce")),
+        "{:?}",
+        scrape.samples
+    );
+    for sample in &scrape.samples {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|sfx| sample.metric.strip_suffix(sfx))
+            .unwrap_or(&sample.metric);
+        assert!(
+            scrape.docs.contains_key(family) || scrape.docs.contains_key(&sample.metric),
+            "no HELP for {} in\n{text}",
+            sample.metric
+        );
+    }
     let open = r
         .client
         .get(format!("{}/metrics", r.api))
@@ -754,7 +777,8 @@ sources:
 }
 
 /// A web page on another site cannot make a browser change state through the API on
-/// loopback; the CLI and scripts (no Origin) and same-origin requests can.
+/// loopback, nor read it through DNS rebinding; the CLI and scripts (no Origin) and
+/// same-origin requests can.
 #[tokio::test]
 async fn the_api_refuses_state_changes_from_another_sites_page() {
     let r = Reflex::start("sources:\n  - {name: ce, type: cloudevents, path: /events}\n").await;
@@ -789,6 +813,24 @@ async fn the_api_refuses_state_changes_from_another_sites_page() {
         .await
         .unwrap();
     assert_eq!(read.status(), 200);
+    // A page that reached the loopback API through DNS rebinding names its own host: refused,
+    // reads too; the names of loopback are served.
+    for (host, status) in [
+        ("evil.example", 403),
+        ("evil.example:9090", 403),
+        ("localhost:9090", 200),
+        ("127.0.0.1", 200),
+        ("[::1]:9090", 200),
+    ] {
+        let resp = r
+            .client
+            .get(format!("{}/api/v1/events", r.api))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "Host: {host}");
+    }
     r.stop().await;
 }
 

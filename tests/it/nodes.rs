@@ -264,7 +264,7 @@ async fn the_vcenter_source_fails_over_to_the_other_node() {
     std::env::set_var("REFLEX_IT_VC_PASSWORD", "pass");
     let body = format!(
         r#"vcenters:
-  vc1: {{url: "{}", username: user, password: "${{env:REFLEX_IT_VC_PASSWORD}}", insecure: true}}
+  vc1: {{url: "{}", username: user, password: "${{env:REFLEX_IT_VC_PASSWORD}}", insecure: true, loop_guard: false}}
 sources:
   - {{name: vc1-events, type: vcenter, vcenter: vc1, poll_interval: 100ms}}
 triggers:
@@ -621,4 +621,216 @@ async fn schema_1_is_migrated_with_the_keys_of_stored_events() {
         .unwrap()
         .get(0);
     assert_eq!(tables, 0, "the old table is gone");
+}
+
+/// `bus: amqp`: two real nodes consume each trigger's queue on one RabbitMQ; node A is
+/// killed (SIGKILL) halfway, its unacknowledged messages go to node B, and every
+/// acknowledged event is delivered, at most the killed node's attempts in flight twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_broker_share_the_queues_and_one_is_killed() {
+    if pg_admin_url().is_none() {
+        eprintln!("skipped here: runs in the PostgreSQL pass (REFLEX_TEST_STORE=postgres)");
+        return;
+    }
+    const EVENTS: usize = 10_000;
+    let rcv = Receiver::start().await;
+    rcv.delay_ms.store(2, Ordering::SeqCst);
+    let prefix = format!("nodes_{}", uuid::Uuid::new_v4().simple());
+    let amqp = std::env::var("REFLEX_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let body = format!(
+        "bus: {{type: amqp, url: \"{amqp}\", exchange: {prefix}.events, prefix: {prefix}}}\nsources:\n  - {{name: ce, type: cloudevents, path: /events}}\ntriggers:\n  - name: fn\n    action: {{type: http, url: \"{}\"}}\n    delivery: {{concurrency: 16, backoff: 100ms, max_backoff: 1s, max_attempts: 50}}\n",
+        rcv.url()
+    );
+    let got = record(rcv);
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg_url_for(dir.path());
+    let a = node_with(dir.path(), "bus-a", &url, &body).await;
+    let b = node_with(dir.path(), "bus-b", &url, &body).await;
+    let (a_http, b_http, b_api) = (a.http.clone(), b.http.clone(), b.api.clone());
+    let a = Arc::new(Mutex::new(Some(a)));
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for _ in 0..8 {
+        let (next, a, a_http, b_http) = (next.clone(), a.clone(), a_http.clone(), b_http.clone());
+        senders.push(tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= EVENTS {
+                    return;
+                }
+                if i == EVENTS / 2 {
+                    drop(a.lock().unwrap().take()); // SIGKILL, mid-delivery
+                }
+                let body = cloudevent(&format!("q-{i}"), "t", json!({}));
+                let first = if i % 2 == 0 { &a_http } else { &b_http };
+                let mut status = post(&c, first, body.clone()).await;
+                if status != Some(reqwest::StatusCode::ACCEPTED) {
+                    status = post(&c, &b_http, body).await;
+                }
+                assert_eq!(status, Some(reqwest::StatusCode::ACCEPTED), "event q-{i}");
+            }
+        }));
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let counts = loop {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for (id, _) in got.lock().unwrap().iter() {
+            *counts.entry(id.clone()).or_default() += 1;
+        }
+        if counts.len() == EVENTS {
+            break counts;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let missing: Vec<String> = (0..EVENTS)
+                .map(|i| format!("q-{i}"))
+                .filter(|id| !counts.contains_key(id))
+                .take(10)
+                .collect();
+            panic!(
+                "{} of {EVENTS} acknowledged events delivered; missing {missing:?}",
+                counts.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    eprintln!("two nodes on one broker: {EVENTS} events acknowledged, all delivered; {duplicates} delivered twice");
+    assert!(
+        duplicates <= 16,
+        "{duplicates} events delivered more than once"
+    );
+    let c = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for state in ["pending", "running", "retrying", "dead"] {
+        loop {
+            let v: serde_json::Value = c
+                .get(format!("{b_api}/api/v1/deliveries?state={state}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if v["deliveries"].as_array().unwrap().is_empty() {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{state}: {v}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    drop(b);
+    crate::amqp::delete_topology(&prefix, &["fn"]).await;
+}
+
+/// `bus: amqp` with the broker stopped and started under load (`rabbitmqctl stop_app`,
+/// `start_app`): while it is down events are refused with 503 and `Retry-After`, never
+/// acknowledged; publishers and consumers connect again; every acknowledged event is
+/// delivered. It stops the shared broker: scripts/test.sh runs it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stops the shared RabbitMQ: scripts/test.sh runs it alone"]
+async fn rabbitmq_restarted_under_load_loses_nothing_acknowledged() {
+    assert!(
+        pg_admin_url().is_some(),
+        "run with REFLEX_TEST_STORE=postgres"
+    );
+    let rcv = Receiver::start().await;
+    let prefix = format!("restart_{}", uuid::Uuid::new_v4().simple());
+    let amqp = std::env::var("REFLEX_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let body = format!(
+        "bus: {{type: amqp, url: \"{amqp}\", exchange: {prefix}.events, prefix: {prefix}}}\nsources:\n  - {{name: ce, type: cloudevents, path: /events}}\ntriggers:\n  - name: all\n    filters: [{{prefix: {{type: com.example}}}}]\n    action: {{type: http, url: \"{}\"}}\n",
+        rcv.url()
+    );
+    let got = record(rcv);
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg_url_for(dir.path());
+    let a = node_with(dir.path(), "bus-restart", &url, &body).await;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for s in 0..8 {
+        let (stop, acked, refused, base) =
+            (stop.clone(), acked.clone(), refused.clone(), a.http.clone());
+        senders.push(tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let id = format!("m-{s}-{i}");
+                match post(&c, &base, cloudevent(&id, "com.example.restart", json!({}))).await {
+                    Some(s) if s == reqwest::StatusCode::ACCEPTED => acked.lock().unwrap().push(id),
+                    Some(s) if s == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                        refused.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    other => panic!("unexpected answer {other:?}"),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::task::spawn_blocking(|| rabbitmqctl("stop_app"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::task::spawn_blocking(|| rabbitmqctl("start_app"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        s.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        refused.load(Ordering::SeqCst) > 0,
+        "the outage was seen (503s)"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let seen: std::collections::HashSet<String> = got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        let missing: Vec<&String> = acked.iter().filter(|id| !seen.contains(*id)).collect();
+        if missing.is_empty() {
+            eprintln!(
+                "broker restarted under load: {} acknowledged, all delivered; {} refused with 503 while it was down",
+                acked.len(),
+                refused.load(Ordering::SeqCst)
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} acknowledged events not delivered, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(a);
+    crate::amqp::delete_topology(&prefix, &["all"]).await;
+}
+
+/// Runs `rabbitmqctl VERB` (`REFLEX_TEST_RABBITMQCTL` names another command).
+fn rabbitmqctl(verb: &str) {
+    let ctl = std::env::var("REFLEX_TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{ctl} {verb}"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "`{ctl} {verb}` failed: {status}");
 }

@@ -2,7 +2,7 @@
 //! the log, the API, the metrics and `reflex check` searched for them: none may appear.
 
 use crate::common::Receiver;
-use crate::e2e_binary::{free_port, wait_ready, BIN};
+use crate::e2e_binary::{free_port, BIN};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -16,6 +16,10 @@ const SECRETS: &[&str] = &[
     "ZqBody5ecret",
     "ZqExecEnv5ecret",
     "ZqVcPassw0rd",
+    "ZqSlackHook5ecret",
+    "ZqPagerKey5ecret",
+    "ZqAmqpPassw0rd",
+    "ZqSlackSigning5ecret",
 ];
 
 #[tokio::test]
@@ -56,6 +60,7 @@ sources:
   - {{name: hook, type: webhook, path: /hook, auth: {{type: bearer, token: ZqSourceTok3n}}}}
   - {{name: signed, type: webhook, path: /signed, auth: {{type: hmac, header: X-Sig, secret: ZqHmacK3y}}}}
   - {{name: vcev, type: vcenter, vcenter: vc, poll_interval: 1s}}
+  - {{name: chat, type: slack, path: /slack, signing_secret: ZqSlackSigning5ecret, verbs: {{x: {{help: "x"}}}}}}
 triggers:
   - name: closed-port
     action:
@@ -72,6 +77,15 @@ triggers:
     delivery: {{max_attempts: 2, backoff: 50ms}}
   - name: exec-prints
     action: {{type: exec, command: /bin/sh, args: ["-c", "echo token=$T; echo $T >&2; exit 3"], env: {{T: "{{{{ secrets.exec }}}}"}}}}
+    delivery: {{max_attempts: 2, backoff: 50ms}}
+  - name: slack-webhook
+    action: {{type: notify.slack, webhook_url: "http://127.0.0.1:{closed}/services/ZqSlackHook5ecret", text: "x"}}
+    delivery: {{max_attempts: 2, backoff: 50ms}}
+  - name: pagerduty-key
+    action: {{type: notify.pagerduty, routing_key: ZqPagerKey5ecret, summary: "x", url: "{rcv}/enqueue"}}
+    delivery: {{max_attempts: 2, backoff: 50ms}}
+  - name: amqp-login
+    action: {{type: amqp, url: "amqp://guest:ZqAmqpPassw0rd@127.0.0.1:5672/%2f", exchange: amq.topic}}
     delivery: {{max_attempts: 2, backoff: 50ms}}
   - name: vcenter-login
     action: {{type: vsphere.power, vcenter: vc, op: "on", vm: {{name: "{{{{ event.subject }}}}"}}}}
@@ -95,7 +109,10 @@ triggers:
         .spawn()
         .unwrap();
     let api_url = format!("http://127.0.0.1:{api}");
-    wait_ready(&api_url).await;
+    if !crate::e2e_binary::is_ready(&api_url).await {
+        let _ = child.kill();
+        panic!("not ready: {}", std::fs::read_to_string(&log).unwrap());
+    }
     let c = reqwest::Client::new();
     let hook = format!("http://127.0.0.1:{http}/hook");
     // Refused requests: a wrong token, a wrong signature.
@@ -113,6 +130,19 @@ triggers:
         .header("x-sig", "00")
         .header("content-type", "application/json")
         .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .post(format!("http://127.0.0.1:{http}/slack"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header(
+            "x-slack-request-timestamp",
+            chrono::Utc::now().timestamp().to_string(),
+        )
+        .header("x-slack-signature", "v0=00")
+        .body("command=%2Fiaas&text=x")
         .send()
         .await
         .unwrap();
@@ -145,7 +175,7 @@ triggers:
     let mut dead = serde_json::Value::Null;
     for _ in 0..200 {
         dead = serde_json::from_str(&get("/api/v1/deliveries?state=dead".into()).await).unwrap();
-        if dead["deliveries"].as_array().map(Vec::len) == Some(4) {
+        if dead["deliveries"].as_array().map(Vec::len) == Some(7) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -156,7 +186,7 @@ triggers:
         .iter()
         .map(|d| d["id"].as_i64().unwrap())
         .collect();
-    assert_eq!(ids.len(), 4, "every trigger's delivery dead: {dead}");
+    assert_eq!(ids.len(), 7, "every trigger's delivery dead: {dead}");
 
     let mut seen = String::new();
     for path in [

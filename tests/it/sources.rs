@@ -451,7 +451,7 @@ async fn syslog_tcp_survives_bad_frames_and_stalled_clients() {
 
 /// Slack's signing scheme written from its documentation: `v0=` and the hex HMAC-SHA256 of
 /// `v0:{timestamp}:{body}` with the app's signing secret.
-fn slack_signature(secret: &str, ts: i64, body: &str) -> String {
+pub(crate) fn slack_signature(secret: &str, ts: i64, body: &str) -> String {
     use hmac::{KeyInit, Mac};
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("v0:{ts}:{body}").as_bytes());
@@ -472,7 +472,7 @@ fn the_reference_slack_signature_matches_slacks_documentation() {
     );
 }
 
-const SLACK_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
+pub(crate) const SLACK_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
 
 fn slack_command(text: &str, user: &str, trigger: &str) -> String {
     url::form_urlencoded::Serializer::new(String::new())
@@ -618,36 +618,7 @@ triggers:
 async fn syslog_over_tls() {
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-addext",
-            "keyUsage=digitalSignature",
-            "-addext",
-            "extendedKeyUsage=serverAuth",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl runs");
-    assert!(out.status.success(), "{out:?}");
+    let (cert, key) = crate::common::localhost_cert(dir.path());
     let tcp = crate::e2e_binary::free_port();
     let mut rx = Receiver::start().await;
     let yaml = format!(

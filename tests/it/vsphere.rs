@@ -26,7 +26,7 @@ pub(crate) async fn client(sim: &Simulator) -> Client {
 fn vcenters(sim: &Simulator) -> String {
     std::env::set_var("REFLEX_IT_VC_PASSWORD", "pass");
     format!(
-        "vcenters:\n  vc1:\n    url: {}\n    username: user\n    password: ${{env:REFLEX_IT_VC_PASSWORD}}\n    insecure: true\n",
+        "vcenters:\n  vc1:\n    url: {}\n    username: user\n    password: ${{env:REFLEX_IT_VC_PASSWORD}}\n    insecure: true\n    loop_guard: false\n",
         sim.url
     )
 }
@@ -467,8 +467,8 @@ async fn two_vcenters_each_with_its_own_source_and_checkpoint() {
     let r = Reflex::start(&format!(
         r#"
 vcenters:
-  vc1: {{url: "{}", username: user, password: "${{env:REFLEX_IT_VC_PASSWORD}}", insecure: true}}
-  vc2: {{url: "{}", username: user, password: "${{env:REFLEX_IT_VC_PASSWORD}}", insecure: true}}
+  vc1: {{url: "{}", username: user, password: "${{env:REFLEX_IT_VC_PASSWORD}}", insecure: true, loop_guard: false}}
+  vc2: {{url: "{}", username: user, password: "${{env:REFLEX_IT_VC_PASSWORD}}", insecure: true, loop_guard: false}}
 sources:
   - {{name: vc1-events, type: vcenter, vcenter: vc1, poll_interval: 100ms}}
   - {{name: vc2-events, type: vcenter, vcenter: vc2, poll_interval: 100ms}}
@@ -560,5 +560,582 @@ triggers:
     let want: Vec<String> = (0..N).map(|i| format!("burst {i:02}")).collect();
     assert_eq!(got, want, "every event once, in order");
     rcv.nothing_for(500).await;
+    r.stop().await;
+}
+
+/// Guard rail: budgets read from the live inventory. With at most 1 host of a cluster in
+/// maintenance mode, a second host's maintenance waits (recorded as waiting, with the host
+/// already in maintenance named, the host read back unchanged) until the first one leaves
+/// it, then runs; with at most 50% of a cluster's VMs off, powering off the second of its
+/// two VMs waits until the first is on again. Nothing held is dead or lost.
+#[tokio::test]
+async fn budgets_hold_changes_past_the_clusters_limits_until_there_is_room() {
+    let sim = Simulator::start();
+    let c = client(&sim).await;
+    std::env::set_var("REFLEX_IT_VC_PASSWORD", "pass");
+    let r = Reflex::start(&format!(
+        r#"
+vcenters:
+  vc1:
+    url: "{}"
+    username: user
+    password: "${{env:REFLEX_IT_VC_PASSWORD}}"
+    insecure: true
+    loop_guard: false
+    budgets: {{hosts_in_maintenance: 1, vms_powered_off: 50%, recheck: 1s}}
+sources:
+  - {{name: cmds, type: cloudevents, path: /cmds}}
+triggers:
+  - name: maintenance
+    filters: [{{exact: {{type: host.maintenance}}}}]
+    action: {{type: vsphere.host_maintenance, vcenter: vc1, host: "{{{{ event.data.host }}}}", mode: enter}}
+  - name: power-off
+    filters: [{{exact: {{type: vm.off}}}}]
+    action: {{type: vsphere.power, vcenter: vc1, vm: {{name: "{{{{ event.data.vm }}}}"}}, op: "off"}}
+"#,
+        sim.url
+    ))
+    .await;
+    let cmd = |ty: &str, data: serde_json::Value| {
+        json!({"specversion": "1.0", "id": uuid::Uuid::new_v4().to_string(), "source": "/ops", "type": ty, "datacontenttype": "application/json", "data": data}).to_string()
+    };
+    let in_maintenance = |name: &'static str| {
+        let c = &c;
+        async move {
+            let h = c.find_by_name("HostSystem", name).await.unwrap();
+            c.property(&h, "runtime.inMaintenanceMode")
+                .await
+                .unwrap()
+                .unwrap()
+                .text
+                == "true"
+        }
+    };
+    crate::common::post_ce(
+        &r,
+        "/cmds",
+        cmd("host.maintenance", json!({"host": "DC0_C0_H0"})),
+    )
+    .await;
+    r.wait_deliveries("trigger=maintenance&state=succeeded", 20, |l| l.len() == 1)
+        .await;
+    assert!(in_maintenance("DC0_C0_H0").await);
+    crate::common::post_ce(
+        &r,
+        "/cmds",
+        cmd("host.maintenance", json!({"host": "DC0_C0_H1"})),
+    )
+    .await;
+    let held = r
+        .wait_deliveries("trigger=maintenance&state=retrying", 20, |l| l.len() == 1)
+        .await;
+    let why = held[0]["last_error"].as_str().unwrap();
+    assert!(
+        why.contains("held by a budget: 1 of the 3 hosts of cluster `DC0_C0` in maintenance mode already (DC0_C0_H0); at most 1 at once"),
+        "{why}"
+    );
+    // Held, not failing: checked again every second, and nothing changes meanwhile.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!in_maintenance("DC0_C0_H1").await);
+    let d = r
+        .api_get(&format!("/api/v1/deliveries/{}", held[0]["id"]))
+        .await;
+    let log = d["attempt_log"].as_array().unwrap();
+    assert!(log.len() >= 2, "checked again: {d:#}");
+    assert!(log.iter().all(|a| a["outcome"] == "waiting"), "{d:#}");
+    assert_eq!(d["state"], "retrying", "{d:#}");
+    // The first host leaves maintenance mode: the second one goes in.
+    let h0 = c.find_by_name("HostSystem", "DC0_C0_H0").await.unwrap();
+    c.run_task(
+        "ExitMaintenanceMode_Task",
+        &h0,
+        vec![Node::text("timeout", "0")],
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    r.wait_deliveries("trigger=maintenance&state=succeeded", 20, |l| l.len() == 2)
+        .await;
+    assert!(in_maintenance("DC0_C0_H1").await);
+
+    // VMs: the cluster has two; one may be off at a time.
+    crate::common::post_ce(&r, "/cmds", cmd("vm.off", json!({"vm": "DC0_C0_RP0_VM0"}))).await;
+    r.wait_deliveries("trigger=power-off&state=succeeded", 20, |l| l.len() == 1)
+        .await;
+    crate::common::post_ce(&r, "/cmds", cmd("vm.off", json!({"vm": "DC0_C0_RP0_VM1"}))).await;
+    let held = r
+        .wait_deliveries("trigger=power-off&state=retrying", 20, |l| l.len() == 1)
+        .await;
+    let why = held[0]["last_error"].as_str().unwrap();
+    assert!(
+        why.contains("powering off `DC0_C0_RP0_VM1` would leave 2 of the 2 VMs of cluster `DC0_C0` off (100%); at most 50% at once"),
+        "{why}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let vm1 = c
+        .find_vm(&VmSelector::Name("DC0_C0_RP0_VM1".into()))
+        .await
+        .unwrap();
+    assert_eq!(c.power_state(&vm1).await.unwrap(), "poweredOn");
+    let vm0 = c
+        .find_vm(&VmSelector::Name("DC0_C0_RP0_VM0".into()))
+        .await
+        .unwrap();
+    c.power(&vm0, PowerOp::On).await.unwrap();
+    r.wait_deliveries("trigger=power-off&state=succeeded", 20, |l| l.len() == 2)
+        .await;
+    assert_eq!(c.power_state(&vm1).await.unwrap(), "poweredOff");
+    r.assert_guard_rail("budget", "held").await;
+    r.stop().await;
+}
+
+/// Guard rail: a paused scope. With cluster `DC0_C0` paused through the API, powering off
+/// one of its VMs is held (waiting, the VM read back on) while a VM of a standalone host is
+/// powered off as usual; `discard` ends the held change dead without running it (the VM
+/// stays on); a later held change runs at once when the pause is lifted. Bad requests get
+/// a 400 naming what is wrong.
+#[tokio::test]
+async fn a_paused_cluster_holds_its_changes_until_lifted_or_discarded() {
+    let sim = Simulator::start();
+    let c = client(&sim).await;
+    std::env::set_var("REFLEX_IT_VC_PASSWORD", "pass");
+    let r = Reflex::start(&format!(
+        r#"
+vcenters:
+  vc1: {{url: "{}", username: user, password: "${{env:REFLEX_IT_VC_PASSWORD}}", insecure: true, loop_guard: false}}
+sources:
+  - {{name: cmds, type: cloudevents, path: /cmds}}
+triggers:
+  - name: power-off
+    filters: [{{exact: {{type: vm.off}}}}]
+    action: {{type: vsphere.power, vcenter: vc1, vm: {{name: "{{{{ event.data.vm }}}}"}}, op: "off"}}
+"#,
+        sim.url
+    ))
+    .await;
+    let pause = |body: serde_json::Value| {
+        r.client
+            .post(format!("{}/api/v1/pauses", r.api))
+            .json(&body)
+            .send()
+    };
+    for (body, says) in [
+        (
+            json!({"vcenter": "nope", "cluster": "DC0_C0"}),
+            "no vCenter `nope`",
+        ),
+        (json!({"vcenter": "vc1"}), "exactly one of"),
+        (
+            json!({"vcenter": "vc1", "cluster": "a", "folder": "b"}),
+            "exactly one of",
+        ),
+    ] {
+        let resp = pause(body).await.unwrap();
+        assert_eq!(resp.status(), 400);
+        let text = resp.text().await.unwrap();
+        assert!(text.contains(says), "{text}");
+    }
+    let resp = pause(json!({"vcenter": "vc1", "cluster": "DC0_C0", "reason": "change freeze"}))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let key = resp.json::<serde_json::Value>().await.unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(key, "scope:vc1:cluster:DC0_C0");
+    let cmd = |vm: &str| {
+        json!({"specversion": "1.0", "id": uuid::Uuid::new_v4().to_string(), "source": "/ops", "type": "vm.off", "datacontenttype": "application/json", "data": {"vm": vm}}).to_string()
+    };
+    let state = |name: &'static str| {
+        let c = &c;
+        async move {
+            let vm = c.find_vm(&VmSelector::Name(name.into())).await.unwrap();
+            c.power_state(&vm).await.unwrap()
+        }
+    };
+    crate::common::post_ce(&r, "/cmds", cmd("DC0_C0_RP0_VM0")).await;
+    let held = r
+        .wait_deliveries("trigger=power-off&state=retrying", 20, |l| l.len() == 1)
+        .await;
+    let why = held[0]["last_error"].as_str().unwrap();
+    assert!(
+        why.contains("held by a pause (scope:vc1:cluster:DC0_C0): it is in cluster `DC0_C0`"),
+        "{why}"
+    );
+    crate::common::post_ce(&r, "/cmds", cmd("DC0_H0_VM0")).await;
+    r.wait_deliveries("trigger=power-off&state=succeeded", 20, |l| l.len() == 1)
+        .await;
+    assert_eq!(state("DC0_H0_VM0").await, "poweredOff");
+    assert_eq!(state("DC0_C0_RP0_VM0").await, "poweredOn");
+    let list = r.api_get("/api/v1/pauses").await;
+    assert_eq!(list["pauses"][0]["key"], key.as_str(), "{list:#}");
+    assert_eq!(list["pauses"][0]["reason"], "change freeze", "{list:#}");
+    assert_eq!(
+        list["pauses"][0]["held"],
+        json!([held[0]["id"]]),
+        "{list:#}"
+    );
+
+    // Discarded: it ends dead without running, and can be replayed later.
+    let resp = r
+        .client
+        .post(format!("{}/api/v1/pauses/{key}/discard", r.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let dead = r
+        .wait_deliveries("trigger=power-off&state=dead", 20, |l| l.len() == 1)
+        .await;
+    assert!(
+        dead[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("discarded by an operator"),
+        "{dead:#?}"
+    );
+    assert_eq!(state("DC0_C0_RP0_VM0").await, "poweredOn");
+
+    // Lifted: the change it holds runs at once (not at its next look, a minute away).
+    crate::common::post_ce(&r, "/cmds", cmd("DC0_C0_RP0_VM1")).await;
+    r.wait_deliveries("trigger=power-off&state=retrying", 20, |l| l.len() == 1)
+        .await;
+    assert_eq!(state("DC0_C0_RP0_VM1").await, "poweredOn");
+    let resp = r
+        .client
+        .post(format!("{}/api/v1/pauses/{key}/lift", r.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    r.wait_deliveries("trigger=power-off&state=succeeded", 15, |l| l.len() == 2)
+        .await;
+    assert_eq!(state("DC0_C0_RP0_VM1").await, "poweredOff");
+    assert_eq!(r.api_get("/api/v1/pauses").await["pauses"], json!([]));
+    let resp = r
+        .client
+        .post(format!("{}/api/v1/pauses/{key}/lift", r.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    r.assert_guard_rail("pause", "held").await;
+    r.stop().await;
+}
+
+/// Guard rail: protected objects (by name pattern, by tag, hosts by name) are refused by
+/// every changing action, permanently, with the rule named, and left as they are; an
+/// unprotected VM is changed as usual.
+#[tokio::test]
+async fn protected_objects_are_refused_and_left_as_they_are() {
+    let sim = Simulator::start();
+    let c = client(&sim).await;
+    let by_name = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM1".into()))
+        .await
+        .unwrap();
+    let by_tag = c
+        .find_vm(&VmSelector::Name("DC0_C0_RP0_VM0".into()))
+        .await
+        .unwrap();
+    c.tag(&by_tag, "reflex", "never", false, true)
+        .await
+        .unwrap();
+    for vm in [&by_name, &by_tag] {
+        c.set_nics_connected(vm, true, None).await.unwrap();
+    }
+    let r = Reflex::start(&format!(
+        r#"{}    protect: {{names: ["*_H0_VM1"], tags: [reflex/never], hosts: ["DC0_H0"]}}
+sources:
+  - name: logs
+    type: webhook
+    path: /hooks/logs
+    mapping: {{type: "security.{{{{ body.alert }}}}", subject: "{{{{ body.vm }}}}"}}
+triggers:
+  - name: quarantine
+    filters: [{{exact: {{type: security.compromised}}}}]
+    action: {{type: vsphere.disconnect_nics, vcenter: vc1, vm: {{name: "{{{{ event.subject }}}}"}}}}
+    delivery: {{max_attempts: 3, backoff: 100ms}}
+  - name: maintenance
+    filters: [{{exact: {{type: security.maintenance}}}}]
+    action: {{type: vsphere.host_maintenance, vcenter: vc1, host: "{{{{ event.subject }}}}", mode: enter}}
+"#,
+        vcenters(&sim)
+    ))
+    .await;
+    for vm in ["DC0_H0_VM1", "DC0_C0_RP0_VM0", "DC0_H0_VM0"] {
+        let resp = r
+            .post_json("/hooks/logs", &json!({"alert": "compromised", "vm": vm}))
+            .await;
+        assert_eq!(resp.status(), 202);
+    }
+    r.post_json(
+        "/hooks/logs",
+        &json!({"alert": "maintenance", "vm": "DC0_H0"}),
+    )
+    .await;
+    let dead = r.wait_deliveries("state=dead", 20, |l| l.len() == 3).await;
+    for d in &dead {
+        assert_eq!(d["attempts"], 1, "refused at once, not retried: {d}");
+        let why = d["last_error"].as_str().unwrap();
+        assert!(why.contains("refused by a guard rail"), "{why}");
+    }
+    let reasons: Vec<&str> = dead
+        .iter()
+        .map(|d| d["last_error"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons.iter().any(|w| w.contains("`*_H0_VM1`")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|w| w.contains("tag `reflex/never`")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|w| w.contains("host `DC0_H0` is protected")),
+        "{reasons:?}"
+    );
+    r.wait_deliveries("state=succeeded", 20, |l| l.len() == 1)
+        .await;
+    assert_eq!(nic_state(&c, "DC0_H0_VM1").await, vec![(true, true)]);
+    assert_eq!(nic_state(&c, "DC0_C0_RP0_VM0").await, vec![(true, true)]);
+    assert_eq!(nic_state(&c, "DC0_H0_VM0").await, vec![(false, false)]);
+    let host = c.find_by_name("HostSystem", "DC0_H0").await.unwrap();
+    assert_eq!(
+        c.property(&host, "runtime.inMaintenanceMode")
+            .await
+            .unwrap()
+            .map(|n| n.text),
+        Some("false".into())
+    );
+    r.assert_guard_rail("protect", "refused").await;
+    r.stop().await;
+}
+
+/// Guard rail: dry run. A shadow trigger (`dry_run: true`) on the storage alarm records the
+/// datastore it would move the VM to, and the VM stays where it is; a workflow step in dry
+/// run records the CPU change it would make, and the VM keeps its CPUs; an `http_request` in
+/// a dry-run trigger sends nothing. Each is a succeeded delivery whose record says so.
+#[tokio::test]
+async fn dry_runs_say_what_they_would_do_and_change_nothing() {
+    let sim = Simulator::start();
+    let c = client(&sim).await;
+    let mut rest = Receiver::start().await;
+    let vm = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM0".into()))
+        .await
+        .unwrap();
+    let before = c.vm_facts(&vm).await.unwrap();
+    let r = Reflex::start(&format!(
+        r#"{vc}
+sources:
+  - {{name: vc1-events, type: vcenter, vcenter: vc1, poll_interval: 100ms}}
+triggers:
+  - name: relief-shadow
+    dry_run: true
+    filters: [{{exact: {{type: com.vmware.vsphere.AlarmStatusChangedEvent.v0}}}}]
+    when: 'event.data.Alarm.Name == "VM Storage Usage" && event.data.To == "red"'
+    action: {{type: vsphere.relocate, vcenter: vc1, vm: {{moid: "{{{{ event.data.Vm.Vm.Value }}}}"}}, allowed_datastores: [LocalDS_1]}}
+  - name: resize-plan
+    filters: [{{exact: {{type: com.vmware.vsphere.AlarmStatusChangedEvent.v0}}}}]
+    when: 'event.data.Alarm.Name == "VM CPU Usage"'
+    action:
+      type: workflow
+      steps:
+        - name: vm
+          action: {{type: vsphere.get_vm, vcenter: vc1, vm: {{moid: "{{{{ event.data.Vm.Vm.Value }}}}"}}}}
+        - name: grow
+          dry_run: true
+          action: {{type: vsphere.reconfigure, vcenter: vc1, vm: {{moid: "{{{{ steps.vm.output.moid }}}}"}}, cpus: "{{{{ steps.vm.output.cpus + 1 }}}}"}}
+  - name: notify-shadow
+    dry_run: true
+    filters: [{{exact: {{type: com.vmware.vsphere.AlarmStatusChangedEvent.v0}}}}]
+    action: {{type: http_request, method: PUT, url: "{url}", body: "{{{{ event.data.Alarm.Name }}}}"}}
+"#,
+        vc = vcenters(&sim),
+        url = rest.url()
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for alarm in ["VM Storage Usage", "VM CPU Usage"] {
+        c.post_event(vsphere::events::alarm_status_changed(
+            &vm,
+            "DC0_H0_VM0",
+            alarm,
+            "yellow",
+            "red",
+        ))
+        .await
+        .unwrap();
+    }
+    let done = r
+        .wait_deliveries("state=succeeded", 20, |l| l.len() == 4)
+        .await;
+    let detail = |trigger: &str| {
+        let d = done.iter().find(|d| d["trigger"] == trigger).unwrap();
+        let id = d["id"].clone();
+        let r = &r;
+        async move {
+            r.api_get(&format!("/api/v1/deliveries/{id}")).await["attempt_log"][0]["detail"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let relief = detail("relief-shadow").await;
+    assert!(
+        relief.starts_with("dry run: would change:")
+            && relief.contains("LocalDS_1")
+            && relief.contains("RelocateVM_Task"),
+        "{relief}"
+    );
+    let grow = detail("resize-plan").await;
+    let cpus = before["cpus"].as_i64().unwrap();
+    assert!(
+        grow.contains(&format!("CPUs {cpus} -> {}", cpus + 1))
+            && grow.contains("dry run: would change"),
+        "{grow}"
+    );
+    let notify = detail("notify-shadow").await;
+    assert!(notify.starts_with("dry run: would PUT"), "{notify}");
+    rest.nothing_for(300).await;
+    // Nothing changed: the VM's datastores and CPUs read back as before.
+    let after = c.vm_facts(&vm).await.unwrap();
+    assert_eq!(after["datastores"], before["datastores"]);
+    assert_eq!(after["cpus"], before["cpus"]);
+    r.assert_guard_rail("dry_run", "planned").await;
+    r.stop().await;
+}
+
+/// Guard rail: verification. A change whose goal holds afterwards succeeds; one whose goal
+/// does not hold within its timeout fails verification (permanently), and in a workflow its
+/// `on_failure` steps run with that error.
+#[tokio::test]
+async fn a_change_is_verified_against_the_vms_facts() {
+    let sim = Simulator::start();
+    let c = client(&sim).await;
+    let mut told = Receiver::start().await;
+    let r = Reflex::start(&format!(
+        r#"{vc}
+sources:
+  - {{name: ops, type: webhook, path: /ops, mapping: {{type: "ops.{{{{ body.op }}}}", subject: "{{{{ body.vm }}}}"}}}}
+triggers:
+  - name: grow
+    filters: [{{exact: {{type: ops.grow}}}}]
+    action:
+      type: vsphere.reconfigure
+      vcenter: vc1
+      vm: {{name: "{{{{ event.subject }}}}"}}
+      cpus: "2"
+      verify: {{condition: "vm.cpus == 2", timeout: 5s}}
+  - name: impossible
+    filters: [{{exact: {{type: ops.impossible}}}}]
+    action:
+      type: workflow
+      steps:
+        - name: grow
+          action:
+            type: vsphere.reconfigure
+            vcenter: vc1
+            vm: {{name: "{{{{ event.subject }}}}"}}
+            cpus: "3"
+            verify: {{condition: "vm.cpus == 99", timeout: 1s}}
+      on_failure:
+        - name: tell
+          action: {{type: http_request, url: "{url}", body: "{{{{ steps.grow.error }}}}"}}
+"#,
+        vc = vcenters(&sim),
+        url = told.url()
+    ))
+    .await;
+    r.post_json("/ops", &json!({"op": "grow", "vm": "DC0_H0_VM0"}))
+        .await;
+    r.wait_deliveries("trigger=grow&state=succeeded", 20, |l| l.len() == 1)
+        .await;
+    r.post_json("/ops", &json!({"op": "impossible", "vm": "DC0_H0_VM1"}))
+        .await;
+    let got = told.next(20).await;
+    let body = String::from_utf8_lossy(&got.body).to_string();
+    assert!(
+        body.contains("failed verification") && body.contains("vm.cpus == 99"),
+        "{body}"
+    );
+    let dead = r
+        .wait_deliveries("trigger=impossible&state=dead", 20, |l| l.len() == 1)
+        .await;
+    assert_eq!(
+        dead[0]["attempts"], 1,
+        "a failed verification is not retried"
+    );
+    let vm1 = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM1".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.vm_facts(&vm1).await.unwrap()["cpus"],
+        3,
+        "the change was made; its goal was not met"
+    );
+    r.assert_guard_rail("verify", "failed").await;
+    r.stop().await;
+}
+
+/// Loop guard: vCenter events caused by reflex's own session (its user) carry
+/// `reflexcaused`, and triggers do not fire on them unless they set `own_effects: true`.
+/// Two triggers that would flip a VM on and off forever stop after one flip; an audit
+/// trigger with `own_effects` still sees reflex's change, and the operator's own power-off
+/// is acted on as usual.
+#[tokio::test]
+async fn reflex_does_not_fire_on_its_own_vcenter_changes() {
+    let sim = Simulator::start_with(&["-any-login"]);
+    let c = client(&sim).await; // logs in as `user`
+    let mut audit = Receiver::start().await;
+    std::env::set_var("REFLEX_IT_VC_PASSWORD", "pass");
+    let r = Reflex::start(&format!(
+        r#"
+vcenters:
+  vc1: {{url: "{url}", username: reflex-svc, password: "${{env:REFLEX_IT_VC_PASSWORD}}", insecure: true}}
+sources:
+  - {{name: vc1-events, type: vcenter, vcenter: vc1, poll_interval: 100ms}}
+triggers:
+  - name: flop
+    filters: [{{exact: {{type: com.vmware.vsphere.VmPoweredOffEvent.v0}}}}]
+    action: {{type: vsphere.power, vcenter: vc1, op: "on", vm: {{moid: "{{{{ event.data.Vm.Vm.Value }}}}"}}}}
+  - name: flip
+    filters: [{{exact: {{type: com.vmware.vsphere.VmPoweredOnEvent.v0}}}}]
+    action: {{type: vsphere.power, vcenter: vc1, op: "off", vm: {{moid: "{{{{ event.data.Vm.Vm.Value }}}}"}}}}
+  - name: audit
+    own_effects: true
+    filters: [{{exact: {{type: com.vmware.vsphere.VmPoweredOnEvent.v0}}}}]
+    action: {{type: http, url: "{audit}"}}
+"#,
+        url = sim.url,
+        audit = audit.url()
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let vm = c
+        .find_vm(&VmSelector::Name("DC0_H0_VM0".into()))
+        .await
+        .unwrap();
+    c.power(&vm, PowerOp::Off).await.unwrap();
+    // flop powers it back on (as reflex-svc); that VmPoweredOnEvent is reflex's own effect.
+    r.wait_deliveries("trigger=flop&state=succeeded", 20, |l| l.len() == 1)
+        .await;
+    let seen = audit.next(20).await;
+    let ev: serde_json::Value = serde_json::from_slice(&seen.body).unwrap();
+    assert_eq!(ev["UserName"], "reflex-svc", "{ev}");
+    assert_eq!(seen.headers["ce-reflexcaused"], "true");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let flips = r.api_get("/api/v1/deliveries?trigger=flip").await;
+    assert_eq!(flips["deliveries"].as_array().unwrap().len(), 0, "{flips}");
+    assert_eq!(c.power_state(&vm).await.unwrap(), "poweredOn");
+    let flops = r.api_get("/api/v1/deliveries?trigger=flop").await;
+    assert_eq!(flops["deliveries"].as_array().unwrap().len(), 1, "{flops}");
+    r.assert_guard_rail("loop_guard", "skipped").await;
     r.stop().await;
 }

@@ -625,12 +625,57 @@ impl Client {
         args: Vec<Node>,
         timeout: Duration,
     ) -> Result<Option<Node>, Error> {
+        if crate::journal::TaskJournal::is_planning() {
+            crate::journal::TaskJournal::plan(format!("{method} on {this}"));
+            return Ok(None);
+        }
         let resp = self.call(method, this, args).await?;
         let task = resp
             .child("returnval")
             .and_then(MoRef::from_node)
             .ok_or_else(|| proto(method, "no task in the answer"))?;
-        self.wait_task(&task, method, timeout).await
+        crate::journal::TaskJournal::started(&task.value);
+        let result = self.wait_task(&task, method, timeout).await;
+        if matches!(result, Ok(_) | Err(Error::Task { .. })) {
+            crate::journal::TaskJournal::ended(&task.value);
+        }
+        result
+    }
+
+    /// Waits for the task an earlier try of the same work left running (see
+    /// [`crate::journal`]) before this try changes anything, so that one change is not
+    /// started twice. Answers what became of it, in words (`None` when no earlier task was
+    /// left): it succeeded, failed, or vCenter no longer knows it. Either way the caller then
+    /// reads the state afresh and does what is still to do. An error (the task still runs
+    /// after `timeout`, vCenter unreachable) keeps the task noted for the next try.
+    pub async fn await_earlier_task(&self, timeout: Duration) -> Result<Option<String>, Error> {
+        let Some(key) = crate::journal::TaskJournal::earlier() else {
+            return Ok(None);
+        };
+        let task = MoRef::new("Task", &key);
+        crate::journal::TaskJournal::started(&key);
+        let what = "the task an earlier attempt started";
+        let known = match self.properties(&task, &["info.state"]).await {
+            Ok(props) => !props.is_empty(),
+            Err(Error::NotFound(_)) => false,
+            Err(Error::Fault { name, .. }) if name == "ManagedObjectNotFound" => false,
+            Err(e) => return Err(e),
+        };
+        let note = if !known {
+            format!("task {key}, left running by an earlier attempt, is no longer known to vCenter")
+        } else {
+            match self.wait_task(&task, what, timeout).await {
+                Ok(_) => format!(
+                    "waited for task {key}, left running by an earlier attempt: it succeeded"
+                ),
+                Err(Error::Task { name, .. }) => format!(
+                    "waited for task {key}, left running by an earlier attempt: it failed ({name})"
+                ),
+                Err(e) => return Err(e),
+            }
+        };
+        crate::journal::TaskJournal::ended(&key);
+        Ok(Some(note))
     }
 }
 

@@ -4,6 +4,8 @@
 
 mod client;
 pub mod events;
+pub mod inventory;
+pub mod journal;
 pub mod pin;
 mod rest;
 pub mod sim;

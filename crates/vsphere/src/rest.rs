@@ -62,6 +62,14 @@ impl Client {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, Error> {
+        // A dry run reads (GET, `~action=list…`) but changes nothing.
+        if crate::journal::TaskJournal::is_planning()
+            && method != reqwest::Method::GET
+            && !path.contains("~action=list")
+        {
+            crate::journal::TaskJournal::plan(format!("{method} {path}"));
+            return Ok(Value::String("(dry run)".into()));
+        }
         let url = self.rest_url(path);
         let mut session = self.rest_session(None).await?;
         for attempt in 0..2 {
@@ -240,12 +248,17 @@ impl Client {
         tag: &str,
         create: bool,
     ) -> Result<(String, Vec<(String, String)>), Error> {
-        let cat = match self.category_id(category).await? {
-            Some(c) => c,
-            None if create => self.create_category(category, "SINGLE").await?,
+        let (cat, created) = match self.category_id(category).await? {
+            Some(c) => (c, false),
+            None if create => (self.create_category(category, "SINGLE").await?, true),
             None => return Err(Error::NotFound(format!("tag category `{category}`"))),
         };
-        let tags = self.tags_in_category(&cat).await?;
+        // A category made just now has no tags (and in a dry run it was not made).
+        let tags = if created {
+            Vec::new()
+        } else {
+            self.tags_in_category(&cat).await?
+        };
         let id = match tags.iter().find(|(_, n)| n == tag) {
             Some((id, _)) => id.clone(),
             None if create => self.create_tag(&cat, tag).await?,
@@ -328,5 +341,44 @@ impl Client {
             .filter(|(id, _)| attached.contains(id))
             .map(|(_, n)| n)
             .collect())
+    }
+}
+
+impl Client {
+    /// The tags attached to `obj`, by category name (names sorted).
+    pub async fn tags_by_category(
+        &self,
+        obj: &MoRef,
+    ) -> Result<std::collections::BTreeMap<String, Vec<String>>, Error> {
+        let mut categories: std::collections::HashMap<String, String> = Default::default();
+        let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for id in self.attached_tags(obj).await? {
+            let t = self
+                .rest(reqwest::Method::GET, &format!("/tagging/tag/id:{id}"), None)
+                .await?;
+            let cat_id = t["category_id"].as_str().unwrap_or("").to_string();
+            let cat = match categories.get(&cat_id) {
+                Some(n) => n.clone(),
+                None => {
+                    let c = self
+                        .rest(
+                            reqwest::Method::GET,
+                            &format!("/tagging/category/id:{cat_id}"),
+                            None,
+                        )
+                        .await?;
+                    let n = c["name"].as_str().unwrap_or(&cat_id).to_string();
+                    categories.insert(cat_id, n.clone());
+                    n
+                }
+            };
+            out.entry(cat)
+                .or_default()
+                .push(t["name"].as_str().unwrap_or("").to_string());
+        }
+        for v in out.values_mut() {
+            v.sort();
+        }
+        Ok(out)
     }
 }

@@ -323,6 +323,12 @@ impl Client {
                 self.run_task("SuspendVM_Task", vm, vec![], TASK_TIMEOUT)
                     .await?
             }
+            PowerOp::ShutdownGuest | PowerOp::RebootGuest
+                if crate::journal::TaskJournal::is_planning() =>
+            {
+                crate::journal::TaskJournal::plan(format!("{op:?} on {vm}"));
+                None
+            }
             PowerOp::ShutdownGuest => self.call("ShutdownGuest", vm, vec![]).await.map(|_| None)?,
             PowerOp::RebootGuest => self.call("RebootGuest", vm, vec![]).await.map(|_| None)?,
         };
@@ -374,10 +380,13 @@ impl Client {
         }
         self.run_task("ReconfigVM_Task", vm, vec![spec], TASK_TIMEOUT)
             .await?;
+        let n = |v: Option<i64>| v.map_or("?".to_string(), |v| v.to_string());
         Ok(Change::Changed(format!(
-            "{vm}: CPUs {cur_cpu:?} -> {:?}, memory {cur_mem:?} -> {:?} MB",
-            need_cpu.or(cur_cpu),
-            need_mem.or(cur_mem)
+            "{vm}: CPUs {} -> {}, memory {} -> {} MB",
+            n(cur_cpu),
+            n(need_cpu.or(cur_cpu)),
+            n(cur_mem),
+            n(need_mem.or(cur_mem))
         )))
     }
 }
@@ -705,5 +714,115 @@ impl Client {
             spec.cpus,
             spec.memory_mb
         )))
+    }
+}
+
+impl Client {
+    /// What a VM is now, for conditions and templates: `{moid, name, power_state, cpus,
+    /// memory_mb, change_version, instance_uuid, guest_id, template, host, folder, resource_pool,
+    /// datastores, custom_attributes, guest: {host_name, ip_address}, tags: {CATEGORY:
+    /// [TAG…]}}`. Tags are read through the REST API; `tags` is absent when it cannot be
+    /// reached (an error names why in `tags_error`).
+    pub async fn vm_facts(&self, vm: &MoRef) -> Result<serde_json::Value, Error> {
+        use serde_json::{json, Map, Value};
+        let props = self
+            .properties(
+                vm,
+                &[
+                    "name",
+                    "runtime.powerState",
+                    "config.hardware.numCPU",
+                    "config.hardware.memoryMB",
+                    "config.changeVersion",
+                    "config.instanceUuid",
+                    "config.guestId",
+                    "config.template",
+                    "runtime.host",
+                    "resourcePool",
+                    "parent",
+                    "datastore",
+                    "customValue",
+                    "availableField",
+                    "guest.hostName",
+                    "guest.ipAddress",
+                ],
+            )
+            .await?;
+        if props.is_empty() {
+            return Err(Error::NotFound(vm.to_string()));
+        }
+        let get = |n: &str| props.iter().find(|(k, _)| k == n).map(|(_, v)| v);
+        let text = |n: &str| {
+            get(n)
+                .map(|v| Value::String(v.text.clone()))
+                .unwrap_or(Value::Null)
+        };
+        let int = |n: &str| {
+            get(n)
+                .and_then(|v| v.text.parse::<i64>().ok())
+                .map_or(Value::Null, Value::from)
+        };
+        let name_of = |r: Option<MoRef>| async move {
+            match r {
+                Some(r) => self
+                    .property(&r, "name")
+                    .await
+                    .map(|n| n.map_or(Value::Null, |n| Value::String(n.text))),
+                None => Ok(Value::Null),
+            }
+        };
+        let host = name_of(get("runtime.host").and_then(MoRef::from_node)).await?;
+        let folder = name_of(get("parent").and_then(MoRef::from_node)).await?;
+        let pool = name_of(get("resourcePool").and_then(MoRef::from_node)).await?;
+        let mut datastores = Vec::new();
+        if let Some(list) = get("datastore") {
+            for d in list.children.iter().filter_map(MoRef::from_node) {
+                datastores.push(name_of(Some(d)).await?);
+            }
+        }
+        let fields: std::collections::HashMap<String, String> = get("availableField")
+            .map(|f| {
+                f.children
+                    .iter()
+                    .filter_map(|d| {
+                        Some((
+                            d.child_text("key")?.to_string(),
+                            d.child_text("name")?.to_string(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut custom = Map::new();
+        if let Some(values) = get("customValue") {
+            for v in &values.children {
+                if let (Some(k), Some(val)) = (v.child_text("key"), v.child_text("value")) {
+                    let name = fields.get(k).cloned().unwrap_or_else(|| k.to_string());
+                    custom.insert(name, Value::String(val.to_string()));
+                }
+            }
+        }
+        let mut facts = json!({
+            "moid": vm.value,
+            "name": text("name"),
+            "power_state": text("runtime.powerState"),
+            "cpus": int("config.hardware.numCPU"),
+            "memory_mb": int("config.hardware.memoryMB"),
+            "change_version": text("config.changeVersion"),
+            "instance_uuid": text("config.instanceUuid"),
+            "guest_id": text("config.guestId"),
+            "template": get("config.template").is_some_and(|v| v.text == "true"),
+            "host": host,
+            "folder": folder,
+            "resource_pool": pool,
+            "datastores": datastores,
+            "custom_attributes": custom,
+            "guest": {"host_name": text("guest.hostName"), "ip_address": text("guest.ipAddress")},
+        });
+        match self.tags_by_category(vm).await {
+            Ok(tags) => facts["tags"] = json!(tags),
+            Err(e) => facts["tags_error"] = Value::String(e.to_string()),
+        }
+        Ok(facts)
     }
 }

@@ -42,6 +42,7 @@ func main() {
 	idle := flag.Duration("session-idle-timeout", 0, "expire idle sessions after this long (0: never)")
 	datastores := flag.Int("ds", 2, "number of datastores")
 	certOut := flag.String("cert-out", "", "write the server certificate (PEM) to this file")
+	anyLogin := flag.Bool("any-login", false, "accept any non-empty user name and password (several users, each in its events' userName)")
 	flag.Parse()
 
 	if *idle > 0 {
@@ -55,6 +56,10 @@ func main() {
 	}
 	m.Service.RegisterEndpoints = true
 	m.Service.Listen = &url.URL{Host: *listen, User: url.UserPassword(*user, *pass)}
+	if *anyLogin {
+		// The simulator's own default login is the one that lets any user in.
+		m.Service.Listen.User = simulator.DefaultLogin
+	}
 	if !*plain {
 		// A fresh P-256 certificate for 127.0.0.1: the simulator's built-in one is RSA-1024,
 		// which modern TLS stacks (rustls/webpki) refuse.

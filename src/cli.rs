@@ -197,6 +197,40 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Users of the console and the API: `reflex user hash` makes a password hash for
+    /// `api.users`.
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// List, create or revoke users' API tokens (admin): `create --user NAME [--label
+    /// TEXT]` prints the new token once; `revoke ID`.
+    Tokens {
+        /// `create` or `revoke`; the list when absent.
+        #[arg(value_parser = ["create", "revoke"])]
+        verb: Option<String>,
+        /// The token's number, for `revoke`.
+        id: Option<i64>,
+        /// The user of api.users the token acts as (for `create`).
+        #[arg(long)]
+        user: Option<String>,
+        /// What the token is for (for `create`).
+        #[arg(long, default_value = "")]
+        label: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The audit log: who changed what, when and from where, newest first.
+    Audit {
+        /// How many entries.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Apply the store's schema migrations (PostgreSQL; `reflex run` applies them too).
     Migrate {
         /// The configuration file (its `store.url`).
@@ -206,6 +240,13 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Print an argon2 hash of a password for `api.users[].password_hash`. The password is
+    /// read from standard input (one line), so that it stays out of the shell's history.
+    Hash,
 }
 
 /// Event search (events list, tail).
@@ -450,6 +491,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             runtime()?.block_on(pauses(verb, key, body, api))
         }
         Command::Migrate { config, dry_run } => runtime()?.block_on(migrate(config, dry_run)),
+        Command::User { cmd: UserCmd::Hash } => user_hash(),
+        Command::Tokens {
+            verb,
+            id,
+            user,
+            label,
+            api,
+        } => runtime()?.block_on(tokens(verb, id, user, label, api)),
+        Command::Audit { limit, json, api } => runtime()?.block_on(audit(limit, json, api)),
         Command::Tail { filter, json, api } => runtime()?.block_on(tail(filter, json, api)),
     }
 }
@@ -783,6 +833,114 @@ async fn decide(
         println!("  plan: {}", s(&body["plan"]));
     })
     .await
+}
+
+fn user_hash() -> Result<ExitCode> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        eprint!("password (not echoed to a file; end with Enter): ");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.chars().count() < 8 {
+        eprintln!("refused: the password is shorter than 8 characters");
+        return Ok(ExitCode::from(2));
+    }
+    let hash = reflex::api::auth::hash_password(password).map_err(anyhow::Error::msg)?;
+    println!("{hash}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn tokens(
+    verb: Option<String>,
+    id: Option<i64>,
+    user: Option<String>,
+    label: String,
+    api: ApiArgs,
+) -> Result<ExitCode> {
+    match verb.as_deref() {
+        None => {
+            let v = get(&api, "/api/v1/tokens").await?;
+            println!(
+                "{:<6} {:<20} {:<26} {:<26} LABEL",
+                "ID", "USER", "CREATED", "REVOKED"
+            );
+            for t in v["tokens"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<6} {:<20} {:<26} {:<26} {}",
+                    t["id"],
+                    s(&t["user"]),
+                    s(&t["created_at"]),
+                    t["revoked_at"].as_str().unwrap_or("-"),
+                    s(&t["label"])
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some("create") => {
+            let Some(user) = user else {
+                bail!("`reflex tokens create` needs --user NAME (a user of api.users)");
+            };
+            let resp = client(&api)
+                .post(format!("{}/api/v1/tokens", api.api))
+                .json(&json!({"user": user, "label": label}))
+                .send()
+                .await
+                .with_context(|| unreachable(&api))?;
+            answered(resp, "token not created: ", |b| {
+                eprintln!(
+                    "token #{} for {} ({}); it is shown this once:",
+                    b["id"],
+                    s(&b["user"]),
+                    s(&b["role"])
+                );
+                println!("{}", s(&b["token"]));
+            })
+            .await
+        }
+        _ => {
+            let Some(id) = id else {
+                bail!("`reflex tokens revoke` needs the token's number (`reflex tokens`)");
+            };
+            let resp = client(&api)
+                .post(format!("{}/api/v1/tokens/{id}/revoke", api.api))
+                .send()
+                .await
+                .with_context(|| unreachable(&api))?;
+            answered(resp, "not revoked: ", |_| println!("token #{id} revoked")).await
+        }
+    }
+}
+
+async fn audit(limit: u32, json: bool, api: ApiArgs) -> Result<ExitCode> {
+    let v = get(&api, &format!("/api/v1/audit?limit={limit}")).await?;
+    let entries = v["entries"].as_array().cloned().unwrap_or_default();
+    if json {
+        for e in &entries {
+            println!("{e}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<26} {:<16} {:<9} {:<18} {:<40} {:<16} RESULT",
+        "WHEN", "WHO", "ROLE", "ACTION", "TARGET", "FROM"
+    );
+    for e in entries {
+        println!(
+            "{:<26} {:<16} {:<9} {:<18} {:<40} {:<16} {}",
+            s(&e["at"]),
+            s(&e["actor"]),
+            s(&e["role"]),
+            s(&e["action"]),
+            s(&e["target"]),
+            s(&e["remote"]),
+            s(&e["detail"])
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints what a state-changing API request answered: `done` with the body on success,

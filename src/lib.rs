@@ -465,6 +465,11 @@ impl Running {
             pauses: pauses.clone(),
             loopback_only: config.api.listen.ip().is_loopback(),
             vcenters: vcenters.clone(),
+            people: api::auth::People::new(
+                &config.api.users,
+                config.api.token.is_some(),
+                config.api.session_ttl.0,
+            ),
         });
         let decider = deliveries::approval::Decider::new(
             backend.store.clone(),

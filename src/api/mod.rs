@@ -25,6 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+pub mod auth;
+use auth::Principal;
+
 /// What the API handlers share.
 pub struct AppState {
     /// The store and the bus.
@@ -55,6 +58,8 @@ pub struct AppState {
     pub loopback_only: bool,
     /// The configured vCenters (paused scopes name one).
     pub vcenters: crate::vcenters::Vcenters,
+    /// The users of `api.users`, and the sign-in bounds.
+    pub people: auth::People,
 }
 
 type Shared = Arc<AppState>;
@@ -79,18 +84,32 @@ pub fn routes(state: Shared) -> Router {
         .route("/pauses/{key}/discard", post(discard_paused))
         .route("/nodes", get(list_nodes))
         .route("/reload", post(reload))
+        .route("/audit", get(list_audit))
+        .route("/whoami", get(whoami))
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/tokens/{id}/revoke", post(revoke_token))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            require_token,
+            same_site_only,
         ));
-    let metrics_route =
-        if state.metrics_token {
-            Router::new().route("/metrics", get(metrics)).layer(
-                axum::middleware::from_fn_with_state(state.clone(), require_token),
-            )
-        } else {
-            Router::new().route("/metrics", get(metrics))
-        };
+    let metrics_route = if state.metrics_token {
+        Router::new()
+            .route("/metrics", get(metrics))
+            .route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                auth::authorize,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                same_site_only,
+            ))
+    } else {
+        Router::new().route("/metrics", get(metrics))
+    };
     Router::new()
         .nest("/api/v1", api)
         .merge(metrics_route)
@@ -132,7 +151,9 @@ fn names_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-async fn require_token(AxState(s): AxState<Shared>, req: Request, next: Next) -> Response {
+/// A loopback API answers only requests that name loopback (DNS rebinding), and no API
+/// takes a change from another site's page (a browser sends one without a token).
+async fn same_site_only(AxState(s): AxState<Shared>, req: Request, next: Next) -> Response {
     if s.loopback_only {
         let host = req
             .headers()
@@ -147,8 +168,6 @@ async fn require_token(AxState(s): AxState<Shared>, req: Request, next: Next) ->
             .into_response();
         }
     }
-    // A page on another site can make a browser POST to a loopback API without a token:
-    // state changes from such requests are refused.
     if req.method() != axum::http::Method::GET && from_another_site(req.headers()) {
         return Rejection::new(
             StatusCode::FORBIDDEN,
@@ -157,15 +176,108 @@ async fn require_token(AxState(s): AxState<Shared>, req: Request, next: Next) ->
         )
         .into_response();
     }
-    if let Some(token) = &s.token {
-        let auth = AuthConfig::Bearer {
-            token: token.clone(),
-        };
-        if let Err(r) = auth.verify(req.headers(), b"") {
-            return r.into_response();
-        }
-    }
     next.run(req).await
+}
+
+/// Who the caller is, as the API sees them.
+async fn whoami(axum::Extension(p): axum::Extension<Principal>) -> Response {
+    let via = match p.via {
+        auth::Via::Anonymous => "anonymous",
+        auth::Via::AdminToken => "api.token",
+        auth::Via::UserToken(_) => "user token",
+        auth::Via::Session { .. } => "session",
+    };
+    Json(json!({"name": p.name, "role": p.role.as_str(), "via": via})).into_response()
+}
+
+#[derive(Deserialize)]
+struct AuditParams {
+    limit: Option<u32>,
+    before: Option<i64>,
+}
+
+async fn list_audit(AxState(s): AxState<Shared>, Query(q): Query<AuditParams>) -> Response {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    match s.backend.store.audit_log(limit, q.before).await {
+        Ok(list) => Json(json!({"entries": list.iter().map(|e| json!({
+            "id": e.id, "at": ms_to_rfc3339(e.at), "actor": e.actor, "role": e.role,
+            "action": e.action, "target": e.target, "detail": e.detail, "remote": e.remote,
+        })).collect::<Vec<_>>()}))
+        .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn list_tokens(AxState(s): AxState<Shared>) -> Response {
+    match s.backend.store.api_tokens().await {
+        Ok(list) => Json(json!({"tokens": list.iter().map(|t| json!({
+            "id": t.id, "user": t.user, "label": t.label,
+            "created_at": ms_to_rfc3339(t.created_at),
+            "revoked_at": t.revoked_at.map(ms_to_rfc3339),
+            "user_known": s.people.user(&t.user).is_some(),
+        })).collect::<Vec<_>>()}))
+        .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    user: String,
+    #[serde(default)]
+    label: String,
+}
+
+/// Makes a token for a user of `api.users`; the answer is the only place it is shown.
+async fn create_token(
+    AxState(s): AxState<Shared>,
+    body: Result<Json<NewToken>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(t) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return bad_request(format!(
+                "the body must be {{\"user\": NAME, \"label\": TEXT}}: {e}"
+            ))
+        }
+    };
+    let Some(user) = s.people.user(&t.user) else {
+        return bad_request(format!(
+            "`{}` is not a user of api.users; add them to the configuration (and reload) first",
+            t.user
+        ));
+    };
+    if t.label.len() > 200 {
+        return bad_request("the label is longer than 200 characters");
+    }
+    let token = auth::new_secret("rfx_");
+    match s
+        .backend
+        .store
+        .create_api_token(&user.name, &t.label, &auth::hash_token(&token))
+        .await
+    {
+        Ok(id) => (
+            StatusCode::CREATED,
+            Json(json!({"id": id, "user": user.name, "role": user.role.as_str(), "label": t.label, "token": token})),
+        )
+            .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn revoke_token(AxState(s): AxState<Shared>, Path(id): Path<i64>) -> Response {
+    match s.backend.store.revoke_api_token(id).await {
+        Ok(true) => Json(json!({"id": id, "revoked": true})).into_response(),
+        Ok(false) => Rejection::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no token {id} that is not revoked already (`reflex tokens list`)"),
+        )
+        .into_response(),
+        Err(e) => store_error(e),
+    }
 }
 
 async fn readyz(AxState(s): AxState<Shared>) -> Response {
@@ -561,18 +673,30 @@ struct Decision {
 
 async fn approve(
     AxState(s): AxState<Shared>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<i64>,
     body: Option<Json<Decision>>,
 ) -> Response {
-    decide(s, id, true, body.map(|b| b.0).unwrap_or_default()).await
+    decide(s, id, true, decision(&who, body)).await
 }
 
 async fn reject_approval(
     AxState(s): AxState<Shared>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<i64>,
     body: Option<Json<Decision>>,
 ) -> Response {
-    decide(s, id, false, body.map(|b| b.0).unwrap_or_default()).await
+    decide(s, id, false, decision(&who, body)).await
+}
+
+/// A person known by name decides as themselves, whatever `by` says; the shared token's
+/// holder says who they are.
+fn decision(who: &Principal, body: Option<Json<Decision>>) -> Decision {
+    let mut d = body.map(|b| b.0).unwrap_or_default();
+    if who.is_user() {
+        d.by = Some(who.name.clone());
+    }
+    d
 }
 
 /// Approves or rejects a waiting approval, then wakes its delivery: it runs (after its plan

@@ -131,6 +131,12 @@ pub struct ApiConfig {
     pub token: Option<Secret>,
     /// Require the token for `/metrics` too (Prometheus sends it with `authorization`).
     pub metrics_token: bool,
+    /// People who sign in to the console (`/ui`) or use API tokens of their own (`reflex
+    /// tokens create`). With any user (or `token`) set, every API request must be
+    /// authenticated; `token` stays an admin token for scripts.
+    pub users: Vec<UserConfig>,
+    /// How long a console session lasts after signing in.
+    pub session_ttl: Duration,
 }
 
 impl Default for ApiConfig {
@@ -139,6 +145,45 @@ impl Default for ApiConfig {
             listen: "127.0.0.1:9090".parse().expect("static address"),
             token: None,
             metrics_token: false,
+            users: Vec::new(),
+            session_ttl: Duration(std::time::Duration::from_secs(8 * 3600)),
+        }
+    }
+}
+
+/// A person who uses the console or the API.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// The name they sign in with (recorded in the audit log).
+    pub name: String,
+    /// What they may do: `viewer` reads; `operator` also replays, approves, pauses and
+    /// resumes; `admin` also reloads and manages tokens.
+    pub role: Role,
+    /// Their password's argon2 hash in PHC form (`reflex user hash` makes one); without
+    /// it the user has API tokens only and cannot sign in to the console.
+    pub password_hash: Option<String>,
+}
+
+/// A user's role; each includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads everything the API and the console show.
+    Viewer,
+    /// Replays, approves and rejects, pauses and resumes.
+    Operator,
+    /// Reloads the configuration, manages API tokens.
+    Admin,
+}
+
+impl Role {
+    /// Its name, as in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
         }
     }
 }
@@ -533,15 +578,48 @@ impl Config {
     /// Checks what serde cannot: names, listeners and the API token rule.
     pub fn check_common(&self, diags: &mut Diagnostics) {
         let api_loopback = self.api.listen.ip().is_loopback();
-        if !api_loopback && self.api.token.is_none() {
+        if !api_loopback && self.api.token.is_none() && self.api.users.is_empty() {
             diags.0.push(Diagnostic {
                 line: 0,
                 column: 0,
                 message: format!(
-                    "api.listen is {} (not loopback) but api.token is not set; set api.token (e.g. `${{env:REFLEX_API_TOKEN}}`) or listen on 127.0.0.1",
+                    "api.listen is {} (not loopback) but neither api.token nor api.users is set; set api.token (e.g. `${{env:REFLEX_API_TOKEN}}`), add api.users, or listen on 127.0.0.1",
                     self.api.listen
                 ),
             });
+        }
+        let mut names = std::collections::HashSet::new();
+        for u in &self.api.users {
+            let mut problem = |message: String| {
+                diags.0.push(Diagnostic {
+                    line: 0,
+                    column: 0,
+                    message,
+                })
+            };
+            if u.name.is_empty()
+                || u.name.len() > 64
+                || !u
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c))
+            {
+                problem(format!(
+                    "api.users: `{}` is not a valid user name (1 to 64 letters, digits, `.`, `_`, `@` or `-`)",
+                    u.name
+                ));
+            }
+            if !names.insert(u.name.as_str()) {
+                problem(format!("api.users: `{}` is listed twice", u.name));
+            }
+            if let Some(h) = &u.password_hash {
+                if let Err(e) = argon2::PasswordHash::new(h) {
+                    problem(format!(
+                        "api.users: the password_hash of `{}` is not an argon2 hash in PHC form ({e}); make one with `reflex user hash`",
+                        u.name
+                    ));
+                }
+            }
         }
         if self.api.listen == self.http.listen && self.api.listen.port() != 0 {
             diags.0.push(Diagnostic {

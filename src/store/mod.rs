@@ -555,6 +555,98 @@ pub trait Store: Send + Sync {
     ) -> Result<Option<Approval>, StoreError>;
     /// holds (one entry, this process, for the embedded store).
     async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError>;
+    /// Keeps a new API token of `user` by its hash (the token itself is never stored);
+    /// returns its id.
+    async fn create_api_token(
+        &self,
+        user: &str,
+        label: &str,
+        hash: &str,
+    ) -> Result<i64, StoreError>;
+    /// The token with this hash, unless revoked.
+    async fn api_token(&self, hash: &str) -> Result<Option<ApiToken>, StoreError>;
+    /// Every API token, revoked ones too, newest first.
+    async fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError>;
+    /// Revokes a token; `false` when there is none with this id or it was revoked already.
+    async fn revoke_api_token(&self, id: i64) -> Result<bool, StoreError>;
+    /// Opens a console session, kept by the hash of its cookie's value.
+    async fn create_session(&self, hash: &str, s: &Session) -> Result<(), StoreError>;
+    /// The session with this hash, unless it expired before `now`.
+    async fn session(&self, hash: &str, now: i64) -> Result<Option<Session>, StoreError>;
+    /// Ends a session (logging out), and forgets every expired one.
+    async fn end_session(&self, hash: &str) -> Result<(), StoreError>;
+    /// Appends to the audit log.
+    async fn record_audit(&self, entry: &NewAudit) -> Result<(), StoreError>;
+    /// The audit log, newest first: `limit` entries older than `before` (an id) if given.
+    async fn audit_log(
+        &self,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
+}
+
+/// An API token of a user. The token is shown once, when made; the store keeps its hash.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiToken {
+    /// Its number (to revoke it).
+    pub id: i64,
+    /// Whose it is: a user of `api.users`, whose role it carries.
+    pub user: String,
+    /// What it is for, as given when made.
+    pub label: String,
+    /// When it was made (ms since the epoch).
+    pub created_at: i64,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<i64>,
+}
+
+/// A person's signed-in console session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The user.
+    pub user: String,
+    /// The token every form and state-changing request of the session must carry.
+    pub csrf: String,
+    /// When it ends (ms since the epoch).
+    pub expires_at: i64,
+}
+
+/// What the audit log records of one state-changing action by a person or a script.
+#[derive(Debug, Clone)]
+pub struct NewAudit {
+    /// Who: a user's name, `api.token`, or `anonymous` (loopback, no authentication set).
+    pub actor: String,
+    /// The role they acted in.
+    pub role: String,
+    /// What: `replay`, `pause`, `approve`, `reload`, `login`, `token.create`…
+    pub action: String,
+    /// On what: a delivery id, a trigger's name, a user.
+    pub target: String,
+    /// The outcome and any reason given.
+    pub detail: String,
+    /// From where: the client's address.
+    pub remote: String,
+}
+
+/// One entry of the audit log.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry {
+    /// Its number.
+    pub id: i64,
+    /// When (ms since the epoch).
+    pub at: i64,
+    /// Who.
+    pub actor: String,
+    /// In which role.
+    pub role: String,
+    /// What.
+    pub action: String,
+    /// On what.
+    pub target: String,
+    /// Outcome and reason.
+    pub detail: String,
+    /// From where.
+    pub remote: String,
 }
 
 /// A paused trigger.

@@ -13,6 +13,7 @@ use super::{
     DeliveryRecord, EventDetail, EventQuery, EventSummary, NewApproval, NewEvent, OpenDelivery,
     PausedTrigger, Retention, State, StoreError, Stored,
 };
+use super::{ApiToken, AuditEntry, NewAudit, Session};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -185,6 +186,37 @@ CREATE TABLE correlations (
 );
 CREATE INDEX correlations_open ON correlations (trigger, key) WHERE fired_by IS NULL;
 CREATE INDEX correlations_fired ON correlations (fired_by) WHERE fired_by IS NOT NULL;
+"#,
+    ),
+    (
+        6,
+        "API tokens, console sessions, audit log",
+        r#"
+CREATE TABLE api_tokens (
+    id BIGSERIAL PRIMARY KEY,
+    "user" TEXT NOT NULL,
+    label TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL,
+    revoked_at BIGINT
+);
+CREATE TABLE sessions (
+    hash TEXT PRIMARY KEY,
+    "user" TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE TABLE audit_log (
+    id BIGSERIAL PRIMARY KEY,
+    at BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    role TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    remote TEXT NOT NULL
+);
 "#,
     ),
 ];
@@ -1737,6 +1769,128 @@ impl super::Store for PgStore {
         rows.first().map(approval_row).transpose()
     }
 
+    async fn create_api_token(
+        &self,
+        user: &str,
+        label: &str,
+        hash: &str,
+    ) -> Result<i64, StoreError> {
+        let rows = self
+            .query(
+                "keeping an API token",
+                r#"INSERT INTO api_tokens("user", label, hash, created_at) VALUES ($1, $2, $3, $4) RETURNING id"#,
+                &[&user, &label, &hash, &now_ms()],
+            )
+            .await?;
+        Ok(rows.first().map_or(0, |r| r.get(0)))
+    }
+
+    async fn api_token(&self, hash: &str) -> Result<Option<ApiToken>, StoreError> {
+        let rows = self
+            .query(
+                "reading an API token",
+                r#"SELECT id, "user", label, created_at, revoked_at FROM api_tokens WHERE hash = $1 AND revoked_at IS NULL"#,
+                &[&hash],
+            )
+            .await?;
+        Ok(rows.first().map(api_token_row))
+    }
+
+    async fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        let rows = self
+            .query(
+                "reading API tokens",
+                r#"SELECT id, "user", label, created_at, revoked_at FROM api_tokens ORDER BY id DESC"#,
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(api_token_row).collect())
+    }
+
+    async fn revoke_api_token(&self, id: i64) -> Result<bool, StoreError> {
+        let rows = self
+            .query(
+                "revoking an API token",
+                "UPDATE api_tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING id",
+                &[&id, &now_ms()],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn create_session(&self, hash: &str, s: &Session) -> Result<(), StoreError> {
+        self.query(
+            "opening a session",
+            r#"INSERT INTO sessions(hash, "user", csrf, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)"#,
+            &[&hash, &s.user, &s.csrf, &now_ms(), &s.expires_at],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn session(&self, hash: &str, now: i64) -> Result<Option<Session>, StoreError> {
+        let rows = self
+            .query(
+                "reading a session",
+                r#"SELECT "user", csrf, expires_at FROM sessions WHERE hash = $1 AND expires_at > $2"#,
+                &[&hash, &now],
+            )
+            .await?;
+        Ok(rows.first().map(|r| Session {
+            user: r.get(0),
+            csrf: r.get(1),
+            expires_at: r.get(2),
+        }))
+    }
+
+    async fn end_session(&self, hash: &str) -> Result<(), StoreError> {
+        self.query(
+            "ending a session",
+            "DELETE FROM sessions WHERE hash = $1 OR expires_at < $2",
+            &[&hash, &now_ms()],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn record_audit(&self, e: &NewAudit) -> Result<(), StoreError> {
+        self.query(
+            "writing the audit log",
+            "INSERT INTO audit_log(at, actor, role, action, target, detail, remote) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[&now_ms(), &e.actor, &e.role, &e.action, &e.target, &e.detail, &e.remote],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn audit_log(
+        &self,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = self
+            .query(
+                "reading the audit log",
+                "SELECT id, at, actor, role, action, target, detail, remote FROM audit_log
+                 WHERE id < $1 ORDER BY id DESC LIMIT $2",
+                &[&before.unwrap_or(i64::MAX), &i64::from(limit)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditEntry {
+                id: r.get(0),
+                at: r.get(1),
+                actor: r.get(2),
+                role: r.get(3),
+                action: r.get(4),
+                target: r.get(5),
+                detail: r.get(6),
+                remote: r.get(7),
+            })
+            .collect())
+    }
+
     async fn nodes(&self) -> Result<Vec<super::NodeInfo>, StoreError> {
         let rows = self
             .query(
@@ -1928,6 +2082,16 @@ pub async fn delivery_counts(store: &PgStore) -> Result<HashMap<String, i64>, St
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+fn api_token_row(r: &Row) -> ApiToken {
+    ApiToken {
+        id: r.get(0),
+        user: r.get(1),
+        label: r.get(2),
+        created_at: r.get(3),
+        revoked_at: r.get(4),
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use super::{
     DeliveryRecord, EventDetail, EventQuery, EventSummary, NewApproval, NewEvent, OpenDelivery,
     PausedTrigger, Retention, State, StoreError, Stored,
 };
+use super::{ApiToken, AuditEntry, NewAudit, Session};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -58,7 +59,13 @@ enum Op {
         i64,
         oneshot::Sender<Result<Option<OpenDelivery>, StoreError>>,
     ),
+    /// A write of the console and the API's people (tokens, sessions, audit): rare, and
+    /// answered with a number (an id, or the rows changed).
+    People(PeopleWrite, oneshot::Sender<Result<i64, StoreError>>),
 }
+
+/// A write of [`Op::People`].
+type PeopleWrite = Box<dyn FnOnce(&rusqlite::Transaction) -> rusqlite::Result<i64> + Send>;
 
 /// The SQLite store and bus; cheap to clone.
 #[derive(Clone)]
@@ -127,6 +134,14 @@ impl SqliteStore {
         let (tx, rx) = oneshot::channel();
         self.tx.send(op(tx)).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Runs a write of [`Op::People`] in the writer's next commit.
+    async fn people(
+        &self,
+        write: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<i64> + Send + 'static,
+    ) -> Result<i64, StoreError> {
+        self.call(|tx| Op::People(Box::new(write), tx)).await?
     }
 
     /// Runs a read on the reader connection off the async threads.
@@ -452,6 +467,141 @@ impl super::Store for SqliteStore {
         self.call(|tx| Op::Approval(Err((id, change)), tx)).await?
     }
 
+    async fn create_api_token(
+        &self,
+        user: &str,
+        label: &str,
+        hash: &str,
+    ) -> Result<i64, StoreError> {
+        let (user, label, hash) = (user.to_string(), label.to_string(), hash.to_string());
+        self.people(move |tx| {
+            tx.prepare_cached(
+                "INSERT INTO api_tokens(user, label, hash, created_at) VALUES (?1,?2,?3,?4)",
+            )?
+            .execute(params![user, label, hash, now_ms()])?;
+            Ok(tx.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn api_token(&self, hash: &str) -> Result<Option<ApiToken>, StoreError> {
+        let hash = hash.to_string();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT id, user, label, created_at, revoked_at FROM api_tokens WHERE hash = ?1 AND revoked_at IS NULL",
+            )?
+            .query_row([hash], api_token_row)
+            .optional()
+        })
+        .await
+    }
+
+    async fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT id, user, label, created_at, revoked_at FROM api_tokens ORDER BY id DESC",
+            )?
+            .query_map([], api_token_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn revoke_api_token(&self, id: i64) -> Result<bool, StoreError> {
+        self.people(move |tx| {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE api_tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                )?
+                .execute(params![id, now_ms()])?;
+            Ok(n as i64)
+        })
+        .await
+        .map(|n| n > 0)
+    }
+
+    async fn create_session(&self, hash: &str, s: &Session) -> Result<(), StoreError> {
+        let (hash, s) = (hash.to_string(), s.clone());
+        self.people(move |tx| {
+            tx.prepare_cached(
+                "INSERT INTO sessions(hash, user, csrf, created_at, expires_at) VALUES (?1,?2,?3,?4,?5)",
+            )?
+            .execute(params![hash, s.user, s.csrf, now_ms(), s.expires_at])?;
+            Ok(0)
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn session(&self, hash: &str, now: i64) -> Result<Option<Session>, StoreError> {
+        let hash = hash.to_string();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT user, csrf, expires_at FROM sessions WHERE hash = ?1 AND expires_at > ?2",
+            )?
+            .query_row(params![hash, now], |r| {
+                Ok(Session {
+                    user: r.get(0)?,
+                    csrf: r.get(1)?,
+                    expires_at: r.get(2)?,
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn end_session(&self, hash: &str) -> Result<(), StoreError> {
+        let hash = hash.to_string();
+        self.people(move |tx| {
+            tx.prepare_cached("DELETE FROM sessions WHERE hash = ?1 OR expires_at < ?2")?
+                .execute(params![hash, now_ms()])?;
+            Ok(0)
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn record_audit(&self, e: &NewAudit) -> Result<(), StoreError> {
+        let e = e.clone();
+        self.people(move |tx| {
+            tx.prepare_cached(
+                "INSERT INTO audit_log(at, actor, role, action, target, detail, remote) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+            )?
+            .execute(params![now_ms(), e.actor, e.role, e.action, e.target, e.detail, e.remote])?;
+            Ok(0)
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn audit_log(
+        &self,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT id, at, actor, role, action, target, detail, remote FROM audit_log
+                 WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+            )?
+            .query_map(params![before.unwrap_or(i64::MAX), limit], |r| {
+                Ok(AuditEntry {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    actor: r.get(2)?,
+                    role: r.get(3)?,
+                    action: r.get(4)?,
+                    target: r.get(5)?,
+                    detail: r.get(6)?,
+                    remote: r.get(7)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
     async fn nodes(&self) -> Result<Vec<super::NodeInfo>, StoreError> {
         Ok(vec![super::NodeInfo {
             id: "embedded".into(),
@@ -671,6 +821,10 @@ enum Reply {
         Result<Option<OpenDelivery>, rusqlite::Error>,
     ),
     Flush(oneshot::Sender<()>),
+    People(
+        oneshot::Sender<Result<i64, StoreError>>,
+        Result<i64, rusqlite::Error>,
+    ),
 }
 
 /// Times a dispatcher write (claim, defer, attempt record) is tried again after failed
@@ -800,6 +954,9 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, mut k
                     Op::Wake(id, reply) => {
                         replies.push(Reply::Wake(reply, wake(&tx, id, now)));
                     }
+                    Op::People(write, reply) => {
+                        replies.push(Reply::People(reply, write(&tx)));
+                    }
                     Op::Checkpoint(source, position, time, reply) => {
                         tx.prepare_cached(
                             "INSERT INTO checkpoints(source, position, time, updated_at) VALUES (?1,?2,?3,?4)
@@ -877,6 +1034,13 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, mut k
                 }
                 Reply::Flush(tx) => {
                     let _ = tx.send(());
+                }
+                Reply::People(tx, r) => {
+                    let _ = tx.send(match (&result, r) {
+                        (Ok(()), Ok(v)) => Ok(v),
+                        (Err(e), _) => Err(sqlite_err(clone_err(e))),
+                        (_, Err(e)) => Err(sqlite_err(e)),
+                    });
                 }
             }
         }
@@ -1251,6 +1415,16 @@ fn prune(
     tx.execute("DELETE FROM dedup_keys WHERE seq <= ?1", [forgotten])?;
     tx.execute("DELETE FROM throttles WHERE until < ?1", [now])?;
     Ok(removed)
+}
+
+fn api_token_row(r: &rusqlite::Row) -> rusqlite::Result<ApiToken> {
+    Ok(ApiToken {
+        id: r.get(0)?,
+        user: r.get(1)?,
+        label: r.get(2)?,
+        created_at: r.get(3)?,
+        revoked_at: r.get(4)?,
+    })
 }
 
 #[cfg(test)]

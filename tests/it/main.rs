@@ -13,6 +13,7 @@ mod nodes;
 mod notify;
 mod package;
 mod reload;
+mod roles;
 mod scenarios;
 mod secrets;
 mod sources;

@@ -188,44 +188,47 @@ pub async fn run_with_reload(
             api: TcpListener::from_std(api.try_clone()?)?,
         };
         let requests = reload.as_ref().map(|r| r.requests.clone());
-        let running = match Running::start(compiled, listeners, metrics.clone(), requests).await {
-            Ok(r) => r,
-            Err(e) => {
-                // The file passed its checks; what failed is the machine (disk, descriptors).
-                let path = match &reload {
-                    Some(r) if restarting => r.path.clone(),
-                    _ => return Err(e),
-                };
-                tracing::error!("the pipeline could not restart: {e:#}; retrying in 2 s");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                }
-                // Requests that came meanwhile are answered: this start reads the file anew.
-                if let Some(r) = reload.as_mut() {
-                    while let Ok(answer) = r.incoming.try_recv() {
-                        let _ = answer.send(Err(
-                            "the pipeline is restarting; ask again once it runs".into(),
-                        ));
+        let config_path = reload.as_ref().map(|r| r.path.clone());
+        let running =
+            match Running::start(compiled, listeners, metrics.clone(), requests, config_path).await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    // The file passed its checks; what failed is the machine (disk, descriptors).
+                    let path = match &reload {
+                        Some(r) if restarting => r.path.clone(),
+                        _ => return Err(e),
+                    };
+                    tracing::error!("the pipeline could not restart: {e:#}; retrying in 2 s");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                     }
-                }
-                compiled = loop {
-                    match reloaded(&path, &fixed) {
-                        Ok(c) => break c,
-                        Err(e) => {
-                            tracing::error!(
-                                "the pipeline is stopped until the file is fixed:\n{e}"
-                            );
-                            tokio::select! {
-                                _ = shutdown.cancelled() => return Ok(()),
-                                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                            }
+                    // Requests that came meanwhile are answered: this start reads the file anew.
+                    if let Some(r) = reload.as_mut() {
+                        while let Ok(answer) = r.incoming.try_recv() {
+                            let _ = answer.send(Err(
+                                "the pipeline is restarting; ask again once it runs".into(),
+                            ));
                         }
                     }
-                };
-                continue;
-            }
-        };
+                    compiled = loop {
+                        match reloaded(&path, &fixed) {
+                            Ok(c) => break c,
+                            Err(e) => {
+                                tracing::error!(
+                                    "the pipeline is stopped until the file is fixed:\n{e}"
+                                );
+                                tokio::select! {
+                                    _ = shutdown.cancelled() => return Ok(()),
+                                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                                }
+                            }
+                        }
+                    };
+                    continue;
+                }
+            };
         let next = loop {
             let request = async {
                 match reload.as_mut() {
@@ -349,6 +352,7 @@ impl Running {
         listeners: Listeners,
         metrics: Arc<telemetry::Metrics>,
         reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
+        config_path: Option<std::path::PathBuf>,
     ) -> anyhow::Result<Running> {
         let Compiled {
             config,
@@ -470,6 +474,8 @@ impl Running {
                 config.api.token.is_some(),
                 config.api.session_ttl.0,
             ),
+            config_path,
+            tls: false,
         });
         let decider = deliveries::approval::Decider::new(
             backend.store.clone(),

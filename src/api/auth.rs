@@ -92,6 +92,54 @@ pub const ROUTES: &[(&str, &str, Role, &str)] = &[
         "token.revoke",
     ),
     ("GET", "/metrics", Role::Viewer, ""),
+    ("GET", "/ui/overview", Role::Viewer, ""),
+    ("GET", "/ui/overview/live", Role::Viewer, ""),
+    ("GET", "/ui/events", Role::Viewer, ""),
+    ("GET", "/ui/events/{seq}", Role::Viewer, ""),
+    ("GET", "/ui/deliveries", Role::Viewer, ""),
+    (
+        "POST",
+        "/ui/deliveries/{id}/replay",
+        Role::Operator,
+        "delivery.replay",
+    ),
+    ("GET", "/ui/triggers", Role::Viewer, ""),
+    (
+        "POST",
+        "/ui/triggers/{name}/pause",
+        Role::Operator,
+        "trigger.pause",
+    ),
+    (
+        "POST",
+        "/ui/triggers/{name}/resume",
+        Role::Operator,
+        "trigger.resume",
+    ),
+    (
+        "POST",
+        "/ui/triggers/{name}/replay-dead",
+        Role::Operator,
+        "delivery.replay_dead",
+    ),
+    ("GET", "/ui/approvals", Role::Viewer, ""),
+    (
+        "POST",
+        "/ui/approvals/{id}/approve",
+        Role::Operator,
+        "approval.approve",
+    ),
+    (
+        "POST",
+        "/ui/approvals/{id}/reject",
+        Role::Operator,
+        "approval.reject",
+    ),
+    ("GET", "/ui/audit", Role::Viewer, ""),
+    ("GET", "/ui/config", Role::Admin, ""),
+    ("POST", "/ui/config/check", Role::Admin, "config.check"),
+    ("POST", "/ui/config/reload", Role::Admin, "config.reload"),
+    ("POST", "/ui/logout", Role::Viewer, "logout"),
 ];
 
 /// The role a route needs and its action's name for the audit log.
@@ -410,23 +458,33 @@ pub async fn authorize(
         .extensions()
         .get::<axum::extract::OriginalUri>()
         .map_or_else(|| req.uri().path().to_string(), |u| u.0.path().to_string());
+    let console = path.starts_with("/ui/");
     let who = match identify(&s, req.headers(), remote).await {
         Ok(p) => p,
+        // A console page without a session goes to the sign-in page.
+        Err(r) if console && r.status() == StatusCode::UNAUTHORIZED && method == Method::GET => {
+            return axum::response::Redirect::to("/ui/login").into_response()
+        }
         Err(r) => return r,
     };
     let changes = method != Method::GET && method != Method::HEAD;
     if changes {
-        if let Some(csrf) = who.csrf() {
-            let sent = req
-                .headers()
-                .get(CSRF_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            if !same_secret(sent, csrf) {
+        if let Some(csrf) = who.csrf().map(str::to_string) {
+            let (sent, rebuilt) = csrf_of(req).await;
+            req = rebuilt;
+            if !same_secret(&sent, &csrf) {
+                audit(
+                    &s,
+                    &who,
+                    action,
+                    &target,
+                    "refused: CSRF token missing or wrong",
+                )
+                .await;
                 return Rejection::new(
                     StatusCode::FORBIDDEN,
                     "csrf",
-                    "a change from a console session must carry the session's CSRF token (x-csrf-token); reload the page",
+                    "a change from a console session must carry the session's CSRF token (x-csrf-token, or the form's csrf field); reload the page",
                 )
                 .into_response();
             }
@@ -436,19 +494,25 @@ pub async fn authorize(
         if changes {
             audit(&s, &who, action, &target, "refused: role").await;
         }
-        return Rejection::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "{} {} needs the {} role; {} is {}",
-                method,
-                path,
-                needed.as_str(),
-                who.name,
-                who.role.as_str()
-            ),
-        )
-        .into_response();
+        let message = format!(
+            "{} {} needs the {} role; {} is {}",
+            method,
+            path,
+            needed.as_str(),
+            who.name,
+            who.role.as_str()
+        );
+        if console {
+            return (
+                StatusCode::FORBIDDEN,
+                axum::response::Html(format!(
+                    "<!doctype html><title>reflex · not allowed</title><p>Not allowed: {}.</p><p><a href=\"/ui/overview\">Back</a></p>",
+                    message.replace('<', "&lt;")
+                )),
+            )
+                .into_response();
+        }
+        return Rejection::new(StatusCode::FORBIDDEN, "forbidden", message).into_response();
     }
     req.extensions_mut().insert(who.clone());
     let response = next.run(req).await;
@@ -468,6 +532,34 @@ pub async fn authorize(
         .await;
     }
     response
+}
+
+/// The CSRF token a change carries: the `x-csrf-token` header (htmx sends it), else the
+/// `csrf` field of a form body (read, bounded, and put back for the handler).
+async fn csrf_of(req: Request) -> (String, Request) {
+    if let Some(v) = req.headers().get(CSRF_HEADER).and_then(|v| v.to_str().ok()) {
+        return (v.to_string(), req);
+    }
+    let form = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if !form {
+        return (String::new(), req);
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let sent = url::form_urlencoded::parse(&bytes)
+        .find(|(k, _)| k == "csrf")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    (
+        sent,
+        Request::from_parts(parts, axum::body::Body::from(bytes)),
+    )
 }
 
 /// Appends to the audit log; a failure is logged, the action stands.

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 pub mod auth;
+mod ui;
 use auth::Principal;
 
 /// What the API handlers share.
@@ -60,6 +61,10 @@ pub struct AppState {
     pub vcenters: crate::vcenters::Vcenters,
     /// The users of `api.users`, and the sign-in bounds.
     pub people: auth::People,
+    /// The configuration file reflex runs (the console shows it, secrets redacted).
+    pub config_path: Option<std::path::PathBuf>,
+    /// The API listener serves TLS (session cookies are then `Secure`).
+    pub tls: bool,
 }
 
 type Shared = Arc<AppState>;
@@ -112,6 +117,12 @@ pub fn routes(state: Shared) -> Router {
     };
     Router::new()
         .nest("/api/v1", api)
+        .merge(
+            ui::routes(state.clone()).layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                same_site_only,
+            )),
+        )
         .merge(metrics_route)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

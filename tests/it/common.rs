@@ -424,3 +424,10 @@ pub fn tls_for_localhost(dir: &std::path::Path) -> (std::path::PathBuf, tokio_ru
         tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
     )
 }
+
+/// An `application/x-www-form-urlencoded` body, as a browser's form sends it.
+pub fn form_body(pairs: &[(&str, &str)]) -> String {
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}

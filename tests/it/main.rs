@@ -5,6 +5,7 @@ mod amqp;
 mod approvals;
 mod common;
 mod config_errors;
+mod console;
 mod deliveries;
 mod e2e_binary;
 mod fuzz_regressions;

@@ -39,8 +39,26 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("POST", "/api/v1/tokens", "admin"),
     ("POST", "/api/v1/tokens/999/revoke", "admin"),
     ("GET", "/metrics", "viewer"),
+    ("GET", "/ui/overview", "viewer"),
+    ("GET", "/ui/overview/live", "viewer"),
+    ("GET", "/ui/events", "viewer"),
+    ("GET", "/ui/events/1", "viewer"),
+    ("GET", "/ui/deliveries", "viewer"),
+    ("POST", "/ui/deliveries/1/replay", "operator"),
+    ("GET", "/ui/triggers", "viewer"),
+    ("POST", "/ui/triggers/t/pause", "operator"),
+    ("POST", "/ui/triggers/t/resume", "operator"),
+    ("POST", "/ui/triggers/t/replay-dead", "operator"),
+    ("GET", "/ui/approvals", "viewer"),
+    ("POST", "/ui/approvals/1/approve", "operator"),
+    ("POST", "/ui/approvals/1/reject", "operator"),
+    ("GET", "/ui/audit", "viewer"),
+    ("GET", "/ui/config", "admin"),
+    ("POST", "/ui/config/check", "admin"),
+    ("POST", "/ui/logout", "viewer"),
     // Last: an admin's reload restarts the pipeline.
     ("POST", "/api/v1/reload", "admin"),
+    ("POST", "/ui/config/reload", "admin"),
 ];
 
 const ROLES: [&str; 3] = ["viewer", "operator", "admin"];
@@ -51,9 +69,17 @@ fn rank(role: &str) -> usize {
 
 async fn call(r: &Reflex, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
     let url = format!("{}{path}", r.api);
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
     let mut req = match method {
-        "GET" => r.client.get(url),
-        _ => r.client.post(url).json(&json!({})),
+        "GET" => client.get(url),
+        _ if path.starts_with("/ui/") => client
+            .post(url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form_body(&[("reason", "test")])),
+        _ => client.post(url).json(&json!({})),
     };
     if let Some(t) = token {
         req = req.bearer_auth(t);
@@ -113,11 +139,16 @@ triggers:
     }
 
     for (method, path, needs) in EXPECTED {
-        // Without credentials: 401 everywhere.
+        // Without credentials: 401 everywhere (a console page sends to the sign-in page).
         let (st, body) = call(&r, method, path, None).await;
-        assert_eq!(st, 401, "{method} {path} without a token: {body}");
+        let expect = if path.starts_with("/ui/") && *method == "GET" {
+            303
+        } else {
+            401
+        };
+        assert_eq!(st, expect, "{method} {path} without a token: {body}");
         let (st, _) = call(&r, method, path, Some("rfx_not-a-real-token")).await;
-        assert_eq!(st, 401, "{method} {path} with a wrong token");
+        assert_eq!(st, expect, "{method} {path} with a wrong token");
         for (role, token) in &tokens {
             let (st, body) = call(&r, method, path, Some(token)).await;
             if rank(role) >= rank(needs) {
@@ -130,7 +161,9 @@ triggers:
                     st, 403,
                     "{method} {path} as {role} (needs {needs}) was let through: {body}"
                 );
-                assert_eq!(body["error"]["reason"], "forbidden", "{body}");
+                if path.starts_with("/api") {
+                    assert_eq!(body["error"]["reason"], "forbidden", "{body}");
+                }
             }
         }
     }
@@ -143,7 +176,11 @@ triggers:
     let find = |actor: &str, action: &str| {
         entries
             .iter()
-            .find(|e| e["actor"] == actor && e["action"] == action)
+            .find(|e| {
+                e["actor"] == actor
+                    && e["action"] == action
+                    && e["target"].as_str().unwrap().starts_with("/api/")
+            })
             .unwrap_or_else(|| panic!("no {action} by {actor}: {log}"))
             .clone()
     };

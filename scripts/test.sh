@@ -21,6 +21,8 @@ command -v logger >/dev/null 2>&1 || need_apt+=(bsdutils)
 [ -x /usr/bin/prometheus-alertmanager ] || need_apt+=(prometheus-alertmanager)
 # RabbitMQ: the amqp source and action talk to a real broker.
 [ -x /usr/sbin/rabbitmq-server ] || need_apt+=(rabbitmq-server)
+# Chromium and its WebDriver: the console's browser tests (tests/it/browser.rs).
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

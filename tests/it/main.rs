@@ -3,6 +3,7 @@
 
 mod amqp;
 mod approvals;
+mod browser;
 mod common;
 mod config_errors;
 mod console;

@@ -475,7 +475,7 @@ impl Running {
                 config.api.session_ttl.0,
             ),
             config_path,
-            tls: false,
+            tls: config.api.tls.is_some(),
         });
         let decider = deliveries::approval::Decider::new(
             backend.store.clone(),
@@ -499,14 +499,23 @@ impl Running {
         let http_routes = http_routes.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             config.http.body_timeout.0,
         ));
+        // Certificates are read at every start, so a reload (SIGHUP) takes renewed ones.
+        let tls = |t: &Option<config::TlsConfig>, what: &str| -> anyhow::Result<_> {
+            t.as_ref()
+                .map(listener::tls_acceptor)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("{what}: {e}"))
+        };
         let http_limits = listener::Limits {
             max_connections: config.http.max_connections,
             header_timeout: config.http.header_timeout.0,
+            tls: tls(&config.http.tls, "http.tls")?,
         };
         // The API serves operators and scrapers: few connections.
         let api_limits = listener::Limits {
             max_connections: 256,
             header_timeout: config.http.header_timeout.0,
+            tls: tls(&config.api.tls, "api.tls")?,
         };
         let servers = vec![
             serve(listeners.http, http_routes, http_limits),

@@ -12,14 +12,43 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-/// The bounds of one listener.
-#[derive(Debug, Clone, Copy)]
+/// The bounds of one listener, and its TLS.
+#[derive(Clone)]
 pub struct Limits {
     /// Connections open at once.
     pub max_connections: usize,
     /// Time allowed for a request's headers (and for the next request on a kept-alive
-    /// connection).
+    /// connection), and for a TLS handshake.
     pub header_timeout: Duration,
+    /// Serve HTTPS with this.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// A TLS acceptor from PEM files; the error names the file and what is wrong.
+pub fn tls_acceptor(t: &crate::config::TlsConfig) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert_file)
+        .map_err(|e| format!("cannot read cert_file `{}`: {e}", t.cert_file))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cert_file `{}` is not PEM certificates: {e}", t.cert_file))?;
+    if certs.is_empty() {
+        return Err(format!("cert_file `{}` holds no certificate", t.cert_file));
+    }
+    let key = PrivateKeyDer::from_pem_file(&t.key_file).map_err(|e| {
+        format!(
+            "cannot read a private key from key_file `{}`: {e}",
+            t.key_file
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("the certificate and key do not make a TLS server: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Serves `app` on `listener` until `stop`, then waits for the requests in progress (idle
@@ -73,14 +102,42 @@ pub async fn serve(
                 r
             },
         ));
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(slot);
-        });
+        match &limits.tls {
+            None => {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    drop(slot);
+                });
+            }
+            Some(acceptor) => {
+                // The handshake runs in the connection's own task, bounded like a header.
+                let (acceptor, builder) = (acceptor.clone(), builder.clone());
+                let watcher = graceful.watcher();
+                let timeout = limits.header_timeout;
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(peer = %peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                        .into_owned();
+                    let _ = watcher.watch(conn).await;
+                    drop(slot);
+                });
+            }
+        }
     }
     drop(listener);
     graceful.shutdown().await;

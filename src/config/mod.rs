@@ -79,6 +79,8 @@ pub struct HttpConfig {
     pub body_timeout: Duration,
     /// Connections open at once; more are closed as they arrive.
     pub max_connections: usize,
+    /// Serve HTTPS instead of HTTP (the handshake is bounded by `header_timeout`).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for HttpConfig {
@@ -91,6 +93,7 @@ impl Default for HttpConfig {
             header_timeout: Duration(std::time::Duration::from_secs(15)),
             body_timeout: Duration(std::time::Duration::from_secs(30)),
             max_connections: 4096,
+            tls: None,
         }
     }
 }
@@ -121,6 +124,17 @@ impl Default for DeliveriesConfig {
     }
 }
 
+/// A TLS listener's certificate and key, read at start and at every reload (SIGHUP): a
+/// renewed certificate is taken by `reflex reload` or `kill -HUP`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM, the server's first.
+    pub cert_file: String,
+    /// The private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+}
+
 /// The management API listener.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -137,6 +151,8 @@ pub struct ApiConfig {
     pub users: Vec<UserConfig>,
     /// How long a console session lasts after signing in.
     pub session_ttl: Duration,
+    /// Serve the API and the console over HTTPS (session cookies are then `Secure`).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ApiConfig {
@@ -147,6 +163,7 @@ impl Default for ApiConfig {
             metrics_token: false,
             users: Vec::new(),
             session_ttl: Duration(std::time::Duration::from_secs(8 * 3600)),
+            tls: None,
         }
     }
 }
@@ -587,6 +604,17 @@ impl Config {
                     self.api.listen
                 ),
             });
+        }
+        for (name, tls) in [("http.tls", &self.http.tls), ("api.tls", &self.api.tls)] {
+            if let Some(t) = tls {
+                if let Err(e) = crate::listener::tls_acceptor(t) {
+                    diags.0.push(Diagnostic {
+                        line: 0,
+                        column: 0,
+                        message: format!("{name}: {e}"),
+                    });
+                }
+            }
         }
         let mut names = std::collections::HashSet::new();
         for u in &self.api.users {

@@ -10,8 +10,10 @@
 //! refused a batch). Over TCP a connection's lines are stored before more of it is read:
 //! a slow store slows the sender (backpressure), nothing read is dropped for it.
 
+use crate::config::TlsConfig;
 use crate::config::{ByteSize, Config, Diagnostics, Text};
 use crate::ingest::{Ingest, IngestError};
+use crate::listener::tls_acceptor;
 use crate::template::Template;
 use bytes::{Buf, BytesMut};
 use cloudevents::{Event, EventBuilder, EventBuilderV10};
@@ -47,16 +49,6 @@ pub struct SyslogConfig {
     pub tls: Option<TlsConfig>,
     /// How lines become events; the first rule that matches wins.
     pub rules: Vec<RuleConfig>,
-}
-
-/// A TLS listener's certificate and key.
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// The certificate chain, PEM, the server's first.
-    pub cert_file: String,
-    /// The private key, PEM (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: String,
 }
 
 /// One rule: which lines, and the event they become.
@@ -605,33 +597,6 @@ impl Syslog {
             }
         }
     }
-}
-
-/// A TLS acceptor from PEM files; the error names the file and what is wrong.
-fn tls_acceptor(t: &TlsConfig) -> Result<tokio_rustls::TlsAcceptor, String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert_file)
-        .map_err(|e| format!("cannot read cert_file `{}`: {e}", t.cert_file))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("cert_file `{}` is not PEM certificates: {e}", t.cert_file))?;
-    if certs.is_empty() {
-        return Err(format!("cert_file `{}` holds no certificate", t.cert_file));
-    }
-    let key = PrivateKeyDer::from_pem_file(&t.key_file).map_err(|e| {
-        format!(
-            "cannot read a private key from key_file `{}`: {e}",
-            t.key_file
-        )
-    })?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("the certificate and key do not make a TLS server: {e}"))?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// A frame without its line ending.

@@ -20,6 +20,7 @@ mod scenarios;
 mod secrets;
 mod sources;
 mod store_faults;
+mod tls;
 mod vcenter_faults;
 mod vsphere;
 mod workflow;

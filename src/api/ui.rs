@@ -779,6 +779,7 @@ async fn replay_dead(
 
 struct TriggerRow {
     name: String,
+    matches: String,
     action: String,
     max_attempts: u32,
     concurrency: usize,
@@ -818,6 +819,7 @@ async fn triggers_page(s: &Shared, p: &Principal, flash: Flash) -> Response {
         };
         rows.push(TriggerRow {
             name: t.name.clone(),
+            matches: t.matches.clone(),
             action: t.action.kind().to_string(),
             max_attempts: t.policy.max_attempts,
             concurrency: t.policy.concurrency,

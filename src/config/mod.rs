@@ -407,6 +407,28 @@ pub enum Filter {
     Not(Box<Filter>),
 }
 
+impl std::fmt::Display for Filter {
+    /// As an operator reads it: `type = disk.full`, `type starts with vro.`, `not (…)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pairs = |f: &mut std::fmt::Formatter<'_>, m: &BTreeMap<String, String>, op: &str| {
+            let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k} {op} {v}")).collect();
+            write!(f, "{}", parts.join(" and "))
+        };
+        let list = |f: &mut std::fmt::Formatter<'_>, l: &[Filter], join: &str| {
+            let parts: Vec<String> = l.iter().map(|x| format!("({x})")).collect();
+            write!(f, "{}", parts.join(join))
+        };
+        match self {
+            Filter::Exact(m) => pairs(f, m, "="),
+            Filter::Prefix(m) => pairs(f, m, "starts with"),
+            Filter::Suffix(m) => pairs(f, m, "ends with"),
+            Filter::All(l) => list(f, l, " and "),
+            Filter::Any(l) => list(f, l, " or "),
+            Filter::Not(x) => write!(f, "not ({x})"),
+        }
+    }
+}
+
 /// How deliveries of a trigger are attempted.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]

@@ -56,6 +56,8 @@ pub struct Trigger {
     pub policy: DeliveryPolicy,
     /// Fires on events reflex's own vSphere changes caused too.
     pub own_effects: bool,
+    /// What it matches, as an operator reads it (filters and `when`), for the console.
+    pub matches: String,
 }
 
 impl Trigger {
@@ -354,6 +356,17 @@ fn compile_trigger(t: &TriggerConfig, config: &Config, diags: &mut Diagnostics) 
     match (ok, action) {
         (true, Some(action)) => Some(Trigger {
             name: name.clone(),
+            matches: {
+                let mut parts: Vec<String> = t.filters.iter().map(|f| f.to_string()).collect();
+                if let Some((src, _)) = &when {
+                    parts.push(format!("when {src}"));
+                }
+                if parts.is_empty() {
+                    "every event".into()
+                } else {
+                    parts.join("; ")
+                }
+            },
             filters,
             when,
             action,

@@ -146,6 +146,8 @@ triggers:
     assert_eq!(st, 200);
     assert!(page.contains("otto (operator)"), "{page}");
     assert!(page.contains("hx-get=\"/ui/overview/live\""), "{page}");
+    let (_, page, _) = b.get("/ui/triggers").await;
+    assert!(page.contains("type = disk.full"), "{page}");
     let (st, page, _) = b.get("/ui/events?q=needle-in-the").await;
     assert_eq!(st, 200);
     assert!(

@@ -407,3 +407,106 @@ sources:
     assert!(ok, "{out}");
     assert!(!out.contains("warning"), "{out}");
 }
+
+/// The CLI with an API token (`REFLEX_API_TOKEN`), and standard input.
+fn cli_as(api: &str, token: &str, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("REFLEX_API", api)
+        .env("REFLEX_API_TOKEN", token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn users_tokens_and_the_audit_log_with_the_real_binary() {
+    let rcv = Receiver::start().await;
+    // A password hash from stdin; a short password is refused.
+    let (ok, hash, err) = cli_as("", "", &["user", "hash"], "cli-pa55word\n");
+    assert!(ok, "{err}");
+    let hash = hash.trim().to_string();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(reflex::api::auth::verify_password(&hash, "cli-pa55word"));
+    let (ok, _, err) = cli_as("", "", &["user", "hash"], "short\n");
+    assert!(!ok && err.contains("shorter than 8"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (http, api) = (free_port(), free_port());
+    let admin = "b1nary-adm1n-t0ken";
+    let cfg = write_config(dir.path(), http, api, &rcv.url(), "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("api: {{listen: \"127.0.0.1:{api}\"}}"),
+        &format!(
+            "api: {{listen: \"127.0.0.1:{api}\", token: {admin}, users: [{{name: cleo, role: operator, password_hash: \"{hash}\"}}]}}"
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, out) = cli("", &["check", "-c", cfg.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let mut s = spawn(&cfg, http, api);
+    wait_ready(&s.api).await;
+
+    // An admin makes cleo a token; it is printed once, on stdout alone.
+    let (ok, token, err) = cli_as(
+        &s.api,
+        admin,
+        &["tokens", "create", "--user", "cleo", "--label", "nightly"],
+        "",
+    );
+    assert!(ok, "{err}");
+    let token = token.trim().to_string();
+    assert!(token.starts_with("rfx_"), "{token}");
+    assert!(err.contains("for cleo (operator)"), "{err}");
+    // cleo may pause a trigger, not list tokens.
+    let (ok, out, err) = cli_as(&s.api, &token, &["triggers", "pause", "fn"], "");
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = cli_as(&s.api, &token, &["tokens"], "");
+    assert!(!ok && err.contains("needs the admin role"), "{err}");
+    // The audit log shows who did it.
+    let (ok, log, err) = cli_as(&s.api, admin, &["audit", "--json"], "");
+    assert!(ok, "{err}");
+    let entries: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        entries.iter().any(|e| e["actor"] == "cleo"
+            && e["action"] == "trigger.pause"
+            && e["detail"] == "200 OK"),
+        "{log}"
+    );
+    // Revoked: the token stops working at once, and the list shows it revoked.
+    let (ok, list, _) = cli_as(&s.api, admin, &["tokens"], "");
+    assert!(ok);
+    let id = list
+        .lines()
+        .find(|l| l.contains("cleo"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let (ok, out, err) = cli_as(&s.api, admin, &["tokens", "revoke", &id], "");
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = cli_as(&s.api, &token, &["triggers"], "");
+    assert!(!ok && err.contains("401"), "{err}");
+    assert!(!list.contains(&token));
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+}

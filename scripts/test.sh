@@ -85,7 +85,7 @@ cargo build --locked --quiet
 # The examples read credentials from the environment, as an operator's would.
 for f in examples/*.yaml; do
   VCENTER_USER=example VCENTER_PASSWORD=example LOGINSIGHT_TOKEN=example ALERTMANAGER_TOKEN=example SLACK_SIGNING_SECRET=example SLACK_APPROVALS_WEBHOOK=https://hooks.slack.com/services/example CHAT_WEBHOOK_PATH=example VROPS_PASSWORD=example \
-    AMQP_URL=amqp://example:example@rabbitmq.example.com:5672/%2f REFLEX_API_TOKEN=example-admin-token \
+    AMQP_URL=amqp://example:example@rabbitmq.example.com:5672/%2f REFLEX_ADMIN_TOKEN=example-admin-token \
     REFLEX_PG_URL=postgres://reflex:example@db.example.com/reflex ./target/debug/reflex check -c "$f"
 done
 echo "==> cargo test (embedded SQLite store)"

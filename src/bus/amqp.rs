@@ -10,7 +10,8 @@
 //!   filters can match (`#` when they do not narrow the type). Every node consumes it
 //!   (competing consumers, manual acks, prefetch = the trigger's `concurrency`); a trigger
 //!   with an `ordering_key` gets `x-single-active-consumer`, and the store's claim keeps
-//!   each key in order across nodes.
+//!   each key in order across nodes. The store records each queue's keys, so that a start
+//!   or reload unbinds the ones a changed filter, or a removed trigger, no longer implies.
 //! - `PREFIX.delay.NAME.MS`: quorum queues whose messages expire after MS and are
 //!   dead-lettered (at least once) back to the trigger's queue: a retry waits there, never
 //!   in front of other messages. The wait is rounded up to the next of a few steps.
@@ -146,6 +147,11 @@ impl AmqpBus {
         args.insert("x-queue-type".into(), long("quorum"));
         args.insert("x-max-length".into(), AMQPValue::LongLongInt(DEAD_COPIES));
         self.declare_queue(&ch, &dead, args).await?;
+        let before = self
+            .store
+            .bus_bindings()
+            .await
+            .map_err(|e| format!("bus: reading the bindings recorded before: {e}"))?;
         for t in &router.triggers {
             let queue = self.trigger_queue(&t.name);
             let mut args = FieldTable::default();
@@ -156,7 +162,8 @@ impl AmqpBus {
             self.declare_queue(&ch, &queue, args).await.map_err(|e| {
                 format!("{e} (trigger `{}`: adding or removing `ordering_key` changes its queue's arguments; delete the queue on the broker once it is empty, then start again)", t.name)
             })?;
-            for key in t.type_bindings() {
+            let keys = t.type_bindings();
+            for key in &keys {
                 ch.queue_bind(
                     queue.as_str().into(),
                     self.exchange.as_str().into(),
@@ -167,8 +174,64 @@ impl AmqpBus {
                 .await
                 .map_err(|e| what(&queue, e))?;
             }
+            self.unbind_stale(&ch, &queue, &keys, &before).await?;
+        }
+        // A trigger gone from the configuration: its queue no longer gets copies (the
+        // queue itself stays, with what it holds, for the operator to delete).
+        let current: HashSet<String> = router
+            .triggers
+            .iter()
+            .map(|t| self.trigger_queue(&t.name))
+            .collect();
+        let ours = format!("{}.trigger.", self.prefix);
+        let gone: HashSet<&String> = before
+            .iter()
+            .map(|(q, _)| q)
+            .filter(|q| q.starts_with(&ours) && !current.contains(*q))
+            .collect();
+        for queue in gone {
+            // The operator may have deleted it already: the broker then closes the channel,
+            // so each gets a channel of its own, and a failure only warns.
+            let ch = self.channel().await?;
+            match self.unbind_stale(&ch, queue, &[], &before).await {
+                Ok(()) => {
+                    tracing::warn!(queue = %queue, "bus: the queue of a trigger no longer configured is unbound; delete it on the broker once it is empty")
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %queue, error = %e, "bus: the queue of a trigger no longer configured could not be unbound (deleted already?)");
+                    let _ = self.store.set_bus_bindings(queue, &[]).await;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Unbinds the keys `queue` was bound with before (as the store recorded them) that are
+    /// not in `keys`, then records `keys`: a changed filter stops routing the old types.
+    async fn unbind_stale(
+        &self,
+        ch: &Channel,
+        queue: &str,
+        keys: &[String],
+        before: &[(String, String)],
+    ) -> Result<(), String> {
+        for (_, key) in before
+            .iter()
+            .filter(|(q, k)| q == queue && !keys.contains(k))
+        {
+            ch.queue_unbind(
+                queue.into(),
+                self.exchange.as_str().into(),
+                key.as_str().into(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("bus: unbinding `{queue}` from `{key}`: {}", explain(&e)))?;
+        }
+        self.store
+            .set_bus_bindings(queue, keys)
+            .await
+            .map_err(|e| format!("bus: recording the bindings of `{queue}`: {e}"))
     }
 
     async fn declare_queue(

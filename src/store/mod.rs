@@ -555,6 +555,11 @@ pub trait Store: Send + Sync {
     ) -> Result<Option<Approval>, StoreError>;
     /// holds (one entry, this process, for the embedded store).
     async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError>;
+    /// The routing keys the AMQP bus bound each trigger queue with, as (queue, key), as
+    /// the last start or reload declared them.
+    async fn bus_bindings(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// Records the keys `queue` is bound with now (none: its trigger is gone).
+    async fn set_bus_bindings(&self, queue: &str, keys: &[String]) -> Result<(), StoreError>;
     /// Keeps a new API token of `user` by its hash (the token itself is never stored);
     /// returns its id.
     async fn create_api_token(

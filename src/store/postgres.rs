@@ -219,6 +219,17 @@ CREATE TABLE audit_log (
 );
 "#,
     ),
+    (
+        7,
+        "the AMQP bus's bindings, to unbind the ones a configuration no longer implies",
+        r#"
+CREATE TABLE bus_bindings (
+    queue TEXT NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (queue, key)
+);
+"#,
+    ),
 ];
 
 /// Any number serves, as long as every node uses the same: start-ups take it in turn.
@@ -1889,6 +1900,34 @@ impl super::Store for PgStore {
                 remote: r.get(7),
             })
             .collect())
+    }
+
+    async fn bus_bindings(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = self
+            .query(
+                "reading the bus's bindings",
+                "SELECT queue, key FROM bus_bindings ORDER BY queue, key",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn set_bus_bindings(&self, queue: &str, keys: &[String]) -> Result<(), StoreError> {
+        // Two idempotent statements: a repeat after a failure between them ends the same.
+        self.query(
+            "recording the bus's bindings",
+            "DELETE FROM bus_bindings WHERE queue = $1 AND NOT (key = ANY($2::text[]))",
+            &[&queue, &keys],
+        )
+        .await?;
+        self.query(
+            "recording the bus's bindings",
+            "INSERT INTO bus_bindings (queue, key) SELECT $1, k FROM unnest($2::text[]) AS k ON CONFLICT DO NOTHING",
+            &[&queue, &keys],
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn nodes(&self) -> Result<Vec<super::NodeInfo>, StoreError> {

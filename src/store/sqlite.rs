@@ -59,13 +59,13 @@ enum Op {
         i64,
         oneshot::Sender<Result<Option<OpenDelivery>, StoreError>>,
     ),
-    /// A write of the console and the API's people (tokens, sessions, audit): rare, and
-    /// answered with a number (an id, or the rows changed).
-    People(PeopleWrite, oneshot::Sender<Result<i64, StoreError>>),
+    /// A rare write (tokens, sessions, audit, bus bindings), answered with a number (an
+    /// id, or the rows changed).
+    Rare(RareWrite, oneshot::Sender<Result<i64, StoreError>>),
 }
 
-/// A write of [`Op::People`].
-type PeopleWrite = Box<dyn FnOnce(&rusqlite::Transaction) -> rusqlite::Result<i64> + Send>;
+/// A write of [`Op::Rare`].
+type RareWrite = Box<dyn FnOnce(&rusqlite::Transaction) -> rusqlite::Result<i64> + Send>;
 
 /// The SQLite store and bus; cheap to clone.
 #[derive(Clone)]
@@ -136,12 +136,12 @@ impl SqliteStore {
         rx.await.map_err(|_| StoreError::Closed)
     }
 
-    /// Runs a write of [`Op::People`] in the writer's next commit.
-    async fn people(
+    /// Runs a write of [`Op::Rare`] in the writer's next commit.
+    async fn rare(
         &self,
         write: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<i64> + Send + 'static,
     ) -> Result<i64, StoreError> {
-        self.call(|tx| Op::People(Box::new(write), tx)).await?
+        self.call(|tx| Op::Rare(Box::new(write), tx)).await?
     }
 
     /// Runs a read on the reader connection off the async threads.
@@ -474,7 +474,7 @@ impl super::Store for SqliteStore {
         hash: &str,
     ) -> Result<i64, StoreError> {
         let (user, label, hash) = (user.to_string(), label.to_string(), hash.to_string());
-        self.people(move |tx| {
+        self.rare(move |tx| {
             tx.prepare_cached(
                 "INSERT INTO api_tokens(user, label, hash, created_at) VALUES (?1,?2,?3,?4)",
             )?
@@ -508,7 +508,7 @@ impl super::Store for SqliteStore {
     }
 
     async fn revoke_api_token(&self, id: i64) -> Result<bool, StoreError> {
-        self.people(move |tx| {
+        self.rare(move |tx| {
             let n = tx
                 .prepare_cached(
                     "UPDATE api_tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
@@ -522,7 +522,7 @@ impl super::Store for SqliteStore {
 
     async fn create_session(&self, hash: &str, s: &Session) -> Result<(), StoreError> {
         let (hash, s) = (hash.to_string(), s.clone());
-        self.people(move |tx| {
+        self.rare(move |tx| {
             tx.prepare_cached(
                 "INSERT INTO sessions(hash, user, csrf, created_at, expires_at) VALUES (?1,?2,?3,?4,?5)",
             )?
@@ -553,7 +553,7 @@ impl super::Store for SqliteStore {
 
     async fn end_session(&self, hash: &str) -> Result<(), StoreError> {
         let hash = hash.to_string();
-        self.people(move |tx| {
+        self.rare(move |tx| {
             tx.prepare_cached("DELETE FROM sessions WHERE hash = ?1 OR expires_at < ?2")?
                 .execute(params![hash, now_ms()])?;
             Ok(0)
@@ -564,7 +564,7 @@ impl super::Store for SqliteStore {
 
     async fn record_audit(&self, e: &NewAudit) -> Result<(), StoreError> {
         let e = e.clone();
-        self.people(move |tx| {
+        self.rare(move |tx| {
             tx.prepare_cached(
                 "INSERT INTO audit_log(at, actor, role, action, target, detail, remote) VALUES (?1,?2,?3,?4,?5,?6,?7)",
             )?
@@ -600,6 +600,31 @@ impl super::Store for SqliteStore {
             .collect()
         })
         .await
+    }
+
+    async fn bus_bindings(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT queue, key FROM bus_bindings ORDER BY queue, key")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
+        })
+        .await
+    }
+
+    async fn set_bus_bindings(&self, queue: &str, keys: &[String]) -> Result<(), StoreError> {
+        let (queue, keys) = (queue.to_string(), keys.to_vec());
+        self.rare(move |tx| {
+            tx.prepare_cached("DELETE FROM bus_bindings WHERE queue = ?1")?
+                .execute([&queue])?;
+            let mut st = tx
+                .prepare_cached("INSERT OR IGNORE INTO bus_bindings(queue, key) VALUES (?1, ?2)")?;
+            for k in &keys {
+                st.execute([&queue, k])?;
+            }
+            Ok(0)
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn nodes(&self) -> Result<Vec<super::NodeInfo>, StoreError> {
@@ -821,7 +846,7 @@ enum Reply {
         Result<Option<OpenDelivery>, rusqlite::Error>,
     ),
     Flush(oneshot::Sender<()>),
-    People(
+    Rare(
         oneshot::Sender<Result<i64, StoreError>>,
         Result<i64, rusqlite::Error>,
     ),
@@ -954,8 +979,8 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, mut k
                     Op::Wake(id, reply) => {
                         replies.push(Reply::Wake(reply, wake(&tx, id, now)));
                     }
-                    Op::People(write, reply) => {
-                        replies.push(Reply::People(reply, write(&tx)));
+                    Op::Rare(write, reply) => {
+                        replies.push(Reply::Rare(reply, write(&tx)));
                     }
                     Op::Checkpoint(source, position, time, reply) => {
                         tx.prepare_cached(
@@ -1035,7 +1060,7 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, path: PathBuf, mut k
                 Reply::Flush(tx) => {
                     let _ = tx.send(());
                 }
-                Reply::People(tx, r) => {
+                Reply::Rare(tx, r) => {
                     let _ = tx.send(match (&result, r) {
                         (Ok(()), Ok(v)) => Ok(v),
                         (Err(e), _) => Err(sqlite_err(clone_err(e))),

@@ -79,6 +79,11 @@ CREATE TABLE IF NOT EXISTS audit_log (
     detail TEXT NOT NULL,
     remote TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS bus_bindings (
+    queue TEXT NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (queue, key)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS trigger_pauses (
     trigger TEXT PRIMARY KEY,
     since INTEGER NOT NULL,

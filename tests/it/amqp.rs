@@ -806,3 +806,63 @@ triggers:
         )
         .await;
 }
+
+#[tokio::test]
+async fn a_changed_or_removed_trigger_loses_its_old_bindings() {
+    if crate::common::pg_admin_url().is_none() {
+        eprintln!(
+            "skipped here: the AMQP bus needs the PostgreSQL store; runs in the PostgreSQL pass"
+        );
+        return;
+    }
+    let prefix = unique("rb").replace('-', "_");
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let config = |triggers: &str| format!("{}triggers:\n{triggers}", bus_config(&url(), &prefix));
+    let action = "action: {type: http, url: \"http://127.0.0.1:9/\"}";
+    let r = Reflex::start_in(
+        &config(&format!(
+            "  - {{name: moved, filters: [{{exact: {{type: b.old}}}}], {action}}}\n  - {{name: dropped, filters: [{{exact: {{type: c.gone}}}}], {action}}}\n"
+        )),
+        dir.clone(),
+    )
+    .await;
+    r.stop().await;
+    // Restarted with `moved` matching another type and `dropped` gone.
+    let r = Reflex::start_in(
+        &config(&format!(
+            "  - {{name: moved, filters: [{{exact: {{type: b.new}}}}], {action}}}\n"
+        )),
+        dir.clone(),
+    )
+    .await;
+    r.stop().await;
+    // With no consumer left, what the exchange routes stays in the queues to count.
+    let (_conn, ch) = channel().await;
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for key in ["b.old", "b.new", "c.gone"] {
+        ch.basic_publish(
+            format!("{prefix}.events").as_str().into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        depth(&ch, &format!("{prefix}.trigger.moved")).await,
+        1,
+        "only b.new"
+    );
+    assert_eq!(
+        depth(&ch, &format!("{prefix}.trigger.dropped")).await,
+        0,
+        "unbound"
+    );
+    delete_topology(&prefix, &["moved", "dropped"]).await;
+}

@@ -101,6 +101,7 @@ fn examples_check_clean() {
         "AMQP_URL",
         "amqp://example:example@rabbitmq.example.com:5672/%2f",
     );
+    std::env::set_var("REFLEX_ADMIN_TOKEN", "example-admin-token");
     std::env::set_var(
         "REFLEX_PG_URL",
         "postgres://reflex:example@db.example.com/reflex",

@@ -484,6 +484,8 @@ struct EventSearch {
 #[template(path = "events.html")]
 struct EventsPage {
     f: Frame,
+    /// This page's own URL, which the table polls for live updates.
+    here: String,
     search: EventSearch,
     rows: Vec<(EventSummary, String)>,
     error: Option<String>,
@@ -522,6 +524,16 @@ async fn events(
     match s.backend.store.events(q).await {
         Ok(list) => render(EventsPage {
             f: Frame::of(&p, "events"),
+            here: format!(
+                "/ui/events?{}",
+                url::form_urlencoded::Serializer::new(String::new())
+                    .append_pair("q", &search.q)
+                    .append_pair("type", &search.ty)
+                    .append_pair("subject", &search.subject)
+                    .append_pair("source", &search.source)
+                    .append_pair("since", &search.since)
+                    .finish()
+            ),
             rows: list
                 .into_iter()
                 .map(|e| {
@@ -636,6 +648,8 @@ struct DeliverySearch {
 #[template(path = "deliveries.html")]
 struct DeliveriesPage {
     f: Frame,
+    /// This page's own URL, which the table polls for live updates.
+    here: String,
     search: DeliverySearch,
     rows: Vec<DeliveryRow>,
     flash: Flash,
@@ -670,6 +684,13 @@ async fn deliveries_page(
     match s.backend.store.deliveries(q).await {
         Ok(list) => render(DeliveriesPage {
             f: Frame::of(p, "deliveries"),
+            here: format!(
+                "/ui/deliveries?{}",
+                url::form_urlencoded::Serializer::new(String::new())
+                    .append_pair("state", &search.state)
+                    .append_pair("trigger", &search.trigger)
+                    .finish()
+            ),
             rows: list
                 .into_iter()
                 .map(|d| DeliveryRow {

@@ -313,6 +313,48 @@ triggers:
         403
     );
 
+    // The deliveries page follows changes without a reload: another dead delivery,
+    // replayed through the API, shows as succeeded within a poll or two.
+    let third = dead
+        .iter()
+        .find(|d| d["id"] != id && d["id"] != other)
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    c.goto(&format!(
+        "{}/ui/deliveries?trigger=page-storage-team",
+        r.api
+    ))
+    .await
+    .unwrap();
+    let row = format!("#delivery-{third} .state");
+    let state = c.wait().for_element(Locator::Css(&row)).await.unwrap();
+    assert_eq!(state.text().await.unwrap(), "dead");
+    let resp = r
+        .client
+        .post(format!("{}/api/v1/deliveries/{third}/replay", r.api))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    let mut live = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Ok(e) = c.find(Locator::Css(&row)).await {
+            if e.text().await.unwrap_or_default() == "succeeded" {
+                live = true;
+                break;
+            }
+        }
+    }
+    assert!(live, "the deliveries page did not update by itself");
+    assert!(c
+        .current_url()
+        .await
+        .unwrap()
+        .as_str()
+        .contains("trigger=page-storage-team"));
+
     // The other pages, at 1280 px and at 390 px.
     for (name, path) in [
         ("deliveries", "/ui/deliveries?state=dead".to_string()),

@@ -1588,6 +1588,10 @@ impl super::Store for PgStore {
         let now = now_ms();
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(err)?;
+        // Console sessions past their end (a person who never signed out).
+        tx.execute("DELETE FROM sessions WHERE expires_at < $1", &[&now])
+            .await
+            .map_err(err)?;
         let mut cutoff: i64 = 0;
         if let Some(age) = r.max_age {
             let before = now - age.as_millis() as i64;

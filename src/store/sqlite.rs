@@ -1395,6 +1395,9 @@ fn prune(
     now: i64,
     keys: &Dedup,
 ) -> rusqlite::Result<u64> {
+    // Console sessions past their end (a person who never signed out).
+    tx.prepare_cached("DELETE FROM sessions WHERE expires_at < ?1")?
+        .execute([now])?;
     let mut cutoff_seq: i64 = 0;
     if let Some(age) = r.max_age {
         let before = now - age.as_millis() as i64;
@@ -1592,6 +1595,37 @@ mod tests {
         };
         store.prune(r).await.unwrap();
         assert_eq!(count(&store, "dedup_keys").await, 3);
+    }
+
+    #[tokio::test]
+    async fn sessions_expire_and_retention_forgets_them() {
+        use crate::store::Store;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(
+            &dir.path().join("s.db"),
+            DedupLimits::window(Duration::from_secs(60)),
+        )
+        .unwrap();
+        let now = now_ms();
+        for (hash, end) in [("live", now + 60_000), ("ended", now - 1)] {
+            let s = Session {
+                user: "ana".into(),
+                csrf: "c".into(),
+                expires_at: end,
+            };
+            store.create_session(hash, &s).await.unwrap();
+        }
+        assert!(store.session("live", now).await.unwrap().is_some());
+        assert!(store.session("ended", now).await.unwrap().is_none());
+        let r = Retention {
+            max_age: None,
+            max_events: None,
+            dedup: DedupLimits::window(Duration::from_secs(60)),
+        };
+        store.prune(r).await.unwrap();
+        assert_eq!(count(&store, "sessions").await, 1);
+        store.end_session("live").await.unwrap();
+        assert_eq!(count(&store, "sessions").await, 0);
     }
 
     #[tokio::test]

@@ -168,7 +168,8 @@ impl Proc {
         self.0.id()
     }
 
-    fn rss_kb(&self) -> (u64, u64) {
+    /// Its resident memory now and at its peak (kB).
+    pub(crate) fn rss_kb(&self) -> (u64, u64) {
         let s =
             std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
         let get = |k: &str| {

@@ -138,13 +138,15 @@ async fn reflex_row(
         }
         None => String::new(),
     };
+    let (_, peak_kb) = proc.rss_kb();
     drop(proc);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(format!(
-        "| {name} | {:.0} requests/s ({} non-2xx{delivery}); {:.3} CPU ms per event | {reference:.0} requests/s | {:.2} |\n",
+        "| {name} | {:.0} requests/s ({} non-2xx{delivery}); {:.3} CPU ms per event; peak RSS {:.1} MB | {reference:.0} requests/s | {:.2} |\n",
         run.per_s,
         run.non_2xx,
         cpu / run.requests.max(1) as f64,
+        peak_kb as f64 / 1024.0,
         run.per_s / reference
     ))
 }

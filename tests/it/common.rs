@@ -160,8 +160,10 @@ impl Reflex {
         r
     }
 
+    /// Waits for `/readyz` (up to 30 s: on the RabbitMQ bus a start declares quorum queues,
+    /// which a broker busy with the rest of the suite can take seconds to do).
     pub async fn wait_ready(&self) {
-        for _ in 0..200 {
+        for _ in 0..1500 {
             if let Ok(r) = self.client.get(format!("{}/readyz", self.api)).send().await {
                 if r.status() == 200 {
                     return;

@@ -53,7 +53,7 @@ fn config(
     std::fs::write(
         &path,
         format!(
-            "http: {{listen: \"127.0.0.1:{http}\"}}\napi: {{listen: \"127.0.0.1:{api}\"}}\nlog: {{level: warn}}\nstore: {{path: \"{}/vc.db\"}}\nvcenters:\n  vc1: {{url: \"{}\", username: user, password: pass, insecure: true}}\nsources:\n  - {{name: vc, type: vcenter, vcenter: vc1, poll_interval: {poll}, first_start: {first}, max_replay_age: 7d}}\n{trigger}",
+            "http: {{listen: \"127.0.0.1:{http}\"}}\napi: {{listen: \"127.0.0.1:{api}\"}}\nlog: {{level: warn}}\nstore: {{path: \"{}/vc.db\"}}\nvcenters:\n  vc1: {{url: \"{}\", username: user, password: pass, insecure: true, loop_guard: false}}\nsources:\n  - {{name: vc, type: vcenter, vcenter: vc1, poll_interval: {poll}, first_start: {first}, max_replay_age: 7d}}\n{trigger}",
             dir.display(),
             sim.url
         ),

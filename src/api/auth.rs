@@ -122,6 +122,18 @@ pub const ROUTES: &[(&str, &str, Role, &str)] = &[
         Role::Operator,
         "delivery.replay_dead",
     ),
+    (
+        "POST",
+        "/ui/pauses/{key}/lift",
+        Role::Operator,
+        "scope.lift",
+    ),
+    (
+        "POST",
+        "/ui/pauses/{key}/discard",
+        Role::Operator,
+        "scope.discard",
+    ),
     ("GET", "/ui/approvals", Role::Viewer, ""),
     (
         "POST",

@@ -33,6 +33,8 @@ pub fn routes(state: Shared) -> Router<Shared> {
         .route("/ui/triggers/{name}/pause", post(pause))
         .route("/ui/triggers/{name}/resume", post(resume))
         .route("/ui/triggers/{name}/replay-dead", post(replay_dead))
+        .route("/ui/pauses/{key}/lift", post(lift_scope))
+        .route("/ui/pauses/{key}/discard", post(discard_scope))
         .route("/ui/approvals", get(approvals))
         .route("/ui/approvals/{id}/approve", post(approve))
         .route("/ui/approvals/{id}/reject", post(reject))
@@ -809,12 +811,48 @@ struct TriggerRow {
     dead: usize,
 }
 
+/// A paused scope of a vCenter and the changes it holds.
+struct ScopeRow {
+    key: String,
+    what: String,
+    since: String,
+    reason: String,
+    held: usize,
+}
+
 #[derive(Template)]
 #[template(path = "triggers.html")]
 struct TriggersPage {
     f: Frame,
     rows: Vec<TriggerRow>,
+    /// Every changing trigger paused together (`*`: the global blast radius, or a person).
+    all_paused: Option<String>,
+    scopes: Vec<ScopeRow>,
     flash: Flash,
+}
+
+/// The paused scopes, as the API lists them.
+async fn scopes(s: &Shared) -> Vec<ScopeRow> {
+    let resp = super::list_pauses(AxState(s.clone())).await;
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 22)
+        .await
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    v["pauses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let text = |k: &str| p[k].as_str().unwrap_or("").to_string();
+            ScopeRow {
+                key: text("key"),
+                what: format!("{} {} in {}", text("kind"), text("name"), text("vcenter")),
+                since: text("since"),
+                reason: text("reason"),
+                held: p["held"].as_array().map_or(0, Vec::len),
+            }
+        })
+        .collect()
 }
 
 async fn triggers_page(s: &Shared, p: &Principal, flash: Flash) -> Response {
@@ -852,9 +890,15 @@ async fn triggers_page(s: &Shared, p: &Principal, flash: Flash) -> Response {
             dead,
         });
     }
+    let all_paused = paused
+        .iter()
+        .find(|p| p.trigger == crate::deliveries::attempt::ALL)
+        .map(|p| format!("since {}: {}", time(p.since), p.reason));
     render(TriggersPage {
         f: Frame::of(p, "triggers"),
         rows,
+        all_paused,
+        scopes: scopes(s).await,
         flash,
     })
 }
@@ -880,6 +924,34 @@ async fn resume(
 ) -> Response {
     let resp = super::resume_trigger(AxState(s.clone()), Path(name.clone())).await;
     let flash = outcome(resp, &format!("Trigger `{name}` resumed.")).await;
+    triggers_page(&s, &p, flash).await
+}
+
+async fn lift_scope(
+    AxState(s): AxState<Shared>,
+    Extension(p): Extension<Principal>,
+    Path(key): Path<String>,
+) -> Response {
+    let resp = super::lift_pause(AxState(s.clone()), Path(key.clone())).await;
+    let flash = outcome(
+        resp,
+        &format!("`{key}` lifted: the changes it held run now."),
+    )
+    .await;
+    triggers_page(&s, &p, flash).await
+}
+
+async fn discard_scope(
+    AxState(s): AxState<Shared>,
+    Extension(p): Extension<Principal>,
+    Path(key): Path<String>,
+) -> Response {
+    let resp = super::discard_paused(AxState(s.clone()), Path(key.clone())).await;
+    let flash = outcome(
+        resp,
+        &format!("What `{key}` held is discarded: those deliveries end dead, nothing changed."),
+    )
+    .await;
     triggers_page(&s, &p, flash).await
 }
 

@@ -148,6 +148,22 @@ triggers:
     assert!(page.contains("hx-get=\"/ui/overview/live\""), "{page}");
     let (_, page, _) = b.get("/ui/triggers").await;
     assert!(page.contains("type = disk.full"), "{page}");
+    assert!(!page.contains("id=\"all-paused\""), "{page}");
+    // Every changing trigger paused together (`*`) shows, and resumes from the console.
+    let resp = r
+        .client
+        .post(format!("{}/api/v1/triggers/*/pause", r.api))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let (_, page, _) = b.get("/ui/triggers").await;
+    assert!(page.contains("id=\"all-paused\""), "{page}");
+    let token = csrf(&page);
+    let (st, page, _) = b.post("/ui/triggers/%2A/resume", &[("csrf", &token)]).await;
+    assert_eq!(st, 200, "{page}");
+    assert!(page.contains("Trigger `*` resumed."), "{page}");
+    assert!(!page.contains("id=\"all-paused\""), "{page}");
     let (st, page, _) = b.get("/ui/events?q=needle-in-the").await;
     assert_eq!(st, 200);
     assert!(

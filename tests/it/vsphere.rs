@@ -776,6 +776,18 @@ triggers:
         json!([held[0]["id"]]),
         "{list:#}"
     );
+    // The console lists it, with what it holds.
+    let page = r
+        .client
+        .get(format!("{}/ui/triggers", r.api))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("cluster DC0_C0 in vc1"), "{page}");
+    assert!(page.contains(&format!("/ui/pauses/{key}/lift")), "{page}");
 
     // Discarded: it ends dead without running, and can be replayed later.
     let resp = r
@@ -802,13 +814,21 @@ triggers:
     r.wait_deliveries("trigger=power-off&state=retrying", 20, |l| l.len() == 1)
         .await;
     assert_eq!(state("DC0_C0_RP0_VM1").await, "poweredOn");
+    // Lifted from the console this time.
     let resp = r
         .client
-        .post(format!("{}/api/v1/pauses/{key}/lift", r.api))
+        .post(format!("{}/ui/pauses/{key}/lift", r.api))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("")
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    let page = resp.text().await.unwrap();
+    assert!(
+        page.contains("lifted: the changes it held run now"),
+        "{page}"
+    );
     r.wait_deliveries("trigger=power-off&state=succeeded", 15, |l| l.len() == 2)
         .await;
     assert_eq!(state("DC0_C0_RP0_VM1").await, "poweredOff");

@@ -92,26 +92,10 @@ pub fn routes(state: Shared) -> Router {
         .route("/audit", get(list_audit))
         .route("/whoami", get(whoami))
         .route("/tokens", get(list_tokens).post(create_token))
-        .route("/tokens/{id}/revoke", post(revoke_token))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::authorize,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            same_site_only,
-        ));
+        .route("/tokens/{id}/revoke", post(revoke_token));
+    let api = guarded(api, &state);
     let metrics_route = if state.metrics_token {
-        Router::new()
-            .route("/metrics", get(metrics))
-            .route_layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                auth::authorize,
-            ))
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                same_site_only,
-            ))
+        guarded(Router::new().route("/metrics", get(metrics)), &state)
     } else {
         Router::new().route("/metrics", get(metrics))
     };
@@ -127,6 +111,20 @@ pub fn routes(state: Shared) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state)
+}
+
+/// Routes behind the role table and the audit log ([`auth::authorize`], on matched routes
+/// only) and the same-site check.
+fn guarded(routes: Router<Shared>, state: &Shared) -> Router<Shared> {
+    routes
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            same_site_only,
+        ))
 }
 
 /// Whether a browser sent this request from another site's page: its `Origin` names

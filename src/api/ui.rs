@@ -903,6 +903,12 @@ async fn triggers_page(s: &Shared, p: &Principal, flash: Flash) -> Response {
     })
 }
 
+/// The triggers page with what an API handler answered to an action taken on it.
+async fn on_triggers_page(s: &Shared, p: &Principal, resp: Response, done: &str) -> Response {
+    let flash = outcome(resp, done).await;
+    triggers_page(s, p, flash).await
+}
+
 async fn triggers(AxState(s): AxState<Shared>, Extension(p): Extension<Principal>) -> Response {
     triggers_page(&s, &p, Flash::default()).await
 }
@@ -913,8 +919,7 @@ async fn pause(
     Path(name): Path<String>,
 ) -> Response {
     let resp = super::pause_trigger(AxState(s.clone()), Path(name.clone())).await;
-    let flash = outcome(resp, &format!("Trigger `{name}` paused.")).await;
-    triggers_page(&s, &p, flash).await
+    on_triggers_page(&s, &p, resp, &format!("Trigger `{name}` paused.")).await
 }
 
 async fn resume(
@@ -923,8 +928,7 @@ async fn resume(
     Path(name): Path<String>,
 ) -> Response {
     let resp = super::resume_trigger(AxState(s.clone()), Path(name.clone())).await;
-    let flash = outcome(resp, &format!("Trigger `{name}` resumed.")).await;
-    triggers_page(&s, &p, flash).await
+    on_triggers_page(&s, &p, resp, &format!("Trigger `{name}` resumed.")).await
 }
 
 async fn lift_scope(
@@ -933,12 +937,13 @@ async fn lift_scope(
     Path(key): Path<String>,
 ) -> Response {
     let resp = super::lift_pause(AxState(s.clone()), Path(key.clone())).await;
-    let flash = outcome(
+    on_triggers_page(
+        &s,
+        &p,
         resp,
         &format!("`{key}` lifted: the changes it held run now."),
     )
-    .await;
-    triggers_page(&s, &p, flash).await
+    .await
 }
 
 async fn discard_scope(
@@ -947,12 +952,13 @@ async fn discard_scope(
     Path(key): Path<String>,
 ) -> Response {
     let resp = super::discard_paused(AxState(s.clone()), Path(key.clone())).await;
-    let flash = outcome(
+    on_triggers_page(
+        &s,
+        &p,
         resp,
         &format!("What `{key}` held is discarded: those deliveries end dead, nothing changed."),
     )
-    .await;
-    triggers_page(&s, &p, flash).await
+    .await
 }
 
 // ---- approvals ----

@@ -60,6 +60,12 @@ pub struct BudgetConfig {
     /// powered-on VM). Templates are not counted.
     #[schemars(with = "Option<String>")]
     pub vms_powered_off: Option<Percent>,
+    /// Most of a cluster's VMs reconfigured within the last hour, the one to reconfigure
+    /// included, e.g. `10%` (`vsphere.reconfigure`). Counted from the vCenter's own
+    /// `VmReconfiguredEvent`s of the hour, whoever made them; a VM reconfigured already
+    /// this hour does not count twice.
+    #[schemars(with = "Option<String>")]
+    pub vms_reconfigured_per_hour: Option<Percent>,
     /// How long a held change waits before it is checked again (default 1m).
     pub recheck: Duration,
 }
@@ -69,6 +75,7 @@ impl Default for BudgetConfig {
         BudgetConfig {
             hosts_in_maintenance: None,
             vms_powered_off: None,
+            vms_reconfigured_per_hour: None,
             recheck: Duration(std::time::Duration::from_secs(60)),
         }
     }
@@ -399,6 +406,12 @@ mod protect_tests {
         assert_eq!(
             read("{}").unwrap().recheck.0,
             std::time::Duration::from_secs(60)
+        );
+        assert_eq!(
+            read("{vms_reconfigured_per_hour: 10%}")
+                .unwrap()
+                .vms_reconfigured_per_hour,
+            Some(Percent(10.0))
         );
         let e = read("{vms_powered_off: lots}").unwrap_err().to_string();
         assert!(e.contains("not a share"), "{e}");

@@ -1014,6 +1014,44 @@ impl VsphereAction {
                     )
                 }))
             }
+            Op::Reconfigure { .. } => {
+                let (Some(max), Some(sel)) = (b.vms_reconfigured_per_hour, sel) else {
+                    return Ok(None);
+                };
+                let vm = match client.find_vm(sel).await {
+                    Ok(vm) => vm,
+                    Err(vsphere::Error::NotFound(_)) => return Ok(None),
+                    Err(x) => return Err(e(x)),
+                };
+                let Some(c) = client.cluster_of_vm(&vm).await.map_err(e)? else {
+                    return Ok(None);
+                };
+                let since = chrono::Utc::now() - chrono::Duration::hours(1);
+                let events = client
+                    .query_events(&c.cluster, &["VmReconfiguredEvent"], since)
+                    .await
+                    .map_err(e)?;
+                let mut done: std::collections::HashSet<&str> = events
+                    .iter()
+                    .filter_map(|ev| ev.path(&["vm", "vm"]).map(|n| n.text.as_str()))
+                    .filter(|id| c.vms.iter().any(|v| v.vm.value == *id))
+                    .collect();
+                // Reconfigured already this hour: it counts once.
+                if done.contains(vm.value.as_str()) {
+                    return Ok(None);
+                }
+                let before = done.len();
+                done.insert(vm.value.as_str());
+                let share = done.len() as f64 * 100.0 / c.vms.len().max(1) as f64;
+                Ok((share > max.0).then(|| {
+                    format!(
+                        "{before} of the {} VMs of cluster `{}` were reconfigured within the last hour; one more would be {share:.0}%; at most {}% per hour (vms_reconfigured_per_hour)",
+                        c.vms.len(),
+                        c.name,
+                        max.0
+                    )
+                }))
+            }
             _ => Ok(None),
         }
     }

@@ -568,6 +568,80 @@ triggers:
 /// already in maintenance named, the host read back unchanged) until the first one leaves
 /// it, then runs; with at most 50% of a cluster's VMs off, powering off the second of its
 /// two VMs waits until the first is on again. Nothing held is dead or lost.
+/// Budget: at most a share of a cluster's VMs reconfigured per hour, counted from the
+/// vCenter's own `VmReconfiguredEvent`s; past it the change is held, and a VM reconfigured
+/// already this hour does not count twice.
+#[tokio::test]
+async fn a_reconfiguration_budget_holds_changes_past_the_clusters_hourly_share() {
+    let sim = Simulator::start();
+    let c = client(&sim).await;
+    std::env::set_var("REFLEX_IT_VC_PASSWORD", "pass");
+    let r = Reflex::start(&format!(
+        r#"
+vcenters:
+  vc1:
+    url: "{}"
+    username: user
+    password: "${{env:REFLEX_IT_VC_PASSWORD}}"
+    insecure: true
+    loop_guard: false
+    budgets: {{vms_reconfigured_per_hour: 50%, recheck: 1s}}
+sources:
+  - {{name: cmds, type: cloudevents, path: /cmds}}
+triggers:
+  - name: resize
+    filters: [{{exact: {{type: vm.resize}}}}]
+    action: {{type: vsphere.reconfigure, vcenter: vc1, vm: {{name: "{{{{ event.data.vm }}}}"}}, cpus: "{{{{ event.data.cpus }}}}"}}
+"#,
+        sim.url
+    ))
+    .await;
+    let resize = |vm: &str, cpus: u32| {
+        json!({"specversion": "1.0", "id": uuid::Uuid::new_v4().to_string(), "source": "/ops", "type": "vm.resize",
+               "datacontenttype": "application/json", "data": {"vm": vm, "cpus": cpus}}).to_string()
+    };
+    let cpus = |name: &'static str| {
+        let c = &c;
+        async move {
+            let vm = c.find_vm(&VmSelector::Name(name.into())).await.unwrap();
+            c.property(&vm, "config.hardware.numCPU")
+                .await
+                .unwrap()
+                .unwrap()
+                .text
+        }
+    };
+    // Cluster DC0_C0 has two VMs: the first of them reconfigured is half of them.
+    crate::common::post_ce(&r, "/cmds", resize("DC0_C0_RP0_VM0", 3)).await;
+    r.wait_deliveries("trigger=resize&state=succeeded", 20, |l| l.len() == 1)
+        .await;
+    assert_eq!(cpus("DC0_C0_RP0_VM0").await, "3");
+    let before = cpus("DC0_C0_RP0_VM1").await;
+    crate::common::post_ce(&r, "/cmds", resize("DC0_C0_RP0_VM1", 3)).await;
+    let held = r
+        .wait_deliveries("trigger=resize&state=retrying", 20, |l| l.len() == 1)
+        .await;
+    let why = held[0]["last_error"].as_str().unwrap();
+    assert!(
+        why.contains("held by a budget: 1 of the 2 VMs of cluster `DC0_C0` were reconfigured within the last hour; one more would be 100%; at most 50% per hour"),
+        "{why}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        cpus("DC0_C0_RP0_VM1").await,
+        before,
+        "held: nothing changed"
+    );
+    // The VM reconfigured already this hour may be changed again.
+    crate::common::post_ce(&r, "/cmds", resize("DC0_C0_RP0_VM0", 2)).await;
+    r.wait_deliveries("trigger=resize&state=succeeded", 20, |l| l.len() == 2)
+        .await;
+    assert_eq!(cpus("DC0_C0_RP0_VM0").await, "2");
+    assert_eq!(cpus("DC0_C0_RP0_VM1").await, before, "still held");
+    r.assert_guard_rail("budget", "held").await;
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn budgets_hold_changes_past_the_clusters_limits_until_there_is_room() {
     let sim = Simulator::start();

@@ -111,6 +111,45 @@ impl Client {
         result
     }
 
+    /// `EventManager.QueryEvents`: the newest events (at most [`MAX_COUNT`]) of the classes
+    /// `type_ids` about `entity` and everything in it, created at or after `since`. The
+    /// simulator ignores a filter's time, so the time is checked here as well.
+    pub async fn query_events(
+        &self,
+        entity: &MoRef,
+        type_ids: &[&str],
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<Node>, Error> {
+        // EventFilterSpec's elements in the order of its schema.
+        let mut filter = Node::new("filter")
+            .with(
+                Node::new("entity")
+                    .with(entity.node("entity"))
+                    .with(Node::text("recursion", "all")),
+            )
+            .with(Node::new("time").with(Node::text(
+                "beginTime",
+                since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            )))
+            .with(Node::text("disableFullMessage", "true"));
+        for t in type_ids {
+            filter = filter.with(Node::text("eventTypeId", *t));
+        }
+        filter = filter.with(Node::text("maxCount", MAX_COUNT.to_string()));
+        let r = self
+            .call("QueryEvents", &self.content.event_manager, vec![filter])
+            .await?;
+        Ok(r.children
+            .into_iter()
+            .filter(|c| c.name == "returnval")
+            .filter(|e| {
+                e.child_text("createdTime")
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .is_none_or(|t| t >= since)
+            })
+            .collect())
+    }
+
     /// Destroys a collector (best effort).
     pub async fn destroy_collector(&self, collector: &MoRef) {
         let _ = self.call("DestroyCollector", collector, vec![]).await;

@@ -34,6 +34,8 @@ impl Driver {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
+            // Its own process group, which Chromium joins: a failed test kills them all.
+            .process_group(0)
             .spawn()
             .unwrap();
         let url = format!("http://127.0.0.1:{port}");
@@ -74,6 +76,9 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+        }
         let _ = self.child.start_kill();
     }
 }

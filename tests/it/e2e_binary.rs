@@ -25,6 +25,15 @@ struct Server {
     api: String,
 }
 
+/// A test that fails midway leaves no server running behind it (a later run of the suite
+/// would meet its database connections and its ports).
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn spawn(config: &Path, http: u16, api: u16) -> Server {
     let child = Command::new(BIN)
         .args(["run", "-c"])
@@ -113,7 +122,7 @@ async fn user_path_with_the_real_binary() {
     let cfg = write_config(dir.path(), http, api, &rcv.url(), "");
     let (ok, out) = cli("", &["check", "-c", cfg.to_str().unwrap()]);
     assert!(ok, "{out}");
-    let mut s = spawn(&cfg, http, api);
+    let s = spawn(&cfg, http, api);
     wait_ready(&s.api).await;
     let c = reqwest::Client::new();
     let resp = c
@@ -263,9 +272,15 @@ async fn user_path_with_the_real_binary() {
 
     // SIGTERM: a clean, prompt exit.
     unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
-    let status = tokio::task::spawn_blocking(move || s.child.wait().unwrap())
-        .await
-        .unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        {
+            let mut s = s;
+            s.child.wait()
+        }
+        .unwrap()
+    })
+    .await
+    .unwrap();
     assert!(status.success(), "{status:?}");
 }
 
@@ -318,9 +333,12 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     s.child.kill().unwrap(); // SIGKILL
-    let _ = tokio::task::spawn_blocking(move || s.child.wait())
-        .await
-        .unwrap();
+    let _ = tokio::task::spawn_blocking(move || {
+        let mut s = s;
+        s.child.wait()
+    })
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.cancel();
     for l in load {
@@ -333,7 +351,7 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
         acked.len()
     );
 
-    let mut s = spawn(&cfg, http, api);
+    let s = spawn(&cfg, http, api);
     wait_ready(&s.api).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -359,9 +377,15 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
     );
     unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
     // Wait off the runtime: the receiver must keep answering while reflex drains.
-    let status = tokio::task::spawn_blocking(move || s.child.wait().unwrap())
-        .await
-        .unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        {
+            let mut s = s;
+            s.child.wait()
+        }
+        .unwrap()
+    })
+    .await
+    .unwrap();
     assert!(status.success(), "{status:?}");
 }
 

@@ -990,12 +990,7 @@ impl VsphereAction {
                 let (Some(max), Some(sel)) = (b.vms_powered_off, sel) else {
                     return Ok(None);
                 };
-                let vm = match client.find_vm(sel).await {
-                    Ok(vm) => vm,
-                    Err(vsphere::Error::NotFound(_)) => return Ok(None),
-                    Err(x) => return Err(e(x)),
-                };
-                let Some(c) = client.cluster_of_vm(&vm).await.map_err(e)? else {
+                let Some((vm, c)) = self.vm_in_cluster(client, sel).await? else {
                     return Ok(None);
                 };
                 // Off already: nothing more would be off.
@@ -1018,12 +1013,7 @@ impl VsphereAction {
                 let (Some(max), Some(sel)) = (b.vms_reconfigured_per_hour, sel) else {
                     return Ok(None);
                 };
-                let vm = match client.find_vm(sel).await {
-                    Ok(vm) => vm,
-                    Err(vsphere::Error::NotFound(_)) => return Ok(None),
-                    Err(x) => return Err(e(x)),
-                };
-                let Some(c) = client.cluster_of_vm(&vm).await.map_err(e)? else {
+                let Some((vm, c)) = self.vm_in_cluster(client, sel).await? else {
                     return Ok(None);
                 };
                 let since = chrono::Utc::now() - chrono::Duration::hours(1);
@@ -1054,6 +1044,25 @@ impl VsphereAction {
             }
             _ => Ok(None),
         }
+    }
+
+    /// The VM a budget concerns and its cluster, read now; `None` when the VM is not there
+    /// (the action itself reports it) or is on a standalone host (no budget applies).
+    async fn vm_in_cluster(
+        &self,
+        client: &vsphere::Client,
+        sel: &VmSelector,
+    ) -> Result<Option<(vsphere::MoRef, vsphere::inventory::Cluster)>, ActionError> {
+        let vm = match client.find_vm(sel).await {
+            Ok(vm) => vm,
+            Err(vsphere::Error::NotFound(_)) => return Ok(None),
+            Err(x) => return Err(self.classify(x)),
+        };
+        let cluster = client
+            .cluster_of_vm(&vm)
+            .await
+            .map_err(|x| self.classify(x))?;
+        Ok(cluster.map(|c| (vm, c)))
     }
 
     /// Why the object this action would change is protected, if it is.

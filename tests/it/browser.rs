@@ -181,15 +181,7 @@ triggers:
         recv.url()
     ))
     .await;
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        "authorization",
-        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
-    );
-    r.client = reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .unwrap();
+    r.client = client_with_token(ADMIN_TOKEN);
     for (i, ds) in ["ds-gold-01", "ds-silver-02", "ds-bronze-03"]
         .iter()
         .enumerate()

@@ -69,15 +69,6 @@ impl Browser {
     }
 }
 
-/// The CSRF token a page's forms carry.
-fn csrf(page: &str) -> String {
-    let at = page
-        .find("name=\"csrf\" value=\"")
-        .expect("a form with a CSRF token")
-        + 19;
-    page[at..].split('"').next().unwrap().to_string()
-}
-
 #[tokio::test]
 async fn a_console_session_signs_in_replays_a_dead_delivery_and_signs_out() {
     let otto = reflex::api::auth::hash_password("otto-pa55word").unwrap();
@@ -101,15 +92,7 @@ triggers:
         recv.url()
     ))
     .await;
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        "authorization",
-        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
-    );
-    r.client = reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .unwrap();
+    r.client = client_with_token(ADMIN_TOKEN);
     let resp = r
         .client
         .post(format!("{}/api/v1/events", r.api))
@@ -159,7 +142,7 @@ triggers:
     assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
     let (_, page, _) = b.get("/ui/triggers").await;
     assert!(page.contains("id=\"all-paused\""), "{page}");
-    let token = csrf(&page);
+    let token = csrf_of(&page);
     let (st, page, _) = b.post("/ui/triggers/%2A/resume", &[("csrf", &token)]).await;
     assert_eq!(st, 200, "{page}");
     assert!(page.contains("Trigger `*` resumed."), "{page}");
@@ -179,7 +162,7 @@ triggers:
     assert_eq!(st, 200);
     assert!(page.contains("needle-in-the-haystack"), "{page}");
     assert!(page.contains("class=\"replay\""), "{page}");
-    let token = csrf(&page);
+    let token = csrf_of(&page);
 
     // A change without the session's CSRF token is refused; with it, the replay runs.
     let (st, body, _) = b.post(&format!("/ui/deliveries/{id}/replay"), &[]).await;
@@ -207,7 +190,7 @@ triggers:
     assert_eq!(v.login("vera", "vera-pa55word").await, 303);
     let (_, page, _) = v.get(&format!("/ui/events/{seq}")).await;
     assert!(!page.contains("class=\"replay\""), "{page}");
-    let vtoken = csrf(&page);
+    let vtoken = csrf_of(&page);
     let (st, body, _) = v
         .post(&format!("/ui/deliveries/{id}/replay"), &[("csrf", &vtoken)])
         .await;

@@ -15,6 +15,19 @@ fn trusting(pem: &std::path::Path) -> reqwest::Client {
         .unwrap()
 }
 
+/// Whether `/readyz` answers 200 through `client` within `tries` × 25 ms.
+async fn ready_over(client: &reqwest::Client, api_url: &str, tries: u32) -> bool {
+    for _ in 0..tries {
+        if let Ok(r) = client.get(format!("{api_url}/readyz")).send().await {
+            if r.status() == 200 {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
 #[tokio::test]
 async fn both_listeners_serve_https_and_a_reload_takes_a_renewed_certificate() {
     let dir = tempfile::tempdir().unwrap();
@@ -72,17 +85,10 @@ triggers:
     let old = trusting(&cert1);
     let new = trusting(&cert2);
     let api_url = format!("https://127.0.0.1:{ap}");
-    let mut ready = false;
-    for _ in 0..200 {
-        if let Ok(r) = old.get(format!("{api_url}/readyz")).send().await {
-            if r.status() == 200 {
-                ready = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(ready, "the API never answered over HTTPS");
+    assert!(
+        ready_over(&old, &api_url, 200).await,
+        "the API never answered over HTTPS"
+    );
 
     // An event over HTTPS is acknowledged and delivered.
     let resp = old
@@ -125,8 +131,7 @@ triggers:
         .text()
         .await
         .unwrap();
-    let at = csrf_page.find("name=\"csrf\" value=\"").unwrap() + 19;
-    let csrf = csrf_page[at..].split('"').next().unwrap().to_string();
+    let csrf = csrf_of(&csrf_page);
 
     // A broken certificate file: the reload is refused with the file named, and the
     // running certificate stays.
@@ -165,18 +170,8 @@ triggers:
         .await
         .unwrap();
     assert_eq!(resp.status(), 202, "{:?}", resp.text().await);
-    let mut renewed = false;
-    for _ in 0..400 {
-        if let Ok(r) = new.get(format!("{api_url}/readyz")).send().await {
-            if r.status() == 200 {
-                renewed = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
     assert!(
-        renewed,
+        ready_over(&new, &api_url, 400).await,
         "the renewed certificate was not served after the reload"
     );
     // Fresh connections (the old client's may be kept alive) no longer get the old one.

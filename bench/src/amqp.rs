@@ -31,8 +31,61 @@ fn micros() -> u64 {
         .as_micros() as u64
 }
 
-/// (k): confirmed publish + acked consume of 1 KB persistent messages, messages/s.
-async fn ceiling(secs: u64) -> Result<f64> {
+/// CPU spent in a phase (ms, 100 % of one core for one second = 1000), per process group.
+#[derive(Default, Clone, Copy)]
+struct Cpu {
+    reflex: f64,
+    postgres: f64,
+    rabbitmq: f64,
+    /// This process: the load generator and the receiver, or the ceiling's lapin client.
+    bench: f64,
+    /// The whole machine's busy and idle time over the phase (all cores).
+    busy: f64,
+    idle: f64,
+}
+
+impl Cpu {
+    fn now(reflex: Option<u32>) -> Cpu {
+        let (busy, idle) = crate::cpu::machine_ms();
+        Cpu {
+            reflex: reflex.map_or(0.0, crate::cpu::of_pid),
+            postgres: crate::cpu::of_comm("postgres"),
+            rabbitmq: crate::cpu::of_comm("beam.smp"),
+            bench: crate::cpu::of_pid(std::process::id()),
+            busy,
+            idle,
+        }
+    }
+
+    fn since(self, reflex: Option<u32>) -> Cpu {
+        let n = Cpu::now(reflex);
+        Cpu {
+            reflex: n.reflex - self.reflex,
+            postgres: n.postgres - self.postgres,
+            rabbitmq: n.rabbitmq - self.rabbitmq,
+            bench: n.bench - self.bench,
+            busy: n.busy - self.busy,
+            idle: n.idle - self.idle,
+        }
+    }
+
+    /// Milliseconds of CPU per message of each part, and of the machine.
+    fn per(self, messages: u64) -> Cpu {
+        let m = messages.max(1) as f64;
+        Cpu {
+            reflex: self.reflex / m,
+            postgres: self.postgres / m,
+            rabbitmq: self.rabbitmq / m,
+            bench: self.bench / m,
+            busy: self.busy / m,
+            idle: self.idle / m,
+        }
+    }
+}
+
+/// (k): confirmed publish + acked consume of 1 KB persistent messages: messages/s, and
+/// the CPU per message.
+async fn ceiling(secs: u64) -> Result<(f64, Cpu)> {
     let conn = Connection::connect(URL, ConnectionProperties::default())
         .await
         .context("RabbitMQ on 127.0.0.1:5672")?;
@@ -72,6 +125,7 @@ async fn ceiling(secs: u64) -> Result<f64> {
         }
     });
     let body = vec![b'x'; SIZE];
+    let cpu = Cpu::now(None);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(secs);
     let mut pending = VecDeque::new();
@@ -99,11 +153,12 @@ async fn ceiling(secs: u64) -> Result<f64> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let rate = published as f64 / start.elapsed().as_secs_f64();
+    let cpu = cpu.since(None).per(published);
     reader.abort();
     let _ = publ
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
-    Ok(rate)
+    Ok((rate, cpu))
 }
 
 /// A receiver that records each event's end-to-end latency (µs) from `sent_us` in its data.
@@ -128,12 +183,45 @@ async fn receiver() -> Result<(String, Arc<Mutex<Vec<u64>>>)> {
     Ok((url, lat))
 }
 
+/// Deletes what the run declared on the broker: every quorum queue left behind costs
+/// RabbitMQ a process of its own in every later run.
+async fn remove_topology(prefix: &str) {
+    let Ok(conn) = Connection::connect(URL, ConnectionProperties::default()).await else {
+        return;
+    };
+    let mut queues = vec![format!("{prefix}.trigger.fn"), format!("{prefix}.dead")];
+    queues.extend(
+        reflex::bus::amqp::DELAY_STEPS
+            .iter()
+            .map(|ms| format!("{prefix}.delay.fn.{ms}")),
+    );
+    // A channel each: one the broker closes over a queue that was never made
+    // stops nothing else.
+    for q in queues {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+    let Ok(ch) = conn.create_channel().await else {
+        return;
+    };
+    let _ = ch
+        .exchange_delete(
+            format!("{prefix}.events").as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+    let _ = conn.close(0, "done".into()).await;
+}
+
 /// (l): reflex with `bus: amqp`.
 async fn reflex_on_the_bus(
     bin: &Path,
     admin: &str,
     secs: u64,
-) -> Result<(f64, f64, u64, u64, u64)> {
+) -> Result<(f64, f64, u64, u64, u64, Cpu)> {
     let db = crate::postgres::Db::create(admin, "amqp").await?;
     let dir = std::env::temp_dir().join(format!("reflex-bench-amqp-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -145,6 +233,7 @@ async fn reflex_on_the_bus(
     );
     let node = crate::postgres::start_node(bin, &dir, "amqp-a", &db.url, "15s", &body).await?;
     let acked = Arc::new(AtomicU64::new(0));
+    let cpu = Cpu::now(Some(node.pid()));
     let deadline = Instant::now() + Duration::from_secs(secs);
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -185,6 +274,7 @@ async fn reflex_on_the_bus(
     }
     let all_in = start.elapsed().as_secs_f64();
     let delivered = lat.lock().unwrap().len() as u64;
+    let cpu = cpu.since(Some(node.pid())).per(delivered);
     // Latency is read at a rate the pipeline keeps up with (a closed loop only measures
     // its queue): RATE events/s for `secs`, paced.
     lat.lock().unwrap().clear();
@@ -225,19 +315,36 @@ async fn reflex_on_the_bus(
     };
     drop(node);
     db.drop_db().await;
+    remove_topology(&prefix).await;
     Ok((
         n as f64 / sent_for,
         delivered as f64 / all_in,
         pct(0.5),
         pct(0.99),
         n - delivered.min(n),
+        cpu,
     ))
 }
 
 /// Both figures, as a Markdown section for bench/RESULTS.md.
 pub async fn run(bin: &Path, admin: &str, secs: u64) -> Result<String> {
-    let ceiling = ceiling(secs).await?;
-    let (ingest, delivered, p50, p99, missing) = reflex_on_the_bus(bin, admin, secs).await?;
+    let (ceiling, k) = ceiling(secs).await?;
+    let (ingest, delivered, p50, p99, missing, l) = reflex_on_the_bus(bin, admin, secs).await?;
+    // What 0.6 × the ceiling would cost the machine at (l)'s CPU per event, against the
+    // cores there are: above 1, the target needs less CPU per event, not less waiting.
+    let cores = (k.busy + k.idle) / (1000.0 / ceiling);
+    let needed = 0.6 * ceiling * l.busy / 1000.0;
+    let cpu = format!(
+        "\nCPU per message in the same run (ms; from `/proc`, user + system; 1000 ms = one core for one second; {cores:.1} cores):\n\n\
+         | phase | reflex | PostgreSQL | RabbitMQ | bench process (load + receiver, or the ceiling's client) | whole machine busy | idle |\n\
+         |---|---|---|---|---|---|---|\n\
+         | (k) ceiling, per message | — | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n\
+         | (l) closed loop until all delivered, per event delivered | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n\n\
+         At (l)'s CPU per event, 0.6 × the ceiling ({:.0} events/s) would need {needed:.2} cores of the {cores:.1}.\n",
+        k.postgres, k.rabbitmq, k.bench, k.busy, k.idle,
+        l.reflex, l.postgres, l.rabbitmq, l.bench, l.busy, l.idle,
+        0.6 * ceiling,
+    );
     Ok(format!(
         "| (k) RabbitMQ ceiling: 1 KB persistent, confirmed publish + acked consume (lapin, quorum queue) | {ceiling:.0} msg/s | 1.00 |\n\
          | (l) reflex `bus: amqp` (PostgreSQL store), acknowledged by the webhook | {ingest:.0} events/s | {:.2} |\n\
@@ -247,5 +354,5 @@ pub async fn run(bin: &Path, admin: &str, secs: u64) -> Result<String> {
         delivered / ceiling,
         p50 as f64 / 1000.0,
         p99 as f64 / 1000.0
-    ))
+    ) + &cpu)
 }

@@ -10,6 +10,7 @@
 //! (c) RSS of reflex during (b) vs the no-op server's.
 
 mod amqp;
+mod cpu;
 mod postgres;
 mod routing;
 mod syslog;

@@ -104,6 +104,13 @@ pub(crate) struct Node {
     api: String,
 }
 
+impl Node {
+    /// The node's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+}
+
 pub(crate) async fn start_node(
     bin: &Path,
     dir: &Path,

@@ -62,26 +62,39 @@ fn wrk(url: &str, secs: u64, script: &std::path::Path) -> Result<Run> {
     })
 }
 
-/// CPU time (user + system) of a process so far, in milliseconds.
-fn cpu_ms(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 * 1000.0 / ticks
+/// CPU (ms) of a measured run, by process.
+struct Cpu {
+    /// The server under load (reflex or the no-op reference).
+    server: f64,
+    /// wrk itself.
+    wrk: f64,
+    /// This process: (f)'s receiver.
+    bench: f64,
 }
 
-/// Warm-up, then the measured run; the CPU the process `pid` spent in the measured run.
-fn measure(url: &str, script: &std::path::Path, pid: u32) -> Result<(Run, Run, f64)> {
+/// CPU (ms) of every child process this one has waited for: wrk's runs.
+fn children_ms() -> f64 {
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
+    ms(u.ru_utime) + ms(u.ru_stime)
+}
+
+/// Warm-up, then the measured run; the CPU of the process `pid`, of wrk and of this
+/// process in the measured run.
+fn measure(url: &str, script: &std::path::Path, pid: u32) -> Result<(Run, Run, Cpu)> {
     let warm = wrk(url, 3, script)?;
-    let before = cpu_ms(pid);
+    let (server, wrk_ms, bench) = (
+        crate::cpu::of_pid(pid),
+        children_ms(),
+        crate::cpu::of_pid(std::process::id()),
+    );
     let run = wrk(url, 15, script)?;
-    let cpu = cpu_ms(pid) - before;
+    let cpu = Cpu {
+        server: crate::cpu::of_pid(pid) - server,
+        wrk: children_ms() - wrk_ms,
+        bench: crate::cpu::of_pid(std::process::id()) - bench,
+    };
     Ok((warm, run, cpu))
 }
 
@@ -110,7 +123,7 @@ async fn reflex_row(
     triggers: &str,
     delivered: Option<&Arc<AtomicU64>>,
     reference: f64,
-) -> Result<String> {
+) -> Result<(String, f64)> {
     let dir = std::env::temp_dir().join(format!("reflex-bench-wrk-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -141,13 +154,23 @@ async fn reflex_row(
     let (_, peak_kb) = proc.rss_kb();
     drop(proc);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(format!(
-        "| {name} | {:.0} requests/s ({} non-2xx{delivery}); {:.3} CPU ms per event; peak RSS {:.1} MB | {reference:.0} requests/s | {:.2} |\n",
-        run.per_s,
-        run.non_2xx,
-        cpu / run.requests.max(1) as f64,
-        peak_kb as f64 / 1024.0,
-        run.per_s / reference
+    let n = run.requests.max(1) as f64;
+    let receiver = if delivered.is_some() {
+        format!(", the receiver {:.3}", cpu.bench / n)
+    } else {
+        String::new()
+    };
+    Ok((
+        format!(
+            "| {name} | {:.0} requests/s ({} non-2xx{delivery}); {:.3} CPU ms per event (wrk {:.3}{receiver}); peak RSS {:.1} MB | {reference:.0} requests/s | {:.2} |\n",
+            run.per_s,
+            run.non_2xx,
+            cpu.server / n,
+            cpu.wrk / n,
+            peak_kb as f64 / 1024.0,
+            run.per_s / reference
+        ),
+        (cpu.server + cpu.wrk + if delivered.is_some() { cpu.bench } else { 0.0 }) / n,
     ))
 }
 
@@ -199,11 +222,13 @@ pub async fn run(bin: &std::path::Path) -> Result<String> {
         let l = tokio::net::TcpListener::bind(("127.0.0.1", rport)).await?;
         tokio::spawn(async move { axum::serve(l, app).await });
     }
+    let n = reference.requests.max(1) as f64;
     let mut rows = format!(
-        "| reference: no-op axum server | {reference_rate:.0} requests/s; {:.3} CPU ms per request | — | 1 |\n",
-        ref_cpu / reference.requests.max(1) as f64
+        "| reference: no-op axum server | {reference_rate:.0} requests/s; {:.3} CPU ms per request (wrk {:.3}) | — | 1 |\n",
+        ref_cpu.server / n,
+        ref_cpu.wrk / n,
     );
-    rows += &reflex_row(
+    let (row, a_cpu) = reflex_row(
         bin,
         &script,
         "(a) ingest only (webhook mapping, durable, no trigger)",
@@ -212,10 +237,11 @@ pub async fn run(bin: &std::path::Path) -> Result<String> {
         reference_rate,
     )
     .await?;
+    rows += &row;
     let full = format!(
         "triggers:\n  - name: all\n    action: {{type: http, url: \"http://127.0.0.1:{rport}/fn\", mode: binary}}\n    delivery: {{concurrency: 64}}\n"
     );
-    rows += &reflex_row(
+    let (row, f_cpu) = reflex_row(
         bin,
         &script,
         "(f) full pipeline: one trigger, http action (binary) to a no-op receiver",
@@ -224,6 +250,7 @@ pub async fn run(bin: &std::path::Path) -> Result<String> {
         reference_rate,
     )
     .await?;
+    rows += &row;
     rows += &reflex_row(
         bin,
         &script,
@@ -232,7 +259,8 @@ pub async fn run(bin: &std::path::Path) -> Result<String> {
         None,
         reference_rate,
     )
-    .await?;
+    .await?
+    .0;
     rows += &reflex_row(
         bin,
         &script,
@@ -241,7 +269,19 @@ pub async fn run(bin: &std::path::Path) -> Result<String> {
         None,
         reference_rate,
     )
-    .await?;
+    .await?
+    .0;
     let _ = std::fs::remove_file(&script);
+    // The cores a target would take at this run's CPU per event (the server's, wrk's and
+    // the receiver's), against the machine's: above that, the target needs less CPU per
+    // event, not less waiting.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    rows += &format!(
+        "\nAt this run's CPU per event (server + wrk + receiver), (a) at 0.6 × the reference ({:.0} requests/s) would take {:.2} cores and (f) at 0.3 × ({:.0}) {:.2} cores, of the machine's {cores}.\n",
+        0.6 * reference_rate,
+        0.6 * reference_rate * a_cpu / 1000.0,
+        0.3 * reference_rate,
+        0.3 * reference_rate * f_cpu / 1000.0,
+    );
     Ok(rows)
 }

@@ -831,6 +831,8 @@ impl Consumer {
         }
         let _in_flight = InFlight(self, id);
         if let Some(spacing) = self.router.triggers[self.trigger].policy.spacing {
+            // Every node's consumer spaces its own starts; the rate is shared by them.
+            let spacing = spacing * self.bus.store_bus.rate_share();
             let mut next = self.next_start.lock().await;
             let now = tokio::time::Instant::now();
             let at = (*next).max(now);
@@ -1005,6 +1007,10 @@ impl Bus for AmqpBus {
     async fn flush(&self) {
         self.store_bus.flush().await
     }
+    fn rate_share(&self) -> u32 {
+        self.store_bus.rate_share()
+    }
+
     fn poll_interval(&self) -> Option<Duration> {
         None
     }

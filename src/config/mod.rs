@@ -457,7 +457,8 @@ pub struct DeliveryConfig {
     /// Attempts of this trigger running at once.
     pub concurrency: usize,
     /// Most attempts started per period, evenly spaced (e.g. `10/s`, `100/min`), to spare
-    /// the API an action calls; retries count.
+    /// the API an action calls; retries count. Nodes sharing a PostgreSQL store share it:
+    /// each of N live nodes starts at most the rate / N.
     pub rate: Option<Rate>,
     /// Template of a key; deliveries with the same key run one at a time, in order.
     #[schemars(with = "Option<String>")]

@@ -65,7 +65,11 @@ impl Dispatcher {
     /// [`PARK_RETRY_AFTER`] from now, or past half the memory, waits in the store instead.
     pub(super) fn enqueue(&mut self, job: Job) {
         let t = job.trigger;
-        if let (Some(spacing), None) = (self.router.triggers[t].policy.spacing, &job.ordering_key) {
+        let spacing = self.router.triggers[t].policy.spacing;
+        if let (Some(spacing), None) = (
+            spacing.map(|s| s * self.bus.rate_share()),
+            &job.ordering_key,
+        ) {
             let now = tokio::time::Instant::now();
             let first = self.next_start[t].unwrap_or(now).max(now);
             let queued = u32::try_from(self.ready[t].len()).unwrap_or(u32::MAX);
@@ -100,9 +104,11 @@ impl Dispatcher {
     pub(super) fn start_ready(&mut self) -> Option<tokio::time::Instant> {
         let now = tokio::time::Instant::now();
         let mut wake: Option<tokio::time::Instant> = None;
+        // Nodes sharing a store share each rate: each spaces its starts by their number.
+        let share = self.bus.rate_share();
         for t in 0..self.ready.len() {
             let policy = &self.router.triggers[t].policy;
-            let (limit, spacing) = (policy.concurrency, policy.spacing);
+            let (limit, spacing) = (policy.concurrency, policy.spacing.map(|s| s * share));
             while self.running[t] < limit && !self.ready[t].is_empty() {
                 if let Some(spacing) = spacing {
                     let next = self.next_start[t].unwrap_or(now);

@@ -732,6 +732,12 @@ pub trait Bus: Send + Sync {
     /// How often to look for work other nodes left (a shared bus), or `None` when this
     /// process is the only consumer.
     fn poll_interval(&self) -> Option<Duration>;
+    /// How many live nodes share each trigger's `rate:`: each node spaces its own starts
+    /// by the rate's interval times this, so that together they keep to the rate. 1 when
+    /// this process is the only consumer.
+    fn rate_share(&self) -> u32 {
+        1
+    }
 }
 
 /// The store and the bus of one configuration.

@@ -834,3 +834,61 @@ fn rabbitmqctl(verb: &str) {
         .unwrap();
     assert!(status.success(), "`{ctl} {verb}` failed: {status}");
 }
+
+/// A trigger's `rate:` holds for the nodes together: with two live nodes each starts at
+/// most half of it (a rate per node would let 20 starts through in about 0.9 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_rate_holds_across_nodes() {
+    if pg_admin_url().is_none() {
+        eprintln!("skipped here: runs in the PostgreSQL pass (REFLEX_TEST_STORE=postgres)");
+        return;
+    }
+    const EVENTS: usize = 20;
+    let mut rcv = Receiver::start().await;
+    let trigger = format!(
+        "  - name: fn\n    action: {{type: http, url: \"{}\"}}\n    delivery: {{concurrency: 4, rate: 10/s}}\n",
+        rcv.url()
+    );
+    let arrived: Arc<Mutex<Vec<(String, std::time::Instant)>>> = Arc::default();
+    let log = arrived.clone();
+    tokio::spawn(async move {
+        while let Some(r) = rcv.rx.recv().await {
+            log.lock()
+                .unwrap()
+                .push((r.id(), std::time::Instant::now()));
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg_url_for(dir.path());
+    let a = node(dir.path(), "node-a", &url, &trigger).await;
+    let b = node(dir.path(), "node-b", &url, &trigger).await;
+    // Node A learns of B at its next heartbeat (a third of the 2 s lease).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let c = reqwest::Client::new();
+    for i in 0..EVENTS {
+        let base = if i % 2 == 0 { &a.http } else { &b.http };
+        let body = cloudevent(&format!("rate-{i}"), "rate.test", json!({"i": i}));
+        assert_eq!(
+            post(&c, base, body).await,
+            Some(reqwest::StatusCode::ACCEPTED)
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while arrived.lock().unwrap().len() < EVENTS && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = arrived.lock().unwrap().clone();
+    let ids: std::collections::HashSet<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(got.len(), EVENTS, "each event delivered once: {got:?}");
+    assert_eq!(ids.len(), EVENTS);
+    let first = got.iter().map(|(_, t)| *t).min().unwrap();
+    let last = got.iter().map(|(_, t)| *t).max().unwrap();
+    // 10/s for both nodes together: 20 starts take about 1.9 s.
+    assert!(
+        last - first >= Duration::from_millis(1500),
+        "20 starts at 10/s across two nodes took {:?}",
+        last - first
+    );
+    drop((a, b));
+}

@@ -443,6 +443,7 @@ impl Running {
             ingest: ingest.clone(),
             secrets: Arc::new(serde_json::Value::Object(secrets)),
             vcenters: vcenters.clone(),
+            budget_locks: vcenters::BudgetLocks::new(backend.store.clone()),
         };
         let ctx_for_bus = ctx.clone();
         let mut dispatcher = deliveries::Dispatcher::new(

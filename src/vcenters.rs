@@ -351,6 +351,96 @@ impl Vcenters {
     }
 }
 
+/// One change under a cluster's budgets at a time, on every node sharing the store: a
+/// change reads its budget, is made, and shows in the inventory before the next one of
+/// that cluster reads it. Without it two changes started together (two host alerts at
+/// once) would both read "none in maintenance" and both go ahead past the budget.
+#[derive(Clone, Default)]
+pub struct BudgetLocks {
+    local: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Mutex<()>>>>>,
+    store: Option<Arc<dyn crate::store::Store>>,
+}
+
+/// Held while a budgeted change is read and made; let go when dropped.
+pub struct BudgetLock {
+    local: Option<tokio::sync::OwnedMutexGuard<()>>,
+    lease: Option<(
+        String,
+        Arc<dyn crate::store::Store>,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+impl BudgetLocks {
+    /// Locks shared with the other nodes of `store` (through its leases).
+    pub fn new(store: Arc<dyn crate::store::Store>) -> BudgetLocks {
+        BudgetLocks {
+            store: Some(store),
+            ..Default::default()
+        }
+    }
+
+    /// Takes the lock on `key` (vCenter and cluster), or `None` while another change under
+    /// it runs, on this node or another.
+    pub async fn try_lock(
+        &self,
+        key: &str,
+    ) -> Result<Option<BudgetLock>, crate::store::StoreError> {
+        let m = self
+            .local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let Ok(local) = m.try_lock_owned() else {
+            return Ok(None);
+        };
+        let Some(store) = &self.store else {
+            return Ok(Some(BudgetLock {
+                local: Some(local),
+                lease: None,
+            }));
+        };
+        let name = format!("budget:{key}");
+        if store.hold_lease(&name).await?.is_none() {
+            return Ok(None);
+        }
+        // Renewed while the change runs (a host entering maintenance mode takes minutes).
+        let (s, n) = (store.clone(), name.clone());
+        let every = (store.lease_time() / 3).max(std::time::Duration::from_millis(100));
+        let renew = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = s.hold_lease(&n).await {
+                    tracing::warn!(lease = %n, error = %e, "cannot renew a budget's lease; another node may start a change under it");
+                }
+            }
+        });
+        Ok(Some(BudgetLock {
+            local: Some(local),
+            lease: Some((name, store.clone(), renew)),
+        }))
+    }
+}
+
+impl Drop for BudgetLock {
+    fn drop(&mut self) {
+        let local = self.local.take();
+        if let Some((name, store, renew)) = self.lease.take() {
+            renew.abort();
+            // This node's next change under the key waits until the lease is given up:
+            // otherwise it could renew it just before the release deletes it.
+            tokio::spawn(async move {
+                if let Err(e) = store.release_lease(&name).await {
+                    tracing::warn!(lease = %name, error = %e, "cannot give a budget's lease up; it lapses by itself");
+                }
+                drop(local);
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod protect_tests {
     use super::*;

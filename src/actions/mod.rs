@@ -186,6 +186,8 @@ pub struct ActionContext {
     pub vcenters: crate::vcenters::Vcenters,
     /// The paused triggers.
     pub pauses: crate::deliveries::Pauses,
+    /// One change under a cluster's budgets at a time, across nodes.
+    pub budget_locks: crate::vcenters::BudgetLocks,
 }
 
 tokio::task_local! {

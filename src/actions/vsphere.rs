@@ -674,11 +674,37 @@ impl VsphereAction {
                 });
             }
         }
+        // Held until this change is made (and shows in the inventory) when a budget
+        // applies: the next change of the cluster reads the budget after it.
+        let mut _budget_lock = None;
         if !super::dry_run() {
-            if let Some(why) = self
-                .over_budget(&client, ctx, sel.as_ref(), &render)
+            let verdict = match self
+                .budget_cluster(&client, ctx, sel.as_ref(), &render)
                 .await?
             {
+                None => None,
+                Some(cluster) => {
+                    let key = format!("{}:{}", self.vcenter, cluster.value);
+                    match ctx.budget_locks.try_lock(&key).await {
+                        Ok(Some(lock)) => {
+                            _budget_lock = Some(lock);
+                            self.over_budget(&client, ctx, sel.as_ref(), &render)
+                                .await?
+                        }
+                        Ok(None) => Some(format!(
+                            "another change under the budgets of cluster `{}` is under way (on this node or another); this one reads them once it is done",
+                            cluster.value
+                        )),
+                        Err(e) => {
+                            return Err(ActionError::transient(format!(
+                                "vcenter `{}`: cannot take the lock of cluster `{}`'s budgets from the store: {e}; nothing was changed",
+                                self.vcenter, cluster.value
+                            )))
+                        }
+                    }
+                }
+            };
+            if let Some(why) = verdict {
                 let recheck = ctx
                     .vcenters
                     .budgets(&self.vcenter)
@@ -932,6 +958,54 @@ impl VsphereAction {
                     rule.vm_rule(&facts).map(|why| (s.key(), why))
                 }))
             }
+        }
+    }
+
+    /// The cluster whose budgets this change counts against, if a budget applies to it.
+    async fn budget_cluster(
+        &self,
+        client: &vsphere::Client,
+        ctx: &ActionContext,
+        sel: Option<&VmSelector>,
+        render: &(dyn Fn(&Template, &str) -> Result<String, vsphere::Error> + Sync),
+    ) -> Result<Option<vsphere::MoRef>, ActionError> {
+        let Some(b) = ctx.vcenters.budgets(&self.vcenter) else {
+            return Ok(None);
+        };
+        let e = |e| self.classify(e);
+        let vm_cluster = || async {
+            let Some(sel) = sel else { return Ok(None) };
+            Ok(self
+                .vm_in_cluster(client, sel)
+                .await?
+                .map(|(_, c)| c.cluster))
+        };
+        match &self.op {
+            Op::HostMaintenance { host, enter: true } if b.hosts_in_maintenance.is_some() => {
+                let name = render(host, "host").map_err(e)?;
+                let h = match client.find_by_name("HostSystem", &name).await {
+                    Ok(h) => h,
+                    Err(vsphere::Error::NotFound(_)) => return Ok(None),
+                    Err(x) => return Err(e(x)),
+                };
+                Ok(client
+                    .cluster_of_host(&h)
+                    .await
+                    .map_err(e)?
+                    .map(|c| c.cluster))
+            }
+            Op::Power(
+                vsphere::vm::PowerOp::Off
+                | vsphere::vm::PowerOp::Suspend
+                | vsphere::vm::PowerOp::ShutdownGuest,
+            )
+            | Op::Delete { .. }
+                if b.vms_powered_off.is_some() =>
+            {
+                vm_cluster().await
+            }
+            Op::Reconfigure { .. } if b.vms_reconfigured_per_hour.is_some() => vm_cluster().await,
+            _ => Ok(None),
         }
     }
 

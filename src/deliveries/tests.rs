@@ -194,6 +194,7 @@ impl Harness {
             ingest,
             secrets: Arc::new(serde_json::json!({})),
             vcenters: Default::default(),
+            budget_locks: Default::default(),
         };
         let bus = Arc::new(MemoryBus::default());
         let clock = Clock::tokio();

@@ -892,3 +892,102 @@ async fn a_trigger_rate_holds_across_nodes() {
     );
     drop((a, b));
 }
+
+/// A cluster's budget holds across nodes: two host alerts reaching two nodes at once put
+/// one host in maintenance, not two (the budget's lock is a lease in the shared store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clusters_budget_holds_across_nodes() {
+    if pg_admin_url().is_none() {
+        eprintln!("skipped here: runs in the PostgreSQL pass (REFLEX_TEST_STORE=postgres)");
+        return;
+    }
+    let sim = vsphere::sim::Simulator::start();
+    let vc = crate::vsphere::client(&sim).await;
+    let body = format!(
+        r#"vcenters:
+  vc1:
+    url: "{}"
+    username: user
+    password: pass
+    insecure: true
+    loop_guard: false
+    budgets: {{hosts_in_maintenance: 1, recheck: 1s}}
+sources:
+  - {{name: ce, type: cloudevents, path: /events}}
+triggers:
+  - name: maintenance
+    action: {{type: vsphere.host_maintenance, vcenter: vc1, host: "{{{{ event.data.host }}}}", mode: enter}}
+"#,
+        sim.url
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg_url_for(dir.path());
+    let a = node_with(dir.path(), "node-a", &url, &body).await;
+    let b = node_with(dir.path(), "node-b", &url, &body).await;
+    let c = reqwest::Client::new();
+    let (ra, rb) = tokio::join!(
+        post(
+            &c,
+            &a.http,
+            cloudevent("h0", "host.maintenance", json!({"host": "DC0_C0_H0"}))
+        ),
+        post(
+            &c,
+            &b.http,
+            cloudevent("h1", "host.maintenance", json!({"host": "DC0_C0_H1"}))
+        ),
+    );
+    assert_eq!(
+        (ra, rb),
+        (
+            Some(reqwest::StatusCode::ACCEPTED),
+            Some(reqwest::StatusCode::ACCEPTED)
+        )
+    );
+    let states = |state: &'static str| {
+        let (c, api) = (c.clone(), a.api.clone());
+        async move {
+            let v: serde_json::Value = c
+                .get(format!("{api}/api/v1/deliveries?state={state}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["deliveries"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (done, held) = (states("succeeded").await, states("retrying").await);
+        if done.len() == 1 && held.len() == 1 {
+            let why = held[0]["last_error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            assert!(why.contains("held by a budget"), "{why}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "one change made and one held: {done:?} {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut inside = Vec::new();
+    for name in ["DC0_C0_H0", "DC0_C0_H1"] {
+        let h = vc.find_by_name("HostSystem", name).await.unwrap();
+        let p = vc.property(&h, "runtime.inMaintenanceMode").await.unwrap();
+        if p.is_some_and(|p| p.text == "true") {
+            inside.push(name);
+        }
+    }
+    assert_eq!(
+        inside.len(),
+        1,
+        "at most one host in maintenance: {inside:?}"
+    );
+    drop((a, b));
+}

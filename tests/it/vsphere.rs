@@ -642,6 +642,76 @@ triggers:
     r.stop().await;
 }
 
+/// Two changes under one budget started together: the second reads the budget only once
+/// the first is made, so a budget of one host in maintenance lets one host in, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_started_together_take_turns_at_a_clusters_budget() {
+    let sim = Simulator::start();
+    let c = client(&sim).await;
+    std::env::set_var("REFLEX_IT_VC_PASSWORD", "pass");
+    let r = Reflex::start(&format!(
+        r#"
+vcenters:
+  vc1:
+    url: "{}"
+    username: user
+    password: "${{env:REFLEX_IT_VC_PASSWORD}}"
+    insecure: true
+    loop_guard: false
+    budgets: {{hosts_in_maintenance: 1, recheck: 1s}}
+sources:
+  - {{name: cmds, type: cloudevents, path: /cmds}}
+triggers:
+  - name: maintenance
+    filters: [{{exact: {{type: host.maintenance}}}}]
+    action: {{type: vsphere.host_maintenance, vcenter: vc1, host: "{{{{ event.data.host }}}}", mode: enter}}
+    delivery: {{concurrency: 4}}
+"#,
+        sim.url
+    ))
+    .await;
+    let cmd = |host: &str| {
+        json!({"specversion": "1.0", "id": uuid::Uuid::new_v4().to_string(), "source": "/ops", "type": "host.maintenance", "datacontenttype": "application/json", "data": {"host": host}}).to_string()
+    };
+    // Both accepted before either attempt starts.
+    let (a, b) = tokio::join!(
+        crate::common::post_ce(&r, "/cmds", cmd("DC0_C0_H0")),
+        crate::common::post_ce(&r, "/cmds", cmd("DC0_C0_H1")),
+    );
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (202, 202));
+    r.wait_deliveries("trigger=maintenance&state=succeeded", 20, |l| l.len() == 1)
+        .await;
+    let held = r
+        .wait_deliveries("trigger=maintenance&state=retrying", 20, |l| l.len() == 1)
+        .await;
+    let why = held[0]["last_error"].as_str().unwrap();
+    assert!(why.contains("held by a budget"), "{why}");
+    // Checked again every second meanwhile; still one host in maintenance.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut inside = Vec::new();
+    for name in ["DC0_C0_H0", "DC0_C0_H1"] {
+        let h = c.find_by_name("HostSystem", name).await.unwrap();
+        if c.property(&h, "runtime.inMaintenanceMode")
+            .await
+            .unwrap()
+            .unwrap()
+            .text
+            == "true"
+        {
+            inside.push(name);
+        }
+    }
+    assert_eq!(
+        inside.len(),
+        1,
+        "at most one host in maintenance: {inside:?}"
+    );
+    let d = r
+        .api_get(&format!("/api/v1/deliveries/{}", held[0]["id"]))
+        .await;
+    assert_eq!(d["state"], "retrying", "{d:#}");
+}
+
 #[tokio::test]
 async fn budgets_hold_changes_past_the_clusters_limits_until_there_is_room() {
     let sim = Simulator::start();

@@ -70,6 +70,9 @@ struct Cpu {
     wrk: f64,
     /// This process: (f)'s receiver.
     bench: f64,
+    /// The whole machine's busy and idle time (all cores).
+    busy: f64,
+    idle: f64,
 }
 
 /// CPU (ms) of every child process this one has waited for: wrk's runs.
@@ -84,16 +87,20 @@ fn children_ms() -> f64 {
 /// process in the measured run.
 fn measure(url: &str, script: &std::path::Path, pid: u32) -> Result<(Run, Run, Cpu)> {
     let warm = wrk(url, 3, script)?;
-    let (server, wrk_ms, bench) = (
+    let (server, wrk_ms, bench, (busy, idle)) = (
         crate::cpu::of_pid(pid),
         children_ms(),
         crate::cpu::of_pid(std::process::id()),
+        crate::cpu::machine_ms(),
     );
     let run = wrk(url, 15, script)?;
+    let (busy2, idle2) = crate::cpu::machine_ms();
     let cpu = Cpu {
         server: crate::cpu::of_pid(pid) - server,
         wrk: children_ms() - wrk_ms,
         bench: crate::cpu::of_pid(std::process::id()) - bench,
+        busy: busy2 - busy,
+        idle: idle2 - idle,
     };
     Ok((warm, run, cpu))
 }
@@ -162,11 +169,12 @@ async fn reflex_row(
     };
     Ok((
         format!(
-            "| {name} | {:.0} requests/s ({} non-2xx{delivery}); {:.3} CPU ms per event (wrk {:.3}{receiver}); peak RSS {:.1} MB | {reference:.0} requests/s | {:.2} |\n",
+            "| {name} | {:.0} requests/s ({} non-2xx{delivery}); {:.3} CPU ms per event (wrk {:.3}{receiver}; the machine {:.0} % busy); peak RSS {:.1} MB | {reference:.0} requests/s | {:.2} |\n",
             run.per_s,
             run.non_2xx,
             cpu.server / n,
             cpu.wrk / n,
+            cpu.busy * 100.0 / (cpu.busy + cpu.idle).max(1.0),
             peak_kb as f64 / 1024.0,
             run.per_s / reference
         ),
@@ -224,9 +232,10 @@ pub async fn run(bin: &std::path::Path) -> Result<String> {
     }
     let n = reference.requests.max(1) as f64;
     let mut rows = format!(
-        "| reference: no-op axum server | {reference_rate:.0} requests/s; {:.3} CPU ms per request (wrk {:.3}) | — | 1 |\n",
+        "| reference: no-op axum server | {reference_rate:.0} requests/s; {:.3} CPU ms per request (wrk {:.3}; the machine {:.0} % busy) | — | 1 |\n",
         ref_cpu.server / n,
         ref_cpu.wrk / n,
+        ref_cpu.busy * 100.0 / (ref_cpu.busy + ref_cpu.idle).max(1.0),
     );
     let (row, a_cpu) = reflex_row(
         bin,

@@ -300,6 +300,11 @@ impl Vcenters {
         }
     }
 
+    /// The names of the configured vCenters, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
     /// Whether a vCenter of this name is configured.
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)

@@ -122,6 +122,7 @@ pub const ROUTES: &[(&str, &str, Role, &str)] = &[
         Role::Operator,
         "delivery.replay_dead",
     ),
+    ("POST", "/ui/pauses", Role::Operator, "scope.pause"),
     (
         "POST",
         "/ui/pauses/{key}/lift",

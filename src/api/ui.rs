@@ -33,6 +33,7 @@ pub fn routes(state: Shared) -> Router<Shared> {
         .route("/ui/triggers/{name}/pause", post(pause))
         .route("/ui/triggers/{name}/resume", post(resume))
         .route("/ui/triggers/{name}/replay-dead", post(replay_dead))
+        .route("/ui/pauses", post(pause_scope))
         .route("/ui/pauses/{key}/lift", post(lift_scope))
         .route("/ui/pauses/{key}/discard", post(discard_scope))
         .route("/ui/approvals", get(approvals))
@@ -828,6 +829,8 @@ struct TriggersPage {
     /// Every changing trigger paused together (`*`: the global blast radius, or a person).
     all_paused: Option<String>,
     scopes: Vec<ScopeRow>,
+    /// The vCenters a scope can be paused on.
+    vcenters: Vec<String>,
     flash: Flash,
 }
 
@@ -899,6 +902,7 @@ async fn triggers_page(s: &Shared, p: &Principal, flash: Flash) -> Response {
         rows,
         all_paused,
         scopes: scopes(s).await,
+        vcenters: s.vcenters.names().map(String::from).collect(),
         flash,
     })
 }
@@ -929,6 +933,61 @@ async fn resume(
 ) -> Response {
     let resp = super::resume_trigger(AxState(s.clone()), Path(name.clone())).await;
     on_triggers_page(&s, &p, resp, &format!("Trigger `{name}` resumed.")).await
+}
+
+#[derive(Deserialize)]
+struct ScopeForm {
+    vcenter: String,
+    kind: String,
+    name: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// Pauses a scope of a vCenter from the triggers page (the API's `POST /pauses`).
+async fn pause_scope(
+    AxState(s): AxState<Shared>,
+    Extension(p): Extension<Principal>,
+    Form(f): Form<ScopeForm>,
+) -> Response {
+    let mut body = super::NewPause {
+        vcenter: f.vcenter.clone(),
+        cluster: None,
+        folder: None,
+        tag: None,
+        resource_pool: None,
+        reason: some(&f.reason),
+    };
+    let slot = match f.kind.as_str() {
+        "cluster" => &mut body.cluster,
+        "folder" => &mut body.folder,
+        "tag" => &mut body.tag,
+        "resource_pool" => &mut body.resource_pool,
+        other => {
+            let flash = Flash {
+                ok: None,
+                error: Some(format!(
+                    "`{}` is not a scope: pause a cluster, folder, tag or resource_pool",
+                    other.chars().take(40).collect::<String>()
+                )),
+            };
+            return triggers_page(&s, &p, flash).await;
+        }
+    };
+    *slot = Some(f.name.clone());
+    let resp = super::add_pause(AxState(s.clone()), Ok(axum::Json(body))).await;
+    on_triggers_page(
+        &s,
+        &p,
+        resp,
+        &format!(
+            "{} `{}` of `{}` paused: changes in it wait until the pause is lifted.",
+            f.kind,
+            f.name.trim(),
+            f.vcenter
+        ),
+    )
+    .await
 }
 
 async fn lift_scope(

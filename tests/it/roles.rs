@@ -49,6 +49,7 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("POST", "/ui/triggers/t/pause", "operator"),
     ("POST", "/ui/triggers/t/resume", "operator"),
     ("POST", "/ui/triggers/t/replay-dead", "operator"),
+    ("POST", "/ui/pauses", "operator"),
     ("POST", "/ui/pauses/scope:vc:cluster:c1/lift", "operator"),
     ("POST", "/ui/pauses/scope:vc:cluster:c1/discard", "operator"),
     ("GET", "/ui/approvals", "viewer"),

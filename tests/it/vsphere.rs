@@ -984,6 +984,46 @@ triggers:
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
+    // Paused from the console too: a folder this time, with its reason.
+    let form = |body: &'static str| {
+        r.client
+            .post(format!("{}/ui/pauses", r.api))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+    };
+    let resp = form("vcenter=vc1&kind=folder&name=vm&reason=patching+window")
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let page = resp.text().await.unwrap();
+    assert!(page.contains("folder `vm` of `vc1` paused"), "{page}");
+    assert!(page.contains("folder vm in vc1"), "{page}");
+    let list = r.api_get("/api/v1/pauses").await;
+    assert_eq!(list["pauses"][0]["key"], "scope:vc1:folder:vm", "{list:#}");
+    assert_eq!(list["pauses"][0]["reason"], "patching window", "{list:#}");
+    // What the API refuses is said on the page, and nothing is paused.
+    for (body, says) in [
+        ("vcenter=vc9&kind=cluster&name=x", "no vCenter `vc9`"),
+        (
+            "vcenter=vc1&kind=datastore&name=x",
+            "`datastore` is not a scope",
+        ),
+        (
+            "vcenter=vc1&kind=cluster&name=+",
+            "must be 1 to 200 characters",
+        ),
+    ] {
+        let page = form(body).await.unwrap().text().await.unwrap();
+        assert!(page.contains(says), "{body}: {page}");
+    }
+    assert_eq!(
+        r.api_get("/api/v1/pauses").await["pauses"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     r.assert_guard_rail("pause", "held").await;
     r.stop().await;
 }

@@ -10,6 +10,7 @@
 package main
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -23,6 +24,7 @@ import (
 	"io"
 	"math/big"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"os/signal"
@@ -77,6 +79,7 @@ func main() {
 		m.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
 	}
 	s := m.Service.NewServer()
+	s.Config.Handler = keepCollectors(s.Config.Handler)
 	u := *s.URL
 	u.User = nil
 	thumb := ""
@@ -105,6 +108,36 @@ func main() {
 	<-done
 	s.Close()
 	m.Remove()
+}
+
+// keepCollectors answers DestroyCollector without running it. The simulator (govmomi
+// 0.24) runs DestroyCollector holding the collector's lock and then takes the
+// EventManager's, while PostEvent (and every task that posts an event) holds the
+// EventManager's and then takes each collector's: a collector destroyed while an event is
+// posted deadlocks the EventManager for good, and every later PostEvent hangs (seen in a
+// CI run: a test's PostEvent timed out after 30 s while reflex's vCenter source destroyed
+// its catch-up collector). A real vCenter has no such deadlock, so reflex still destroys
+// its collectors; here they are kept until the simulator stops.
+func keepCollectors(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost && r.Body != nil {
+			body, err := io.ReadAll(io.LimitReader(r.Body, 64<<20))
+			r.Body.Close()
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			if bytes.Contains(body, []byte("<DestroyCollector")) {
+				w.Header().Set("Content-Type", "text/xml; charset=utf-8")
+				io.WriteString(w, `<?xml version="1.0" encoding="UTF-8"?>
+<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body><DestroyCollectorResponse xmlns="urn:vim25"></DestroyCollectorResponse></soapenv:Body></soapenv:Envelope>`)
+				return
+			}
+			r.Body = io.NopCloser(bytes.NewReader(body))
+			r.ContentLength = int64(len(body))
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 // selfSigned makes a CA and a server certificate for 127.0.0.1 signed by it; the CA's PEM

@@ -1489,7 +1489,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(
             &dir.path().join("s.db"),
-            DedupLimits::window(Duration::from_millis(200)),
+            DedupLimits::window(Duration::from_secs(2)),
         )
         .unwrap();
         // Five finished events (no deliveries) and one with a pending delivery, oldest.
@@ -1506,7 +1506,7 @@ mod tests {
         let r = Retention {
             max_age: None,
             max_events: Some(2),
-            dedup: DedupLimits::window(Duration::from_millis(200)),
+            dedup: DedupLimits::window(Duration::from_secs(2)),
         };
         let removed = store.prune(r).await.unwrap();
         assert_eq!(
@@ -1519,7 +1519,7 @@ mod tests {
         let r = Retention {
             max_age: Some(Duration::ZERO),
             max_events: None,
-            dedup: DedupLimits::window(Duration::from_millis(200)),
+            dedup: DedupLimits::window(Duration::from_secs(2)),
         };
         tokio::time::sleep(Duration::from_millis(5)).await;
         store.prune(r).await.unwrap();
@@ -1548,10 +1548,11 @@ mod tests {
         store.prune(r).await.unwrap();
         let next = store.ingest(vec![event("g", Some("fn"))]).await.unwrap();
         assert!(next[0].deliveries[0].0 > id);
-        // Within the window a repeat is a duplicate; after it, it is new again.
+        // Within the window a repeat is a duplicate; after it, it is new again. (The window
+        // is 2 s, not less: a slow CI machine took longer than 200 ms to get here.)
         let again = store.ingest(vec![event("e4", None)]).await.unwrap();
         assert!(again[0].duplicate);
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(2100)).await;
         store.prune(r).await.unwrap();
         let again = store.ingest(vec![event("e4", None)]).await.unwrap();
         assert!(!again[0].duplicate);
@@ -1642,7 +1643,9 @@ mod tests {
                 .await
                 .unwrap();
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A second between the two groups, and a cutoff in its middle: a slow machine may
+        // take a few hundred ms to store the second group and prune.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         for i in 0..23 {
             store
                 .ingest(vec![event(&format!("new{i}"), None)])
@@ -1650,7 +1653,7 @@ mod tests {
                 .unwrap();
         }
         let r = Retention {
-            max_age: Some(Duration::from_millis(200)),
+            max_age: Some(Duration::from_millis(1000)),
             max_events: None,
             dedup: DedupLimits::window(Duration::from_secs(60)),
         };
